@@ -1,0 +1,222 @@
+"""The one server bootstrap every service uses.
+
+`start_server` builds a grpc.aio server with health, reflection, compression,
+keepalive, message limits, interceptors (tracing, request id, errors, auth)
+and optional TLS/mTLS; registers the app's servicers; binds; runs the app's
+start-up (model loading, warm-up) and only then reports SERVING. `serve` adds
+signal handling and graceful drain for the command-line entry points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmsuite.runtime.auth import ApiKeyAuthInterceptor, parse_keys
+from llmsuite.runtime.logs import new_request_id, set_request_id
+from llmsuite.runtime.settings import ServerSettings
+from llmsuite.runtime.status import ErrorMappingInterceptor
+from llmsuite.runtime.tracing import server_interceptor
+
+log = logging.getLogger("llmsuite.server")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class ServiceApp(Protocol):
+    """What a service hands the bootstrap: its servicers and its lifecycle."""
+
+    #: Full gRPC service names (e.g. "llmsuite.tokenizer.v1.TokenizerService"),
+    #: reported by health and reflection.
+    service_names: Sequence[str]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add servicers to the server (called before it starts)."""
+
+    async def start(self) -> None:
+        """Load and warm up; health turns SERVING when this returns."""
+
+    async def stop(self) -> None:
+        """Release resources after the server has drained."""
+
+
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """Takes `x-request-id` from metadata (or makes one), puts it in the log
+    context and echoes it in the response's initial metadata."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        from llmsuite.runtime.status import wrap_handler
+
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc."):
+            return handler
+        incoming = next(
+            (v for k, v in handler_call_details.invocation_metadata or () if k == REQUEST_ID_HEADER), None
+        )
+        request_id = (incoming if isinstance(incoming, str) else None) or new_request_id()
+        request_id = request_id[:128]
+
+        def around(behaviour: Callable[..., Any], _req: bool, resp: bool) -> Callable[..., Any]:
+            if resp:
+                async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    set_request_id(request_id)
+                    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+                    async for item in behaviour(request, context):
+                        yield item
+                return streaming
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                set_request_id(request_id)
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+                return await behaviour(request, context)
+            return unary
+
+        return wrap_handler(handler, handler_call_details.method, around)
+
+
+@dataclass
+class RunningServer:
+    """A started server. `port` is the bound port (useful with port 0)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    app: ServiceApp
+    settings: ServerSettings
+    _stopped: bool = field(default=False, repr=False)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new RPCs, let in-flight ones finish
+        for the grace period, then stop the app."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra={"grace_s": grace})
+        await self.server.stop(grace)
+        await self.app.stop()
+        log.info("stopped")
+
+
+def _server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    ka = settings.keepalive
+    options: list[tuple[str, Any]] = [
+        ("grpc.keepalive_time_ms", int(ka.time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(ka.timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(ka.permit_without_calls)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(ka.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+    ]
+    if ka.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", int(ka.max_connection_idle_s * 1000)))
+    if ka.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", int(ka.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(ka.max_connection_age_grace_s * 1000)))
+    return options
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    assert tls.cert_file is not None and tls.key_file is not None
+    pairs = [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())]
+    if tls.client_ca_file is not None:
+        return grpc.ssl_server_credentials(
+            pairs, root_certificates=tls.client_ca_file.read_bytes(), require_client_auth=True
+        )
+    return grpc.ssl_server_credentials(pairs)
+
+
+async def start_server(
+    settings: ServerSettings,
+    app: ServiceApp,
+    *,
+    tracer_provider: Any = None,
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Build, bind and start a server for `app`; returns once it is SERVING.
+
+    Interceptor order, outermost first: tracing (every RPC gets a span, even
+    rejected ones), request id, error mapping, auth, then `extra_interceptors`.
+    """
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    tracing = server_interceptor(tracer_provider)
+    if tracing is not None:
+        interceptors.append(tracing)
+    interceptors += [RequestIdInterceptor(), ErrorMappingInterceptor()]
+    if settings.api_keys:
+        interceptors.append(ApiKeyAuthInterceptor(parse_keys(settings.api_keys), settings.auth_exempt_methods))
+        log.info("API-key auth enabled", extra={"keys": len(settings.api_keys)})
+    else:
+        log.warning("no API keys configured: authentication is OFF")
+    interceptors += list(extra_interceptors)
+
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=_server_options(settings),
+        compression=grpc.Compression.Gzip if settings.compression == "gzip" else grpc.Compression.NoCompression,
+        maximum_concurrent_rpcs=None,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *app.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    app.register(server)
+    reflection.enable_server_reflection(
+        (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+
+    credentials = _credentials(settings)
+    try:
+        port = (server.add_secure_port(settings.listen, credentials) if credentials
+                else server.add_insecure_port(settings.listen))
+    except RuntimeError as exc:
+        raise SystemExit(f"cannot bind {settings.listen}: {exc}") from exc
+    if port == 0:
+        raise SystemExit(f"cannot bind {settings.listen} (in use or not a valid address)")
+    await server.start()
+    log.info("listening; loading", extra={"listen": settings.listen, "port": port, "tls": settings.tls.enabled})
+    try:
+        await app.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    for name in ("", *app.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"services": ",".join(app.service_names), "port": port})
+    return RunningServer(server, port, health_servicer, app, settings)
+
+
+async def serve(settings: ServerSettings, app: ServiceApp, *, tracer_provider: Any = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully (see RunningServer.stop)."""
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    running = await start_server(settings, app, tracer_provider=tracer_provider)
+    await stop_requested.wait()
+    log.info("shutdown requested")
+    await running.stop()
+    if tracer_provider is not None:
+        with contextlib.suppress(Exception):
+            tracer_provider.shutdown()
