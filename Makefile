@@ -1,0 +1,67 @@
+# llmsuite developer entry points. Everything runs from a local virtualenv
+# (.venv) created by `make setup`; no global installs.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODEL  ?= models/tiny
+# onnxruntime and onnxruntime-gpu install the same module and must never be
+# installed together: pick exactly one extra, by whether a GPU answers.
+EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+PYTEST_ARGS ?=
+BREAKING_AGAINST ?= .git#branch=main
+
+.DEFAULT_GOAL := help
+.PHONY: help setup proto proto-check lint format test bench model run stubs breaking clean
+
+help: ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-$(EXTRA): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRA),dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+setup: $(VENV)/.installed-$(EXTRA) ## create .venv and install llmsuite with the cpu or gpu extra + dev tools
+
+proto: setup ## regenerate Python stubs (+ .pyi) from protos/
+	$(BIN)/python protos/generate.py
+
+proto-check: setup ## fail if committed stubs differ from protos/
+	$(BIN)/python protos/generate.py --check
+
+lint: setup ## ruff + buf lint + stub freshness
+	$(BIN)/ruff check .
+	$(BIN)/buf lint
+	$(BIN)/python protos/generate.py --check
+
+format: setup ## apply ruff fixes
+	$(BIN)/ruff check --fix .
+
+test: setup ## run the whole test suite (real servers on loopback)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(MODEL)/model.onnx: | setup
+	$(BIN)/llmsuite-build-model --preset tiny --out $(MODEL)
+
+model: $(MODEL)/model.onnx ## build the default tiny model (offline, deterministic)
+
+run: setup model ## start tokenizer, inference and gateway locally; Ctrl-C stops them
+	$(BIN)/python -m llmsuite.cluster --model tiny=$(MODEL)
+
+bench: setup ## engine and service benchmarks (ratios against a reference in the same run)
+	$(BIN)/python bench/run.py
+
+stubs: setup ## client stubs for Go and TypeScript via buf generate (see docs/clients.md)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf generate
+
+breaking: setup ## buf breaking against main
+	$(BIN)/buf breaking --against '$(BREAKING_AGAINST)'
+
+clean: ## remove the venv, built models and caches
+	rm -rf $(VENV) models build *.egg-info .pytest_cache .ruff_cache gen

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import SHARED_EXPORTS
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's default tokenizer, built offline into a temp dir."""
+    from llmsuite.builder.tokenizer import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_exports() -> Path:
+    if not SHARED_EXPORTS.is_dir():
+        pytest.skip(f"{SHARED_EXPORTS} not present (real Optimum exports ship only with the team's checkout)")
+    return SHARED_EXPORTS
