@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from llmsuite.runtime.errors import Unauthenticated
-from llmsuite.runtime.status import abort, wrap_handler
+from llmsuite.runtime.status import abort, stream_items, wrap_handler
 
 log = logging.getLogger("llmsuite.auth")
 
@@ -102,7 +102,7 @@ class ApiKeyAuthInterceptor(grpc.aio.ServerInterceptor):
                     if failure is not None:
                         await abort(context, failure)
                     _principal.set(principal)
-                    async for item in behaviour(request, context):
+                    async for item in stream_items(behaviour, request, context):
                         yield item
                 return streaming
 

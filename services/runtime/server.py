@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from llmsuite.runtime.auth import ApiKeyAuthInterceptor, parse_keys
 from llmsuite.runtime.logs import new_request_id, set_request_id
 from llmsuite.runtime.settings import ServerSettings
-from llmsuite.runtime.status import ErrorMappingInterceptor
+from llmsuite.runtime.status import ErrorMappingInterceptor, stream_items, wrap_handler
 from llmsuite.runtime.tracing import server_interceptor
 
 log = logging.getLogger("llmsuite.server")
@@ -58,8 +58,6 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        from llmsuite.runtime.status import wrap_handler
-
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
@@ -74,7 +72,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
                     set_request_id(request_id)
                     await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-                    async for item in behaviour(request, context):
+                    async for item in stream_items(behaviour, request, context):
                         yield item
                 return streaming
 
@@ -151,11 +149,14 @@ async def start_server(
     *,
     tracer_provider: Any = None,
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    on_bound: Callable[[int], None] | None = None,
 ) -> RunningServer:
     """Build, bind and start a server for `app`; returns once it is SERVING.
 
     Interceptor order, outermost first: tracing (every RPC gets a span, even
     rejected ones), request id, error mapping, auth, then `extra_interceptors`.
+    `on_bound(port)` runs once the port is listening, before the app loads
+    (health answers NOT_SERVING from then until loading is done).
     """
     interceptors: list[grpc.aio.ServerInterceptor] = []
     tracing = server_interceptor(tracer_provider)
@@ -195,6 +196,8 @@ async def start_server(
     if port == 0:
         raise SystemExit(f"cannot bind {settings.listen} (in use or not a valid address)")
     await server.start()
+    if on_bound is not None:
+        on_bound(port)
     log.info("listening; loading", extra={"listen": settings.listen, "port": port, "tls": settings.tls.enabled})
     try:
         await app.start()

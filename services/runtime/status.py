@@ -74,6 +74,19 @@ def _is_control_flow(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AbortError | grpc.RpcError) or not isinstance(exc, Exception)
 
 
+async def stream_items(behaviour: Callable[..., Any], request: Any,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """Iterate a response-streaming behaviour of either aio style: an async
+    generator, or a coroutine that writes with `context.write()` (e.g. the
+    standard health servicer's Watch)."""
+    result = behaviour(request, context)
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
 def wrap_handler(
     handler: grpc.RpcMethodHandler,
     method: str,
@@ -115,7 +128,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             if resp:
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     try:
-                        async for item in behaviour(request, context):
+                        async for item in stream_items(behaviour, request, context):
                             yield item
                     except BaseException as exc:
                         if _is_control_flow(exc):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
@@ -38,8 +39,15 @@ def build_tracer_provider(settings: TelemetrySettings, *, extra: SpanProcessor |
     return provider
 
 
+# Health probes and reflection would flood traces (and the instrumentation
+# assumes async-generator handlers, which the health Watch is not).
+_UNTRACED = negate(any_of(service_prefix("grpc.health."), service_prefix("grpc.reflection.")))
+
+
 def server_interceptor(provider: TracerProvider | None):  # type: ignore[no-untyped-def]
-    return aio_server_interceptor(tracer_provider=provider) if provider is not None else None
+    if provider is None:
+        return None
+    return aio_server_interceptor(tracer_provider=provider, filter_=_UNTRACED)
 
 
 def client_interceptors(provider: TracerProvider | None) -> list:  # type: ignore[type-arg]

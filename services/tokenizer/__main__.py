@@ -1,0 +1,55 @@
+"""`llmsuite-tokenizer`: serve Hugging Face tokenizers over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from llmsuite.runtime.logs import configure_logging
+from llmsuite.runtime.server import serve
+from llmsuite.runtime.settings import (
+    EnvArgumentParser,
+    add_server_arguments,
+    model_specs,
+    server_settings_from_args,
+)
+from llmsuite.runtime.tracing import build_tracer_provider
+from llmsuite.tokenizer.engine import TokenizerLimits
+from llmsuite.tokenizer.service import TokenizerApp
+
+DEFAULT_LISTEN = "0.0.0.0:50051"
+
+
+def build_parser() -> EnvArgumentParser:
+    parser = EnvArgumentParser(prog="llmsuite-tokenizer", description=__doc__)
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                        help="a Hugging Face tokenizer directory to serve as NAME (repeatable; "
+                             "the env var takes a comma-separated list)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-batch-size", type=int, default=TokenizerLimits.max_batch_size,
+                        help="most texts or sequences in one request")
+    limits.add_argument("--max-input-chars", type=int, default=TokenizerLimits.max_input_chars,
+                        help="longest text accepted, in characters")
+    limits.add_argument("--max-tokens-per-sequence", type=int, default=TokenizerLimits.max_tokens_per_sequence,
+                        help="longest token sequence accepted by Decode")
+    parser.add_argument("--worker-threads", type=int, default=4, help="threads for tokenizer work")
+    add_server_arguments(parser, default_listen=DEFAULT_LISTEN)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = server_settings_from_args(args, service_name="llmsuite-tokenizer")
+    configure_logging(settings.log_level, settings.log_format)
+    limits = TokenizerLimits(max_batch_size=args.max_batch_size, max_input_chars=args.max_input_chars,
+                             max_tokens_per_sequence=args.max_tokens_per_sequence)
+    app = TokenizerApp(model_specs(args.model), limits, worker_threads=args.worker_threads)
+    try:
+        asyncio.run(serve(settings, app, tracer_provider=build_tracer_provider(settings.telemetry)))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Chat templates rendered the way Hugging Face `apply_chat_template` renders them.
+
+Model templates are written against transformers' Jinja environment, so we copy its
+semantics (sandbox, trim_blocks/lstrip_blocks, loopcontrols, a non-escaping `tojson`,
+`raise_exception`, `strftime_now`, the `{% generation %}` tag) or real templates
+would render differently here than in the library they were written for.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument
+
+# Names the renderer always sets; a caller's extra context may not replace them.
+RESERVED_CONTEXT_KEYS = frozenset({"messages", "add_generation_prompt"})
+# Distinct override templates kept compiled; requests may send arbitrary ones.
+COMPILED_TEMPLATE_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    ids: list[int] | None
+
+
+class _TemplateRaised(jinja2.TemplateError):
+    """What `raise_exception(...)` throws inside a template: the template rejects the input."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes <, >, & and ' for HTML, which would change prompts.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format_string: str) -> str:
+    return datetime.datetime.now().strftime(format_string)
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers uses it to mark assistant
+    tokens for training masks; for rendering it is transparent."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _make_environment() -> ImmutableSandboxedEnvironment:
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    return environment
+
+
+_ENVIRONMENT = _make_environment()
+
+
+@functools.lru_cache(maxsize=COMPILED_TEMPLATE_CACHE_SIZE)
+def _compile(source: str) -> jinja2.Template:
+    return _ENVIRONMENT.from_string(source)
+
+
+class ChatTemplate:
+    """A compiled chat template. Build with `ChatTemplate.compile`; rendering is thread-safe."""
+
+    def __init__(self, source: str, template: jinja2.Template) -> None:
+        self.source = source
+        self._template = template
+
+    @classmethod
+    def compile(cls, source: str, *, from_request: bool) -> ChatTemplate:
+        """Compiles (or reuses) `source`. A syntax error is the caller's fault when the
+        template came with the request, and the model's otherwise."""
+        try:
+            return cls(source, _compile(source))
+        except jinja2.TemplateSyntaxError as exc:
+            description = f"chat template does not compile (line {exc.lineno}): {exc.message}"
+            if from_request:
+                raise InvalidArgument.for_field("chat_template", description, reason="CHAT_TEMPLATE_INVALID") from exc
+            raise FailedPrecondition(message=f"the model's {description}", reason="CHAT_TEMPLATE_INVALID") from exc
+
+    def render(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        special_tokens: Mapping[str, Any],
+        extra_context: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Renders the conversation; InvalidArgument when the template rejects it."""
+        context = self._context(messages, add_generation_prompt, special_tokens, extra_context or {})
+        try:
+            return self._template.render(context)
+        except _TemplateRaised as exc:
+            raise InvalidArgument.for_field("messages", str(exc.message), reason="CHAT_TEMPLATE_ERROR") from exc
+        except SecurityError as exc:
+            raise InvalidArgument(
+                message=f"chat template attempted an operation the sandbox forbids: {exc}",
+                reason="CHAT_TEMPLATE_ERROR",
+            ) from exc
+        except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as exc:
+            # Template code indexing into messages or adding strings fails on the
+            # inputs it was given: report it as a bad request, not a server fault.
+            raise InvalidArgument(
+                message=f"chat template failed to render: {type(exc).__name__}: {exc}",
+                reason="CHAT_TEMPLATE_ERROR",
+            ) from exc
+
+    @staticmethod
+    def _context(
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool,
+        special_tokens: Mapping[str, Any],
+        extra_context: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        for index, message in enumerate(messages):
+            if not message.role:
+                raise InvalidArgument.for_field(f"messages[{index}].role", "must not be empty")
+        reserved = sorted(RESERVED_CONTEXT_KEYS.intersection(extra_context))
+        if reserved:
+            raise InvalidArgument.for_field(
+                "template_variables", f"may not set {', '.join(reserved)}; they come from the request itself"
+            )
+        message_dicts = []
+        for message in messages:
+            entry = {"role": message.role, "content": message.content}
+            if message.name is not None:
+                entry["name"] = message.name
+            message_dicts.append(entry)
+        # transformers passes tools/documents as None when absent, and the special
+        # tokens map underneath caller kwargs; templates test for both.
+        return {
+            "tools": None,
+            "documents": None,
+            **special_tokens,
+            **extra_context,
+            "messages": message_dicts,
+            "add_generation_prompt": add_generation_prompt,
+        }
