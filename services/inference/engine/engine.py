@@ -1,0 +1,196 @@
+"""The engine interface the inference servicer uses; nothing behind it leaks out.
+
+The servicer sees models (ModelInfo, EngineStats) and sessions (GenerationSession);
+onnxruntime, KV caches and threads stay inside. Everything that can block runs on the
+per-model scheduler threads, so all methods here are safe to call from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmsuite.builder.hashing import tokenizer_content_hash
+from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.onnx_model import OnnxDecoder
+from llmsuite.inference.engine.scheduler import PrefillEstimate, Scheduler, SessionState, TurnFailed
+from llmsuite.inference.engine.types import (
+    EngineSettings,
+    EngineStats,
+    GeneratedToken,
+    ModelInfo,
+    SamplingParams,
+    TurnResult,
+)
+from llmsuite.runtime.errors import NotFound
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _LoadedModel:
+    info: ModelInfo
+    scheduler: Scheduler
+
+
+def _model_info(name: str, decoder: OnnxDecoder) -> ModelInfo:
+    sig, config = decoder.signature, decoder.config
+    return ModelInfo(
+        name=name,
+        architecture=config.architecture,
+        execution_provider=decoder.placement.execution_provider,
+        device=decoder.placement.description,
+        context_length=config.context_length,
+        vocab_size=sig.vocab_size,
+        num_layers=sig.num_layers,
+        num_attention_heads=config.num_attention_heads or sig.num_kv_heads,
+        num_kv_heads=sig.num_kv_heads,
+        head_dim=sig.head_dim,
+        kv_dtype=np.dtype(sig.kv_dtype).name,
+        uses_position_ids=sig.position_ids is not None,
+        eos_token_ids=config.eos_token_ids,
+        bos_token_id=config.bos_token_id,
+        tokenizer_hash=tokenizer_content_hash(decoder.directory),
+        directory=decoder.directory,
+    )
+
+
+class GenerationSession:
+    """A conversation with one model: turns run one at a time and, when the session retains
+    KV, each turn continues from the previous turn's cache instead of recomputing it."""
+
+    def __init__(self, model: str, scheduler: Scheduler, state: SessionState) -> None:
+        self.model = model
+        self._scheduler = scheduler
+        self._state = state
+
+    @property
+    def history_length(self) -> int:
+        """Tokens of context so far: every turn's prompt ids plus every generated id."""
+        return len(self._state.history)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose KV is held right now (0 after eviction or for non-retaining sessions)."""
+        return self._state.cached_tokens
+
+    async def generate(
+        self,
+        new_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        deadline: float | None = None,
+        truncate_prompt: bool = False,
+    ) -> AsyncIterator[GeneratedToken | TurnResult]:
+        """Runs one turn: yields each GeneratedToken as it is produced, then exactly one TurnResult.
+
+        Errors (InvalidArgument, DeadlineExceeded, ResourceExhausted, FailedPrecondition
+        TURN_IN_PROGRESS) are raised before the first item. `deadline` is a
+        time.monotonic() value. Leaving the loop early cancels the turn. `new_token_ids`
+        may be empty only to continue a session that already has history.
+        """
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[GeneratedToken | TurnResult | TurnFailed] = asyncio.Queue()
+
+        def deliver(item: GeneratedToken | TurnResult | TurnFailed) -> None:
+            loop.call_soon_threadsafe(results.put_nowait, item)
+
+        turn = self._scheduler.submit(
+            self._state, new_token_ids, params, deadline=deadline, truncate_prompt=truncate_prompt, deliver=deliver
+        )
+        done = False
+        try:
+            while True:
+                item = await results.get()
+                if isinstance(item, TurnFailed):
+                    done = True
+                    raise item.error
+                if isinstance(item, TurnResult):
+                    done = True
+                    yield item
+                    return
+                yield item
+        finally:
+            if not done:
+                self._scheduler.cancel(turn)
+
+    def cancel(self) -> None:
+        """Ends the current turn (if any) with CANCELLED within one step; safe from any thread."""
+        turn = self._state.active
+        if turn is not None:
+            self._scheduler.cancel(turn)
+
+    def close(self) -> None:
+        """Idempotent: cancels a running turn, frees the KV cache and the session slot."""
+        self._scheduler.close_session(self._state)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+class InferenceEngine:
+    """Serves a fixed set of models loaded at start; one scheduler (queue + worker thread) each."""
+
+    def __init__(self, models: Mapping[str, _LoadedModel]) -> None:
+        self._models = dict(models)
+
+    @classmethod
+    def load(cls, models: Mapping[str, Path], settings: EngineSettings) -> InferenceEngine:
+        """Blocking: loads and warms up every model. Raises ModelLoadError naming the model
+        and what is wrong (missing files, unsupported layout, requested device unavailable)."""
+        loaded: dict[str, _LoadedModel] = {}
+        try:
+            for name, directory in models.items():
+                try:
+                    decoder = OnnxDecoder.load(Path(directory), settings)
+                    estimate = PrefillEstimate.measure(decoder) if settings.warmup else PrefillEstimate()
+                except ModelLoadError as exc:
+                    raise ModelLoadError(f"model {name!r}: {exc}") from exc
+                scheduler = Scheduler(name, decoder, settings, estimate)
+                scheduler.start()
+                loaded[name] = _LoadedModel(_model_info(name, decoder), scheduler)
+                logger.info(
+                    "loaded model %s from %s on %s (prefill ~%.2f ms/token)",
+                    name, directory, decoder.placement.execution_provider, estimate.per_token_s * 1e3,
+                )
+        except BaseException:
+            for model in loaded.values():
+                model.scheduler.stop()
+            raise
+        return cls(loaded)
+
+    def _model(self, name: str) -> _LoadedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise NotFound(
+                f"model {name!r} is not served here (available: {', '.join(sorted(self._models))})",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model": name},
+            ) from None
+
+    def list_models(self) -> list[ModelInfo]:
+        return [model.info for model in self._models.values()]
+
+    def model_info(self, name: str) -> ModelInfo:
+        """Raises NotFound (MODEL_NOT_FOUND) for a name that is not loaded."""
+        return self._model(name).info
+
+    def stats(self, name: str) -> EngineStats:
+        return self._model(name).scheduler.stats()
+
+    def open_session(self, model: str, *, retain_kv: bool) -> GenerationSession:
+        """retain_kv=True keeps KV between turns (session mode; counts against max_sessions);
+        False frees it when each turn ends (single requests)."""
+        loaded = self._model(model)
+        return GenerationSession(model, loaded.scheduler, loaded.scheduler.open_session(retain_kv=retain_kv))
+
+    async def close(self) -> None:
+        """Stops every scheduler (running turns end CANCELLED) and frees all sessions and KV."""
+        for model in self._models.values():
+            await asyncio.to_thread(model.scheduler.stop)

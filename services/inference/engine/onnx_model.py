@@ -1,0 +1,342 @@
+"""One Optimum decoder export behind onnxruntime: layout introspection, forwards, KV cache.
+
+Everything architecture-specific is read, never assumed: input and output names, which
+optional inputs exist (`position_ids` for RoPE models, absent in older GPT-2 exports),
+KV head count, head size and dtype from the session; context length, eos/bos ids and
+naming from config.json / generation_config.json. Inputs are fed by name, so exports
+whose input order differs work the same.
+
+Every forward goes through IOBinding with the present key/values left where the
+provider produced them (device memory on CUDA) and fed straight back as the next step's
+past, so the KV cache never crosses to the host; only the logits are copied out. The CPU
+path runs the same code with device "cpu", so the tests that run here exercise it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from llmsuite.inference.engine.device import Placement, create_session
+from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.types import EngineSettings
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+_PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PRESENT_NAME = re.compile(r"^present\.(\d+)\.(key|value)$")
+_KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+# config.json keys differ by architecture; the first present one wins.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
+_KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
+_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _id_list(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return payload
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What config.json and generation_config.json say about the model."""
+
+    architecture: str
+    context_length: int
+    vocab_size: int | None
+    num_attention_heads: int | None
+    num_kv_heads: int | None
+    head_dim: int | None
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+
+    @classmethod
+    def read(cls, directory: Path) -> ExportConfig:
+        config = _read_json(directory / CONFIG_FILE)
+        generation_path = directory / GENERATION_CONFIG_FILE
+        generation = _read_json(generation_path) if generation_path.is_file() else {}
+
+        context_length = _first_int(config, _CONTEXT_KEYS)
+        if context_length is None or context_length < 2:
+            raise ModelLoadError(f"{directory / CONFIG_FILE} names no context length (one of {_CONTEXT_KEYS})")
+        heads = _first_int(config, _HEAD_KEYS)
+        hidden = _first_int(config, _HIDDEN_KEYS)
+        head_dim = _first_int(config, ("head_dim",))
+        if head_dim is None and heads and hidden:
+            head_dim = hidden // heads
+        architectures = config.get("architectures") or []
+        architecture = config.get("model_type") or (architectures[0] if architectures else "unknown")
+        # transformers prefers generation_config's eos list; config.json's eos may name only
+        # one of them (Llama 3 style), so take the union with generation_config first.
+        eos: list[int] = []
+        for token_id in _id_list(generation.get("eos_token_id")) + _id_list(config.get("eos_token_id")):
+            if token_id not in eos:
+                eos.append(token_id)
+        bos = _id_list(generation.get("bos_token_id")) or _id_list(config.get("bos_token_id"))
+        return cls(
+            architecture=str(architecture),
+            context_length=context_length,
+            vocab_size=_first_int(config, ("vocab_size",)),
+            num_attention_heads=heads,
+            num_kv_heads=_first_int(config, _KV_HEAD_KEYS) or heads,
+            head_dim=head_dim,
+            eos_token_ids=tuple(eos),
+            bos_token_id=bos[0] if bos else None,
+        )
+
+
+@dataclass(frozen=True)
+class DecoderSignature:
+    """The export's inputs and outputs as onnxruntime reports them."""
+
+    input_ids: str
+    attention_mask: str | None
+    position_ids: str | None
+    past_names: tuple[tuple[str, str], ...]  # per layer: (key input, value input)
+    present_names: tuple[tuple[str, str], ...]  # per layer: (key output, value output)
+    logits: str
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    kv_dtype: Any  # numpy dtype of past/present
+    input_ids_dtype: Any
+    attention_mask_dtype: Any
+    position_ids_dtype: Any
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.past_names)
+
+    @classmethod
+    def from_session(cls, session: ort.InferenceSession, config: ExportConfig, where: Path) -> DecoderSignature:
+        inputs = {node.name: node for node in session.get_inputs()}
+        outputs = {node.name: node for node in session.get_outputs()}
+        if "input_ids" not in inputs or "logits" not in outputs:
+            raise ModelLoadError(f"{where} is not a causal LM export: it needs an input_ids input and a logits output")
+
+        past = _layer_names(inputs, _PAST_NAME)
+        present = _layer_names(outputs, _PRESENT_NAME)
+        if not past:
+            raise ModelLoadError(
+                f"{where} has no past_key_values.* inputs: export it with KV cache "
+                "(optimum-cli export onnx --task text-generation-with-past)"
+            )
+        if len(present) != len(past):
+            raise ModelLoadError(f"{where}: {len(past)} layers of past_key_values but {len(present)} of present")
+        unknown = sorted(set(inputs) - set(_KNOWN_INPUTS) - {name for pair in past for name in pair})
+        if unknown:
+            raise ModelLoadError(f"{where} has inputs this engine does not know how to feed: {unknown}")
+
+        first_past = inputs[past[0][0]]
+        shape = first_past.shape
+        if len(shape) != 4:
+            raise ModelLoadError(
+                f"{where}: past key shape {shape} is not [batch, kv_heads, past_sequence, head_dim]"
+            )
+        num_kv_heads = shape[1] if isinstance(shape[1], int) else config.num_kv_heads
+        head_dim = shape[3] if isinstance(shape[3], int) else config.head_dim
+        if not num_kv_heads or not head_dim:
+            raise ModelLoadError(f"{where}: cannot tell KV heads / head size from the graph or config.json")
+        kv_types = {inputs[name].type for pair in past for name in pair} | {
+            outputs[name].type for pair in present for name in pair
+        }
+        if len(kv_types) != 1 or next(iter(kv_types)) not in ("tensor(float)", "tensor(float16)"):
+            raise ModelLoadError(f"{where}: past/present must all be float32 or all float16, got {sorted(kv_types)}")
+
+        logits_shape = outputs["logits"].shape
+        vocab_size = logits_shape[-1] if isinstance(logits_shape[-1], int) else config.vocab_size
+        if not vocab_size:
+            raise ModelLoadError(f"{where}: cannot tell the vocabulary size from the logits shape or config.json")
+
+        def dtype_of(name: str | None) -> Any:
+            if name is None:
+                return np.int64
+            node_type = inputs[name].type
+            if node_type not in ("tensor(int64)", "tensor(int32)"):
+                raise ModelLoadError(f"{where}: input {name} has type {node_type}; expected int64 or int32")
+            return _ORT_DTYPES[node_type]
+
+        attention_mask = "attention_mask" if "attention_mask" in inputs else None
+        position_ids = "position_ids" if "position_ids" in inputs else None
+        return cls(
+            input_ids="input_ids",
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_names=tuple(past),
+            present_names=tuple(present),
+            logits="logits",
+            num_kv_heads=int(num_kv_heads),
+            head_dim=int(head_dim),
+            vocab_size=int(vocab_size),
+            kv_dtype=_ORT_DTYPES[next(iter(kv_types))],
+            input_ids_dtype=dtype_of("input_ids"),
+            attention_mask_dtype=dtype_of(attention_mask),
+            position_ids_dtype=dtype_of(position_ids),
+        )
+
+
+def _layer_names(nodes: dict[str, Any], pattern: re.Pattern[str]) -> list[tuple[str, str]]:
+    by_layer: dict[int, dict[str, str]] = {}
+    for name in nodes:
+        match = pattern.match(name)
+        if match:
+            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = name
+    layers = sorted(by_layer)
+    if layers != list(range(len(layers))) or any(len(parts) != 2 for parts in by_layer.values()):
+        names = sorted(n for n in nodes if pattern.match(n))
+        raise ModelLoadError(f"KV names {names} are not one key and one value per layer 0..N-1")
+    return [(by_layer[i]["key"], by_layer[i]["value"]) for i in layers]
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """Past keys and values of one sequence, in the export's layout [1, kv_heads, length, head_dim].
+
+    Tensors are numpy arrays (before the first forward) or onnxruntime OrtValues that live
+    on the session's device. Immutable: each forward returns a new cache.
+    """
+
+    layers: tuple[tuple[Any, Any], ...]
+    length: int
+    bytes_per_token: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * self.bytes_per_token
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    logits: np.ndarray  # float32 [new_tokens, vocab]: one row per token fed
+    cache: KvCache
+
+
+class OnnxDecoder:
+    """Runs forwards of one sequence of an Optimum decoder export; safe to call from one thread."""
+
+    def __init__(self, session: ort.InferenceSession, placement: Placement, signature: DecoderSignature,
+                 config: ExportConfig, directory: Path) -> None:
+        self.session = session
+        self.placement = placement
+        self.signature = signature
+        self.config = config
+        self.directory = directory
+        kv_itemsize = np.dtype(signature.kv_dtype).itemsize
+        self.kv_bytes_per_token = 2 * signature.num_layers * signature.num_kv_heads * signature.head_dim * kv_itemsize
+
+    @classmethod
+    def load(cls, directory: Path, settings: EngineSettings) -> OnnxDecoder:
+        """Loads an export directory; raises ModelLoadError naming what is wrong with it."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelLoadError(f"model directory {directory} does not exist")
+        missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not (directory / name).is_file()]
+        if missing:
+            present = sorted(p.name for p in directory.iterdir())
+            raise ModelLoadError(
+                f"{directory} is not an Optimum ONNX export: missing {', '.join(missing)} (found: {present})"
+            )
+        config = ExportConfig.read(directory)
+        session, placement = create_session(directory / MODEL_FILE, settings)
+        signature = DecoderSignature.from_session(session, config, directory)
+        if config.vocab_size is not None and config.vocab_size != signature.vocab_size:
+            raise ModelLoadError(
+                f"{directory}: config.json says vocab_size {config.vocab_size} but the logits have "
+                f"{signature.vocab_size} columns"
+            )
+        return cls(session, placement, signature, config, directory)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    def empty_cache(self) -> KvCache:
+        sig = self.signature
+        empty = np.zeros((1, sig.num_kv_heads, 0, sig.head_dim), dtype=sig.kv_dtype)
+        return KvCache(tuple((empty, empty) for _ in range(sig.num_layers)), 0, self.kv_bytes_per_token)
+
+    def forward(self, token_ids: Any, cache: KvCache) -> ForwardResult:
+        """Feeds `token_ids` after the `cache.length` tokens already in `cache`.
+
+        Positions continue from the cache (no padding: one sequence), so the logits equal
+        those of one forward over the whole sequence without a cache.
+        """
+        sig = self.signature
+        ids = np.asarray(token_ids, dtype=sig.input_ids_dtype).reshape(1, -1)
+        new_tokens = ids.shape[1]
+        total = cache.length + new_tokens
+
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(sig.input_ids, ids)
+        if sig.attention_mask:
+            binding.bind_cpu_input(sig.attention_mask, np.ones((1, total), dtype=sig.attention_mask_dtype))
+        if sig.position_ids:
+            positions = np.arange(cache.length, total, dtype=sig.position_ids_dtype).reshape(1, -1)
+            binding.bind_cpu_input(sig.position_ids, positions)
+        for (key_name, value_name), (key, value) in zip(sig.past_names, cache.layers, strict=True):
+            _bind_past(binding, key_name, key)
+            _bind_past(binding, value_name, value)
+        binding.bind_output(sig.logits, "cpu")
+        device_type, device_id = self.placement.device_type, self.placement.device_id
+        for key_name, value_name in sig.present_names:
+            binding.bind_output(key_name, device_type, device_id)
+            binding.bind_output(value_name, device_type, device_id)
+
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[0]
+        presents = outputs[1:]
+        layers = tuple((presents[2 * i], presents[2 * i + 1]) for i in range(sig.num_layers))
+        return ForwardResult(logits=logits, cache=KvCache(layers, total, self.kv_bytes_per_token))
+
+    def present_to_numpy(self, cache: KvCache) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Host copies of a cache's tensors (for tests and debugging; copies from the device)."""
+        return [tuple(_to_numpy(t) for t in layer) for layer in cache.layers]  # type: ignore[misc]
+
+
+def _bind_past(binding: ort.IOBinding, name: str, tensor: Any) -> None:
+    if isinstance(tensor, np.ndarray):
+        binding.bind_cpu_input(name, tensor)
+    else:
+        binding.bind_ortvalue_input(name, tensor)
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()

@@ -1,0 +1,234 @@
+"""Multi-turn sessions: KV reuse across turns, idle eviction, caps, context limits."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmsuite.inference.engine import FinishReason, SamplingParams
+from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+TURN_1 = [1, 4, 210, 33, 870, 12, 5]
+TURN_2 = [6, 4, 99, 451, 3, 5]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+
+
+def ids(tokens: list[Any]) -> list[int]:
+    return [t.token_id for t in tokens]
+
+
+@pytest.fixture
+def engine(load_engine: Any, tiny_llama_dir: Path) -> Any:
+    return load_engine({"tiny": tiny_llama_dir})
+
+
+def test_second_turn_reuses_the_cache_and_matches_a_fresh_request(engine: Any, helpers: Any) -> None:
+    async def scenario() -> None:
+        session = engine.open_session("tiny", retain_kv=True)
+        first, result_1 = await helpers.run_turn(session, TURN_1, greedy(6))
+        assert result_1.usage.cached_tokens == 0
+        history = TURN_1 + ids(first)
+        assert session.history_length == len(history)
+        assert session.cached_tokens == len(history) - 1  # the last sampled token is not fed yet
+
+        second, result_2 = await helpers.run_turn(session, TURN_2, greedy(6))
+        assert result_2.usage.cached_tokens == len(history) - 1
+        assert result_2.usage.prompt_tokens == len(TURN_2)
+        fresh, fresh_result = await helpers.generate_once(engine, "tiny", history + TURN_2, greedy(6))
+        assert ids(second) == fresh
+        assert fresh_result.usage.cached_tokens == 0
+        await session.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_turn_with_no_new_ids_continues_generation(engine: Any, helpers: Any) -> None:
+    async def scenario() -> None:
+        session = engine.open_session("tiny", retain_kv=True)
+        first, _ = await helpers.run_turn(session, TURN_1, greedy(4))
+        more, _ = await helpers.run_turn(session, [], greedy(4))
+        whole, _ = await helpers.generate_once(engine, "tiny", TURN_1, greedy(8))
+        assert ids(first) + ids(more) == whole
+        session.close()
+
+    asyncio.run(scenario())
+
+
+def test_single_turn_sessions_free_kv_at_turn_end(engine: Any, helpers: Any) -> None:
+    async def scenario() -> None:
+        session = engine.open_session("tiny", retain_kv=False)
+        await helpers.run_turn(session, TURN_1, greedy(4))
+        assert session.cached_tokens == 0
+        assert engine.stats("tiny").cached_tokens == 0
+        # A later turn still works: it recomputes from the kept history.
+        _, result = await helpers.run_turn(session, TURN_2, greedy(2))
+        assert result.usage.cached_tokens == 0
+        session.close()
+
+    asyncio.run(scenario())
+
+
+def test_idle_sessions_lose_kv_then_recompute_transparently(load_engine: Any, tiny_llama_dir: Path,
+                                                            helpers: Any) -> None:
+    engine = load_engine({"tiny": tiny_llama_dir}, session_idle_timeout_s=0.2)
+
+    async def scenario() -> None:
+        session = engine.open_session("tiny", retain_kv=True)
+        first, _ = await helpers.run_turn(session, TURN_1, greedy(5))
+        assert engine.stats("tiny").cached_tokens == session.cached_tokens > 0
+
+        await helpers.wait_until(lambda: engine.stats("tiny").cached_tokens == 0, within_s=3.0)
+        stats = engine.stats("tiny")
+        assert stats.evicted_sessions == 1 and stats.kv_bytes == 0 and stats.sessions == 1
+        assert session.cached_tokens == 0
+        assert session.history_length == len(TURN_1) + 5
+
+        second, result = await helpers.run_turn(session, TURN_2, greedy(5))
+        assert result.usage.cached_tokens == 0
+        fresh, _ = await helpers.generate_once(engine, "tiny", TURN_1 + ids(first) + TURN_2, greedy(5))
+        assert ids(second) == fresh
+        session.close()
+
+    asyncio.run(scenario())
+
+
+def test_max_sessions_caps_retained_sessions_only(load_engine: Any, tiny_llama_dir: Path) -> None:
+    engine = load_engine({"tiny": tiny_llama_dir}, max_sessions=2)
+    first = engine.open_session("tiny", retain_kv=True)
+    engine.open_session("tiny", retain_kv=True)
+    with pytest.raises(ResourceExhausted) as error:
+        engine.open_session("tiny", retain_kv=True)
+    assert error.value.reason == "TOO_MANY_SESSIONS"
+    engine.open_session("tiny", retain_kv=False)  # single requests are bounded by the queue instead
+
+    first.close()
+    first.close()  # idempotent
+    assert engine.stats("tiny").sessions == 1
+    engine.open_session("tiny", retain_kv=True)
+
+
+def test_cached_token_cap_evicts_least_recently_used_idle_sessions(load_engine: Any, tiny_llama_dir: Path,
+                                                                   helpers: Any) -> None:
+    engine = load_engine({"tiny": tiny_llama_dir}, max_cached_tokens=100)
+    prompt = list(range(10, 60))  # 50 tokens + 4 generated: two such sessions exceed 100
+
+    async def scenario() -> None:
+        older = engine.open_session("tiny", retain_kv=True)
+        newer = engine.open_session("tiny", retain_kv=True)
+        await helpers.run_turn(older, prompt, greedy(4))
+        await helpers.run_turn(newer, prompt, greedy(4))
+        stats = engine.stats("tiny")
+        assert stats.cached_tokens <= 100
+        assert older.cached_tokens == 0 and newer.cached_tokens == 53
+        assert stats.evicted_sessions == 1
+
+    asyncio.run(scenario())
+
+
+def test_closing_a_session_frees_its_kv(engine: Any, helpers: Any) -> None:
+    async def scenario() -> None:
+        session = engine.open_session("tiny", retain_kv=True)
+        await helpers.run_turn(session, TURN_1, greedy(3))
+        assert engine.stats("tiny").cached_tokens > 0
+        await session.aclose()
+        stats = engine.stats("tiny")
+        assert (stats.cached_tokens, stats.kv_bytes, stats.sessions) == (0, 0, 0)
+        with pytest.raises(FailedPrecondition) as error:
+            await helpers.run_turn(session, TURN_2, greedy(3))
+        assert error.value.reason == "SESSION_CLOSED"
+
+    asyncio.run(scenario())
+
+
+def test_a_second_turn_while_one_runs_is_refused(engine: Any, helpers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    helpers.slow_forward(monkeypatch, 0.01)
+
+    async def scenario() -> None:
+        session = engine.open_session("tiny", retain_kv=True)
+        running = session.generate(TURN_1, greedy(50))
+        await running.__anext__()
+        with pytest.raises(FailedPrecondition) as error:
+            await session.generate(TURN_2, greedy(2)).__anext__()
+        assert error.value.reason == "TURN_IN_PROGRESS"
+        await running.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_turn_leaves_a_consistent_session(engine: Any, helpers: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    helpers.slow_forward(monkeypatch, 0.005)
+
+    async def scenario() -> None:
+        session = engine.open_session("tiny", retain_kv=True)
+        produced = []
+        async for item in session.generate(TURN_1, greedy(100)):
+            if hasattr(item, "token_id"):
+                produced.append(item.token_id)
+                if len(produced) == 3:
+                    session.cancel()
+            else:
+                assert item.finish_reason is FinishReason.CANCELLED
+        history = TURN_1 + produced
+        assert session.history_length == len(history)
+        second, result = await helpers.run_turn(session, TURN_2, greedy(4))
+        assert result.usage.cached_tokens == len(history) - 1
+        fresh, _ = await helpers.generate_once(engine, "tiny", history + TURN_2, greedy(4))
+        assert ids(second) == fresh
+
+    asyncio.run(scenario())
+
+
+# ---- the context limit ---------------------------------------------------------------------
+
+
+def test_session_runs_until_the_context_is_full(load_engine: Any, short_context_dir: Path, helpers: Any) -> None:
+    engine = load_engine({"short": short_context_dir})
+    prompt = list(range(10, 30))  # 20 of 32 positions
+
+    async def scenario() -> None:
+        session = engine.open_session("short", retain_kv=True)
+        tokens, result = await helpers.run_turn(session, prompt, greedy(32))
+        assert result.finish_reason is FinishReason.CONTEXT_FULL
+        assert len(tokens) == 12 and session.history_length == 32
+
+        with pytest.raises(InvalidArgument) as error:
+            await helpers.run_turn(session, [5, 6], greedy(4))
+        assert error.value.reason == "PROMPT_TOO_LONG"
+
+        # Truncation keeps the most recent context - max_new_tokens tokens and recomputes them.
+        history = prompt + [t.token_id for t in tokens]
+        tokens, result = await helpers.run_turn(session, [5, 6], greedy(4), truncate_prompt=True)
+        assert result.usage.cached_tokens == 0
+        assert session.history_length == 28 + 4
+        fresh, _ = await helpers.generate_once(engine, "short", [*history, 5, 6][-28:], greedy(4))
+        assert [t.token_id for t in tokens] == fresh
+
+    asyncio.run(scenario())
+
+
+def test_single_request_must_fit_prompt_plus_max_new_tokens(load_engine: Any, short_context_dir: Path,
+                                                            helpers: Any) -> None:
+    engine = load_engine({"short": short_context_dir})
+    prompt = list(range(10, 30))
+
+    async def scenario() -> None:
+        with pytest.raises(InvalidArgument) as error:
+            await helpers.generate_once(engine, "short", prompt, greedy(20))
+        assert error.value.reason == "PROMPT_TOO_LONG"
+        assert error.value.violations[0].field == "prompt_token_ids"
+        for number in ("20 tokens", "max_new_tokens is 20", "40", "32 tokens"):
+            assert number in error.value.message
+        assert error.value.metadata["context_length"] == "32"
+
+        tokens, result = await helpers.generate_once(engine, "short", prompt, greedy(20), truncate_prompt=True)
+        assert result.usage.prompt_tokens == 12 and result.finish_reason is FinishReason.LENGTH
+        assert tokens == (await helpers.generate_once(engine, "short", prompt[-12:], greedy(20)))[0]
+
+    asyncio.run(scenario())
