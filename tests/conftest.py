@@ -21,3 +21,13 @@ def shared_exports() -> Path:
     if not SHARED_EXPORTS.is_dir():
         pytest.skip(f"{SHARED_EXPORTS} not present (real Optimum exports ship only with the team's checkout)")
     return SHARED_EXPORTS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model exactly as `llmsuite-build-model --preset tiny` writes it."""
+    from llmsuite.builder.model import build_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    build_model(out, preset="tiny")
+    return out

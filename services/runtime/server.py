@@ -48,6 +48,10 @@ class ServiceApp(Protocol):
     async def stop(self) -> None:
         """Release resources after the server has drained."""
 
+    def health_names(self) -> Sequence[str]:
+        """Extra health service names to report SERVING once started (e.g.
+        `model:NAME`); they flip to NOT_SERVING with the rest on drain."""
+
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     """Takes `x-request-id` from metadata (or makes one), puts it in the log
@@ -204,7 +208,7 @@ async def start_server(
     except BaseException:
         await server.stop(0)
         raise
-    for name in ("", *app.service_names):
+    for name in ("", *app.service_names, *app.health_names()):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"services": ",".join(app.service_names), "port": port})
     return RunningServer(server, port, health_servicer, app, settings)
@@ -216,7 +220,11 @@ async def serve(settings: ServerSettings, app: ServiceApp, *, tracer_provider: A
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
-    running = await start_server(settings, app, tracer_provider=tracer_provider)
+    try:
+        running = await start_server(settings, app, tracer_provider=tracer_provider)
+    except Exception as exc:  # a clear one-line reason beats a traceback for bad config or files
+        log.error("failed to start", extra={"error": f"{type(exc).__name__}: {exc}"})
+        raise SystemExit(1) from exc
     await stop_requested.wait()
     log.info("shutdown requested")
     await running.stop()

@@ -192,5 +192,8 @@ class TokenizerApp:
             log.info("tokenizer loaded", extra={"model": name, "directory": str(directory),
                                                 "vocab_size": tok.vocab_size, "content_hash": tok.content_hash})
 
+    def health_names(self) -> Sequence[str]:
+        return tuple(f"model:{name}" for name in self.registry.names())
+
     async def stop(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

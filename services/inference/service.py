@@ -1,0 +1,255 @@
+"""gRPC servicer for llmsuite.inference.v1.InferenceService.
+
+Generate is one bidirectional stream per request: a reader task consumes
+client messages (cancel, next turn, half-close) while the handler streams the
+engine's tokens, so a Cancel lands within one decode step. The session is
+closed (KV freed) however the stream ends: final message, error, client
+cancel or deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from llmsuite.inference.convert import final_to_proto, logprobs_to_proto, model_info_to_proto, sampling_from_proto
+from llmsuite.inference.engine import (
+    EngineSettings,
+    FinishReason,
+    GeneratedToken,
+    GenerationSession,
+    InferenceEngine,
+    TurnResult,
+)
+from llmsuite.inference.v1 import inference_pb2 as pb
+from llmsuite.inference.v1 import inference_pb2_grpc
+from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from llmsuite.runtime.logs import new_request_id, set_request_id
+
+log = logging.getLogger("llmsuite.inference")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MAX_REQUEST_ID_CHARS = 128
+MAX_FLUSH_EVERY = 256
+
+
+@dataclass
+class _ClientEvents:
+    """What the reader task learned from the client while a turn ran."""
+
+    cancelled: bool = False
+    protocol_error: Exception | None = None
+
+
+class _TurnRequest:
+    def __init__(self, token_ids: Sequence[int], sampling_msg: object | None, field: str) -> None:
+        self.token_ids = list(token_ids)
+        self.sampling_msg = sampling_msg
+        self.field = field
+
+
+_END = object()  # the client half-closed
+
+
+def _validate_start(start: pb.GenerateStart) -> None:
+    if len(start.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument.for_field("start.request_id", f"at most {MAX_REQUEST_ID_CHARS} characters",
+                                        limit=str(MAX_REQUEST_ID_CHARS))
+    if not start.model:
+        raise InvalidArgument.for_field("start.model", "required: a model name given to --model NAME=DIR",
+                                        reason="MISSING_FIELD")
+    if start.stream_options.flush_every_tokens > MAX_FLUSH_EVERY:
+        raise InvalidArgument.for_field("start.stream_options.flush_every_tokens",
+                                        f"must be in [0, {MAX_FLUSH_EVERY}]", limit=str(MAX_FLUSH_EVERY))
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, engine: InferenceEngine) -> None:
+        self._engine = engine
+
+    async def Generate(self, request_iterator: AsyncIterator[pb.GenerateRequest],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "start":
+            raise InvalidArgument.for_field("start", "the first message must be `start`",
+                                            reason="STREAM_NOT_STARTED")
+        start = first.start
+        _validate_start(start)
+        request_id = start.request_id or new_request_id()
+        set_request_id(request_id)
+        start_params = sampling_from_proto(start.sampling, field="start.sampling")
+        flush_every = start.stream_options.flush_every_tokens or 1
+        session = self._engine.open_session(start.model, retain_kv=start.session)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+
+        inbox: asyncio.Queue[object] = asyncio.Queue()
+        events = _ClientEvents()
+        generating = asyncio.Event()
+        reader = asyncio.create_task(self._read_client(requests, session, inbox, events, generating))
+        sequence = 0
+        turn_index = 0
+        ids: list[int] = list(start.prompt_token_ids)
+        params = start_params
+        try:
+            while True:
+                ended_by: FinishReason | None = None
+                generating.set()
+                pending: list[GeneratedToken] = []
+                async for item in session.generate(ids, params, deadline=deadline,
+                                                   truncate_prompt=start.truncate_prompt):
+                    if isinstance(item, TurnResult):
+                        if pending:
+                            yield self._tokens(request_id, sequence, turn_index, pending)
+                            sequence += 1
+                        generating.clear()
+                        if events.protocol_error is not None:
+                            raise events.protocol_error
+                        yield pb.GenerateResponse(request_id=request_id, sequence_number=sequence,
+                                                  turn=turn_index, final=final_to_proto(item))
+                        sequence += 1
+                        ended_by = item.finish_reason
+                        break
+                    pending.append(item)
+                    if len(pending) >= flush_every:
+                        yield self._tokens(request_id, sequence, turn_index, pending)
+                        sequence += 1
+                        pending = []
+                if not start.session or events.cancelled or ended_by in (FinishReason.CANCELLED,
+                                                                         FinishReason.TIME_LIMIT):
+                    return
+                nxt = await inbox.get()
+                if nxt is _END or events.cancelled:
+                    return
+                assert isinstance(nxt, _TurnRequest)
+                turn_index += 1
+                ids = nxt.token_ids
+                params = (sampling_from_proto(nxt.sampling_msg, field=nxt.field)  # type: ignore[arg-type]
+                          if nxt.sampling_msg is not None else start_params)
+                if not ids:
+                    raise InvalidArgument.for_field("turn.token_ids", "a turn needs at least one token id",
+                                                    reason="EMPTY_PROMPT")
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            session.close()
+
+    @staticmethod
+    def _tokens(request_id: str, sequence: int, turn: int, tokens: list[GeneratedToken]) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            request_id=request_id, sequence_number=sequence, turn=turn,
+            tokens=pb.GeneratedTokens(token_ids=[t.token_id for t in tokens], logprobs=logprobs_to_proto(tokens)))
+
+    @staticmethod
+    async def _read_client(requests: AsyncIterator[pb.GenerateRequest], session: GenerationSession,
+                           inbox: asyncio.Queue[object], events: _ClientEvents, generating: asyncio.Event) -> None:
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("kind")
+                if kind == "cancel":
+                    events.cancelled = True
+                    session.cancel()
+                    inbox.put_nowait(_END)
+                    return
+                if kind == "turn":
+                    if generating.is_set():
+                        events.protocol_error = FailedPrecondition(
+                            "a turn was sent while the previous one is still generating; wait for its final "
+                            "message or send cancel", reason="TURN_IN_PROGRESS")
+                        session.cancel()
+                        return
+                    inbox.put_nowait(_TurnRequest(message.turn.token_ids,
+                                                  message.turn.sampling if message.turn.HasField("sampling")
+                                                  else None, "turn.sampling"))
+                    continue
+                events.protocol_error = InvalidArgument.for_field(
+                    "start", "`start` may only be sent once", reason="STREAM_ALREADY_STARTED")
+                session.cancel()
+                return
+        finally:
+            inbox.put_nowait(_END)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        infos = sorted(self._engine.list_models(), key=lambda i: i.name)
+        return pb.ListModelsResponse(models=[model_info_to_proto(i, self._engine.stats(i.name)) for i in infos])
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.GetModelInfoResponse:
+        if not request.model:
+            raise InvalidArgument.for_field("model", "required", reason="MISSING_FIELD")
+        info = self._engine.model_info(request.model)
+        return pb.GetModelInfoResponse(info=model_info_to_proto(info, self._engine.stats(request.model)))
+
+
+class InferenceApp:
+    """The inference service as the bootstrap sees it (see runtime.server.ServiceApp)."""
+
+    service_names: Sequence[str] = (SERVICE_NAME,)
+
+    def __init__(self, models: dict[str, Path], settings: EngineSettings) -> None:
+        self._models = models
+        self._settings = settings
+        self.engine: InferenceEngine | None = None
+        self._servicer = _LateBoundServicer()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self._servicer, server)
+
+    async def start(self) -> None:
+        self.engine = await asyncio.to_thread(InferenceEngine.load, self._models, self._settings)
+        self._servicer.bind(InferenceServicer(self.engine))
+        for info in self.engine.list_models():
+            log.info("model ready", extra={"model": info.name, "architecture": info.architecture,
+                                           "execution_provider": info.execution_provider, "device": info.device,
+                                           "context_length": info.context_length})
+
+    def health_names(self) -> Sequence[str]:
+        """Per-model and per-provider health names: a probe on
+        `provider:CUDAExecutionProvider` fails when the GPU is not really in use."""
+        if self.engine is None:
+            return ()
+        infos = self.engine.list_models()
+        return (*(f"model:{i.name}" for i in infos), *sorted({f"provider:{i.execution_provider}" for i in infos}))
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+
+
+class _LateBoundServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Registered before the engine exists (the port must be bound, and health
+    answering NOT_SERVING, while models load); forwards once bound."""
+
+    def __init__(self) -> None:
+        self._inner: InferenceServicer | None = None
+
+    def bind(self, inner: InferenceServicer) -> None:
+        self._inner = inner
+
+    def _ready(self) -> InferenceServicer:
+        if self._inner is None:
+            raise Unavailable("models are still loading; watch grpc.health.v1 for SERVING", reason="LOADING",
+                              retry_after_s=1.0)
+        return self._inner
+
+    async def Generate(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for response in self._ready().Generate(request_iterator, context):
+            yield response
+
+    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._ready().ListModels(request, context)
+
+    async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._ready().GetModelInfo(request, context)
