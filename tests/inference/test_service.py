@@ -181,6 +181,7 @@ def test_session_turn_reuses_kv_and_matches_a_fresh_request(stub):
         if r.WhichOneof("kind") == "final":
             break
     gen0, (final0,) = collect(turn0)
+    assert final0.usage.cached_tokens == 0
     assert stats(stub).sessions >= 1
     follow_up = [50, 51, 52]
     client.send(pb.GenerateRequest(turn=pb.GenerateTurn(token_ids=follow_up)))
