@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -124,7 +125,8 @@ class ServiceProcess:
         self._port_seen.set()
 
     def __enter__(self) -> ServiceProcess:
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        self._stdout = tempfile.TemporaryFile(mode="w+")  # e.g. console span exporter output
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._stdout, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         threading.Thread(target=self._drain, daemon=True).start()
         if not self._port_seen.wait(self.health_timeout) or self.port is None:
@@ -141,6 +143,10 @@ class ServiceProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def stdout_text(self) -> str:
+        self._stdout.seek(0)
+        return self._stdout.read()
 
     def log(self) -> str:
         return "".join(self.lines[-60:])

@@ -33,28 +33,36 @@ class EnvArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._environ = os.environ if environ is None else environ
 
-    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
-        long = next((n for n in names if isinstance(n, str) and n.startswith("--")), None)
-        if long is None or long == "--help":
-            return super().add_argument(*names, **kwargs)
-        var = env_name(long)
-        raw = self._environ.get(var)
-        if raw is not None and raw != "":
-            kwargs["default"] = _from_env(raw, kwargs)
-            if kwargs.get("required"):
-                kwargs["required"] = False
-        kwargs["help"] = f"{kwargs.get('help', '')} [env: {var}]".strip()
-        return super().add_argument(*names, **kwargs)
+    def _apply_environment(self) -> None:
+        """Every option (groups included) defaults to its variable; idempotent."""
+        for action in self._actions:
+            long = next((o for o in action.option_strings if o.startswith("--")), None)
+            if long is None or long == "--help" or getattr(action, "_env_applied", False):
+                continue
+            var = env_name(long)
+            raw = self._environ.get(var)
+            if raw is not None and raw != "":
+                action.default = _from_env(raw, action)
+                action.required = False
+            action.help = f"{action.help or ''} [env: {var}]".strip()
+            action._env_applied = True  # type: ignore[attr-defined]
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._apply_environment()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._apply_environment()
+        return super().format_help()
 
 
-def _from_env(raw: str, kwargs: Mapping[str, Any]) -> Any:
-    action = kwargs.get("action")
-    if action in ("store_true", "store_false", argparse.BooleanOptionalAction):
+def _from_env(raw: str, action: argparse.Action) -> Any:
+    if action.nargs == 0:  # flags: store_true/false, BooleanOptionalAction
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    convert = kwargs.get("type") or str
-    if action == "append":
-        return [convert(item.strip()) for item in raw.split(",") if item.strip()]
-    return convert(raw)
+    convert = action.type or str
+    if isinstance(action, argparse._AppendAction):
+        return [convert(item.strip()) for item in raw.split(",") if item.strip()]  # type: ignore[operator]
+    return convert(raw)  # type: ignore[operator]
 
 
 def parse_model_spec(spec: str) -> tuple[str, Path]:
