@@ -42,8 +42,8 @@ class TurnOutcome:
 
 
 async def relay_turn(call: grpc.aio.StreamStreamCall, first: inference_pb2.GenerateResponse | None,
-                     detok: DecodeStreamClient, stop_strings: tuple[str, ...], *, started_at: float
-                     ) -> AsyncIterator[Delta | TurnOutcome]:
+                     detok: DecodeStreamClient, stop_strings: tuple[str, ...], *, started_at: float,
+                     prompt_tokens: int) -> AsyncIterator[Delta | TurnOutcome]:
     """Relays one upstream turn (until its final message) as text deltas, then
     one TurnOutcome. On a stop string it sends Cancel upstream and waits for
     the turn's final message so usage and timings stay exact."""
@@ -54,7 +54,17 @@ async def relay_turn(call: grpc.aio.StreamStreamCall, first: inference_pb2.Gener
     message = first
     while True:
         if message is None:
-            message = await call.read()
+            try:
+                message = await call.read()
+            except grpc.aio.AioRpcError:
+                if matched is None:
+                    raise
+                message = grpc.aio.EOF  # text is complete; the upstream ended as we cancelled it
+        if message is grpc.aio.EOF and matched is not None:
+            # The cancelled upstream turn ended without its final message: summarize what we counted.
+            message = inference_pb2.GenerateResponse(final=inference_pb2.GenerateFinal(
+                finish_reason=common_pb2.FINISH_REASON_CANCELLED,
+                usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(generated))))
         if message is grpc.aio.EOF:
             raise Unavailable("the inference replica ended the stream without a final message",
                               reason="UPSTREAM_PROTOCOL_ERROR")

@@ -162,7 +162,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                                      skip_special_tokens=not req.keep_special_tokens,
                                                      request_id=request_id, time_limit_s=_remaining(context))
             async with _TranslateUpstreamErrors("inference"):
-                async for item in relay_turn(opened.call, opened.first, detok, stops, started_at=started_at):
+                async for item in relay_turn(opened.call, opened.first, detok, stops, started_at=started_at,
+                                             prompt_tokens=len(prompt_ids)):
                     if isinstance(item, TurnOutcome):
                         completion = item.summary.usage.completion_tokens
                     yield item
@@ -343,7 +344,8 @@ class _ChatSession:
                                                request_id=self._request_id, time_limit_s=_remaining(self._context))
             async with _TranslateUpstreamErrors("inference"):
                 assert self._stream is not None
-                async for item in relay_turn(self._stream.call, first, detok, stops, started_at=started_at):
+                async for item in relay_turn(self._stream.call, first, detok, stops, started_at=started_at,
+                                             prompt_tokens=len(sent)):
                     if isinstance(item, Delta):
                         if not item.text:
                             continue
