@@ -1,0 +1,399 @@
+"""The asyncio client: AsyncLlmsuiteClient, its text streams and chat sessions.
+
+Same methods, arguments and results as the blocking client; streams are
+async iterators. Create and use it inside a running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Unpack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmsuite.client import conversions as conv
+from llmsuite.client.connection import ConnectionSettings
+from llmsuite.client.errors import REQUEST_ID_HEADER, InternalError, NotFound, header_value, rpc_errors
+from llmsuite.client.results import (
+    ChatMessage,
+    Completion,
+    Encoding,
+    ModelInfo,
+    SamplingOptions,
+    TextChunk,
+    TokenCounts,
+)
+from llmsuite.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+class AsyncLlmsuiteClient:
+    """The asyncio twin of LlmsuiteClient (same arguments and defaults).
+    Use it as `async with`, or `await client.close()`."""
+
+    def __init__(
+        self,
+        address: str = "localhost:50050",
+        *,
+        api_key: str | None = None,
+        timeout_s: float | None = 60.0,
+        compression: str = "gzip",
+        tls: bool = False,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        wait_for_ready: bool = True,
+        max_attempts: int = 3,
+    ) -> None:
+        self.settings = ConnectionSettings(
+            address=address, api_key=api_key, timeout_s=timeout_s, compression=compression, tls=tls,
+            ca_file=ca_file, cert_file=cert_file, key_file=key_file, wait_for_ready=wait_for_ready,
+            max_attempts=max_attempts,
+        )
+        self._channel = self.settings.aio_channel()
+        self._gateway = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncLlmsuiteClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        model: str = "tiny",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        add_special_tokens: bool | None = None,
+        truncate_prompt: bool = False,
+        keep_special_tokens: bool = False,
+        return_token_ids: bool = False,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Completion:
+        """See LlmsuiteClient.generate."""
+        request = conv.generation_request(
+            gateway_pb2.GenerateRequest, prompt, model=model,
+            sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs),
+            add_special_tokens=add_special_tokens, truncate_prompt=truncate_prompt,
+            keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids,
+        )
+        call = self._gateway.Generate(request, **self.settings.call_options(request_id=request_id,
+                                                                           timeout_s=timeout_s))
+        with rpc_errors():
+            response = await call
+            headers = await call.initial_metadata()
+        return conv.completion(response, header_value(headers, REQUEST_ID_HEADER))
+
+    def generate_stream(
+        self,
+        prompt: str,
+        *,
+        model: str = "tiny",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        add_special_tokens: bool | None = None,
+        truncate_prompt: bool = False,
+        keep_special_tokens: bool = False,
+        return_token_ids: bool = False,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncTextStream:
+        """Start a streamed generation; `async for chunk in ...` (not awaited)."""
+        request = conv.generation_request(
+            gateway_pb2.GenerateStreamRequest, prompt, model=model,
+            sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs),
+            add_special_tokens=add_special_tokens, truncate_prompt=truncate_prompt,
+            keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids,
+        )
+        options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s)
+        return AsyncTextStream(self._gateway.GenerateStream(request, **options))
+
+    def chat(
+        self,
+        model: str = "tiny",
+        messages: Iterable[ChatMessage | Mapping[str, str]] = (),
+        *,
+        system: str | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> AsyncChatSession:
+        """See LlmsuiteClient.chat; use the session with `async with`."""
+        history = conv.chat_messages(messages)
+        if system is not None:
+            history.insert(0, ChatMessage("system", system))
+        conv.sampling_params(sampling)
+        options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s, deadline=False)
+        return AsyncChatSession(self._gateway, model, history, dict(sampling), options)
+
+    async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        with rpc_errors():
+            response = await self._gateway.ListModels(gateway_pb2.ListModelsRequest(),
+                                                      **self.settings.call_options(timeout_s=timeout_s))
+        return [conv.model_info(m) for m in response.models]
+
+    async def tokenize(self, texts: str | Iterable[str], *, model: str = "tiny",
+                       add_special_tokens: bool | None = None, offsets: bool = False,
+                       request_id: str | None = None, timeout_s: float | None = None) -> list[Encoding]:
+        request = gateway_pb2.TokenizeRequest(model=model, texts=conv.text_list(texts), return_offsets=offsets)
+        if add_special_tokens is not None:
+            request.add_special_tokens = add_special_tokens
+        with rpc_errors():
+            response = await self._gateway.Tokenize(request, **self.settings.call_options(request_id=request_id,
+                                                                                         timeout_s=timeout_s))
+        return [conv.encoding(e) for e in response.encodings]
+
+    async def count_tokens(self, texts: str | Iterable[str], *, model: str = "tiny",
+                           add_special_tokens: bool | None = None, request_id: str | None = None,
+                           timeout_s: float | None = None) -> TokenCounts:
+        request = gateway_pb2.CountTokensRequest(model=model, texts=conv.text_list(texts))
+        if add_special_tokens is not None:
+            request.add_special_tokens = add_special_tokens
+        call = self._gateway.CountTokens(request, **self.settings.call_options(request_id=request_id,
+                                                                              timeout_s=timeout_s))
+        with rpc_errors():
+            response = await call
+            headers = await call.initial_metadata()
+        return TokenCounts(tuple(response.counts), response.total, header_value(headers, REQUEST_ID_HEADER))
+
+    async def health(self, service: str = "", *, wait_for_ready: bool = False,
+                     timeout_s: float | None = None) -> str:
+        """See LlmsuiteClient.health."""
+        options = self.settings.call_options(timeout_s=timeout_s, wait_for_ready=wait_for_ready)
+        try:
+            with rpc_errors():
+                response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), **options)
+        except NotFound:
+            return "SERVICE_UNKNOWN"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class AsyncTextStream:
+    """The chunks of one GenerateStream call, as an async iterator.
+
+    `completion` is set once the final message has arrived; `await
+    stream.wait()` reads the rest and returns it. Leaving `async with` or
+    calling `close()` cancels an unfinished RPC; so does breaking out of an
+    `async for` loop (when the loop's generator is finalized, at once under
+    CPython's asyncio).
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._acc = conv.StreamAccumulator()
+        self.completion: Completion | None = None
+
+    @property
+    def request_id(self) -> str | None:
+        """The request id, known once the first message has arrived."""
+        return self._acc.request_id
+
+    def __aiter__(self) -> AsyncIterator[TextChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[TextChunk]:
+        try:
+            with rpc_errors():
+                self._acc.request_id = header_value(await self._call.initial_metadata(), REQUEST_ID_HEADER)
+                async for message in self._call:
+                    kind = message.WhichOneof("kind")
+                    if kind == "delta":
+                        yield self._acc.delta(message.delta, message.request_id)
+                    elif kind == "final":
+                        self.completion = self._acc.finish(message.final, message.request_id, message)
+            if self.completion is None:
+                raise InternalError("the stream ended without its final message")
+        finally:
+            if self.completion is None:
+                self._call.cancel()
+
+    async def wait(self) -> Completion:
+        async for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+    def close(self) -> None:
+        if self.completion is None:
+            self._call.cancel()
+
+    async def __aenter__(self) -> AsyncTextStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncChatSession:
+    """The asyncio twin of ChatSession. `send()` is not a coroutine: it
+    returns an AsyncChatReply at once, which sends its message when first
+    iterated or awaited (`async for chunk in chat.send(...)`, or
+    `completion = await chat.send(...)`). Replies run in the order sent.
+    Not for concurrent use by several tasks."""
+
+    def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, model: str, history: list[ChatMessage],
+                 sampling: dict[str, Any], call_options: dict[str, Any]) -> None:
+        self.model = model
+        self.messages: list[ChatMessage] = history
+        self.last: Completion | None = None
+        self.request_id: str | None = None
+        self._stub = stub
+        self._sampling = sampling
+        self._call_options = call_options
+        self._call: Any = None
+        self._unsent: collections.deque[AsyncChatReply] = collections.deque()
+        self._active: AsyncChatReply | None = None
+        self._turns = 0
+        self._closed = False
+
+    def send(self, text: str, *, role: str = "user", **sampling: Unpack[SamplingOptions]) -> AsyncChatReply:
+        if self._closed:
+            raise RuntimeError("this chat session is closed")
+        conv.sampling_params(sampling)
+        reply = AsyncChatReply(self, self._turns, ChatMessage(role, text), dict(sampling))
+        self._turns += 1
+        self._unsent.append(reply)
+        return reply
+
+    async def _ensure_sent(self, reply: AsyncChatReply) -> None:
+        while not reply.sent:
+            if self._active is not None and self._active.completion is None:
+                await self._active.wait()
+            head = self._unsent.popleft()
+            await self._write(head)
+            head.sent = True
+            self._active = head
+
+    async def _write(self, reply: AsyncChatReply) -> None:
+        if self._call is None:
+            start = gateway_pb2.ChatStart(
+                model=self.model, messages=conv.message_protos([*self.messages, reply.message]),
+                sampling=conv.sampling_params(self._sampling | reply.sampling),
+            )
+            request = gateway_pb2.ChatRequest(start=start)
+            self._call = self._stub.Chat(**self._call_options)
+        else:
+            turn = gateway_pb2.ChatTurn(messages=conv.message_protos([reply.message]))
+            if reply.sampling:  # a turn's sampling replaces the start's whole, so send the merged set
+                turn.sampling.CopyFrom(conv.sampling_params(self._sampling | reply.sampling))
+            request = gateway_pb2.ChatRequest(turn=turn)
+        with rpc_errors():
+            await self._call.write(request)
+        self.messages.append(reply.message)
+
+    async def _next_message(self) -> gateway_pb2.ChatResponse | None:
+        with rpc_errors():
+            message = await self._call.read()
+        if message is grpc.aio.EOF:
+            return None
+        self.request_id = message.request_id or self.request_id
+        return message
+
+    def _finished(self, completion: Completion) -> None:
+        self.last = completion
+        self.messages.append(ChatMessage("assistant", completion.text))
+
+    async def cancel(self, reason: str = "") -> None:
+        """Stop the running reply (finish_reason "cancelled") and end the session."""
+        if self._active is not None and self._active.completion is None and not self._closed:
+            with rpc_errors():
+                await self._call.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.ChatCancel(reason=reason)))
+            await self._active.wait()
+        await self.close()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """End the session: half-close and let the server finish the stream,
+        or cancel the RPC when a reply is still running. Unsent replies are dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        self._unsent.clear()
+        if self._call is None:
+            return
+        if self._active is not None and self._active.completion is None:
+            self._call.cancel()
+            return
+        try:
+            await self._call.done_writing()
+            await asyncio.wait_for(self._call.code(), timeout_s)
+        except (TimeoutError, grpc.RpcError):
+            self._call.cancel()
+
+    async def __aenter__(self) -> AsyncChatSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncChatReply:
+    """One reply of an AsyncChatSession: `async for` its TextChunks, or
+    `await` it for the Completion."""
+
+    def __init__(self, session: AsyncChatSession, turn: int, message: ChatMessage, sampling: dict[str, Any]) -> None:
+        self.turn = turn
+        self.message = message
+        self.sampling = sampling
+        self.sent = False
+        self.completion: Completion | None = None
+        self._session = session
+        self._acc = conv.StreamAccumulator(turn)
+
+    def __aiter__(self) -> AsyncIterator[TextChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[TextChunk]:
+        if self._session._closed and not self.sent:
+            raise RuntimeError("this chat session is closed")
+        await self._session._ensure_sent(self)
+        while self.completion is None:
+            message = await self._session._next_message()
+            if message is None:
+                raise InternalError("the chat stream ended before the reply's final message")
+            kind = message.WhichOneof("kind")
+            if kind == "delta":
+                yield self._acc.delta(message.delta, message.request_id)
+            elif kind == "final":
+                self.completion = self._acc.finish(message.final, message.request_id, message)
+                self._session._finished(self.completion)
+
+    async def wait(self) -> Completion:
+        async for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+    def __await__(self) -> Generator[Any, None, Completion]:
+        return self.wait().__await__()

@@ -1,0 +1,184 @@
+"""The one place where SDK values and gateway protos are converted, shared by
+the sync and the asyncio clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from google.protobuf import duration_pb2
+
+from llmsuite.client.errors import FieldViolation, InvalidRequest
+from llmsuite.client.results import (
+    ChatMessage,
+    Completion,
+    Encoding,
+    ModelInfo,
+    PositionLogprobs,
+    TextChunk,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
+from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway.v1 import gateway_pb2
+
+SAMPLING_OPTIONS = frozenset({
+    "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs",
+})
+_REPEATED = {"stop_strings", "stop_token_ids"}
+
+
+def sampling_params(options: Mapping[str, Any]) -> common_pb2.SamplingParams:
+    """SamplingParams from keyword options; None values stay unset so the
+    server's documented defaults apply. Values protobuf cannot hold (a
+    negative count, a string for a float) raise InvalidRequest naming the
+    field, exactly like the server's own validation would."""
+    unknown = set(options) - SAMPLING_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+    params = common_pb2.SamplingParams()
+    for name, value in options.items():
+        if value is None:
+            continue
+        field = "stop_strings" if name == "stop" else name
+        try:
+            if field in _REPEATED:
+                getattr(params, field).extend([value] if isinstance(value, str | int) else value)
+            else:
+                setattr(params, field, value)
+        except (TypeError, ValueError) as exc:
+            path = f"sampling.{field}"
+            raise InvalidRequest(f"{path}: {exc}", reason="INVALID_FIELD",
+                                 field_violations=[FieldViolation(path, str(exc))]) from None
+    return params
+
+
+def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[ChatMessage]:
+    out = []
+    for m in messages:
+        if isinstance(m, ChatMessage):
+            out.append(m)
+        else:
+            out.append(ChatMessage(role=m["role"], content=m.get("content", ""), name=m.get("name", "")))
+    return out
+
+
+def message_protos(messages: Sequence[ChatMessage]) -> list[common_pb2.ChatMessage]:
+    return [common_pb2.ChatMessage(role=m.role, content=m.content, name=m.name) for m in messages]
+
+
+def finish_reason_name(value: int) -> str:
+    return common_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def timings(t: common_pb2.Timings) -> Timings:
+    return Timings(
+        queue_s=_seconds(t.queue_time),
+        prefill_s=_seconds(t.prefill_time),
+        time_to_first_token_s=_seconds(t.time_to_first_token),
+        mean_inter_token_latency_s=_seconds(t.mean_inter_token_latency),
+        total_s=_seconds(t.total_time),
+    )
+
+
+def usage(u: common_pb2.Usage) -> Usage:
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens)
+
+
+def logprobs(positions: Iterable[common_pb2.PositionLogprobs]) -> tuple[PositionLogprobs, ...]:
+    return tuple(
+        PositionLogprobs(
+            chosen=TokenLogprob(p.chosen.token_id, p.chosen.logprob),
+            top=tuple(TokenLogprob(t.token_id, t.logprob) for t in p.top),
+        )
+        for p in positions
+    )
+
+
+def matched_stop(summary: gateway_pb2.GenerationSummary) -> str | int | None:
+    if summary.matched_stop_string:
+        return summary.matched_stop_string
+    if summary.HasField("matched_stop_token_id"):
+        return summary.matched_stop_token_id
+    return None
+
+
+def completion(response: gateway_pb2.GenerateResponse, request_id: str | None) -> Completion:
+    return Completion(
+        text=response.text,
+        finish_reason=finish_reason_name(response.summary.finish_reason),
+        usage=usage(response.summary.usage),
+        timings=timings(response.summary.timings),
+        request_id=response.request_id or request_id or "",
+        token_ids=tuple(response.token_ids),
+        logprobs=logprobs(response.logprobs),
+        matched_stop=matched_stop(response.summary),
+        raw=response,
+    )
+
+
+class StreamAccumulator:
+    """Collects the deltas of one streamed generation (or chat reply) and
+    turns its final summary into a Completion whose text is their concatenation."""
+
+    def __init__(self, turn: int = 0) -> None:
+        self.turn = turn
+        self.request_id: str | None = None
+        self._text: list[str] = []
+        self._token_ids: list[int] = []
+        self._logprobs: list[PositionLogprobs] = []
+
+    def delta(self, delta: gateway_pb2.TextDelta, request_id: str) -> TextChunk:
+        self.request_id = request_id or self.request_id
+        chunk = TextChunk(text=delta.text, token_ids=tuple(delta.token_ids), logprobs=logprobs(delta.logprobs))
+        self._text.append(chunk.text)
+        self._token_ids.extend(chunk.token_ids)
+        self._logprobs.extend(chunk.logprobs)
+        return chunk
+
+    def finish(self, summary: gateway_pb2.GenerationSummary, request_id: str, raw: Any) -> Completion:
+        self.request_id = request_id or self.request_id
+        return Completion(
+            text="".join(self._text),
+            finish_reason=finish_reason_name(summary.finish_reason),
+            usage=usage(summary.usage),
+            timings=timings(summary.timings),
+            request_id=self.request_id or "",
+            token_ids=tuple(self._token_ids),
+            logprobs=tuple(self._logprobs),
+            matched_stop=matched_stop(summary),
+            turn=self.turn,
+            raw=raw,
+        )
+
+
+def model_info(m: gateway_pb2.ModelSummary) -> ModelInfo:
+    return ModelInfo(name=m.name, architecture=m.architecture, context_length=m.context_length,
+                     has_chat_template=m.has_chat_template, execution_provider=m.execution_provider, raw=m)
+
+
+def encoding(e: common_pb2.Encoding) -> Encoding:
+    return Encoding(token_ids=tuple(e.token_ids), offsets=tuple((o.start, o.end) for o in e.offsets),
+                    truncated=e.truncated)
+
+
+def text_list(texts: str | Iterable[str]) -> list[str]:
+    """A lone string means one text, not a sequence of characters."""
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def generation_request(cls: type[Any], prompt: str, *, model: str, sampling: Mapping[str, Any],
+                       add_special_tokens: bool | None, truncate_prompt: bool, keep_special_tokens: bool,
+                       return_token_ids: bool) -> Any:
+    """A GenerateRequest or GenerateStreamRequest (they share their fields)."""
+    request = cls(model=model, prompt=prompt, sampling=sampling_params(sampling), truncate_prompt=truncate_prompt,
+                  keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids)
+    if add_special_tokens is not None:
+        request.add_special_tokens = add_special_tokens
+    return request

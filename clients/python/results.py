@@ -1,0 +1,141 @@
+"""What the SDK returns: small frozen dataclasses instead of raw protos.
+
+Where a result comes from one proto message, that message is kept on `.raw`
+(excluded from equality and repr) for fields the dataclass does not surface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, TypedDict
+
+from google.protobuf.message import Message
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token accounting; `cached_tokens` counts prompt tokens whose KV cache a
+    chat turn reused instead of recomputing."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Latencies in seconds as the gateway saw them."""
+
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    mean_inter_token_latency_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    """The chosen token of one generated position and, when `top_logprobs` was
+    asked for, the most likely alternatives (most likely first)."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """One streamed piece of text (whole characters only). `token_ids` and
+    `logprobs` are filled when requested and may run ahead of the text."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[PositionLogprobs, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation or chat reply.
+
+    `finish_reason` is lowercase: "length", "stop", "cancelled", "time_limit"
+    or "context_full". `matched_stop` is the stop string (str) or the stop /
+    end-of-sequence token id (int) that ended the text, else None. `turn` is
+    the reply's index in a chat session (0 for the first and for generate).
+    """
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    request_id: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[PositionLogprobs, ...] = ()
+    matched_stop: str | int | None = None
+    turn: int = 0
+    raw: Message | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (without `.raw`)."""
+        out = asdict(replace(self, raw=None))
+        del out["raw"]
+        return out
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One conversation message; the model's chat template decides which roles
+    it accepts (usually "system", "user", "assistant")."""
+
+    role: str
+    content: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    context_length: int
+    has_chat_template: bool
+    execution_provider: str
+    raw: Message | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Token ids of one text; `offsets` holds (start, end) code-point spans
+    when they were requested (special tokens have empty spans)."""
+
+    token_ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...] = ()
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    counts: tuple[int, ...]
+    total: int
+    request_id: str | None = None
+
+
+class SamplingOptions(TypedDict, total=False):
+    """Keyword arguments accepted wherever sampling can be set (see
+    `llmsuite.common.v1.SamplingParams` for ranges and defaults; unset fields
+    use the server's defaults)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int
+    stop: str | list[str]
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    logprobs: bool
+    top_logprobs: int
