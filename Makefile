@@ -57,7 +57,10 @@ run: setup model ## start tokenizer, inference and gateway locally; Ctrl-C stops
 bench: setup ## engine and service benchmarks (ratios against a reference in the same run)
 	$(BIN)/python bench/run.py
 
-stubs: setup ## client stubs for Go and TypeScript via buf generate (see docs/clients.md)
+clients/node/node_modules/.package-lock.json: clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund
+
+stubs: setup clients/node/node_modules/.package-lock.json ## client stubs for Go and TypeScript via buf generate (see docs/clients.md)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/buf generate
 
 breaking: setup ## buf breaking against main
