@@ -30,6 +30,7 @@ from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.auth import current_principal
 from llmsuite.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, LlmsuiteError, Unavailable
 from llmsuite.runtime.logs import current_request_id, new_request_id
+from llmsuite.runtime.server import deferred_servicer
 from llmsuite.runtime.status import error_details
 from llmsuite.tokenizer.v1 import tokenizer_pb2
 
@@ -396,7 +397,14 @@ class GatewayApp:
         self._servicer: GatewayServicer | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(_Deferred(self), server)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(deferred_servicer(
+            gateway_pb2_grpc.GatewayServiceServicer, pb.DESCRIPTOR.services_by_name["GatewayService"],
+            self._ready), server)
+
+    def _ready(self) -> GatewayServicer:
+        if self._servicer is None:
+            raise Unavailable("the gateway is still connecting to its upstreams", reason="LOADING", retry_after_s=1.0)
+        return self._servicer
 
     async def start(self) -> None:
         self.upstreams = self._factory()
@@ -413,34 +421,3 @@ class GatewayApp:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.upstreams.close(), 5)
 
-
-class _Deferred(gateway_pb2_grpc.GatewayServiceServicer):
-    """Registered before upstreams are connected; forwards once started."""
-
-    def __init__(self, app: GatewayApp) -> None:
-        self._app = app
-
-    def _ready(self) -> GatewayServicer:
-        if self._app._servicer is None:
-            raise Unavailable("the gateway is still connecting to its upstreams", reason="LOADING", retry_after_s=1.0)
-        return self._app._servicer
-
-    async def Generate(self, request, context):  # type: ignore[no-untyped-def]
-        return await self._ready().Generate(request, context)
-
-    async def GenerateStream(self, request, context):  # type: ignore[no-untyped-def]
-        async for item in self._ready().GenerateStream(request, context):
-            yield item
-
-    async def Chat(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        async for item in self._ready().Chat(request_iterator, context):
-            yield item
-
-    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
-        return await self._ready().ListModels(request, context)
-
-    async def Tokenize(self, request, context):  # type: ignore[no-untyped-def]
-        return await self._ready().Tokenize(request, context)
-
-    async def CountTokens(self, request, context):  # type: ignore[no-untyped-def]
-        return await self._ready().CountTokens(request, context)

@@ -161,9 +161,7 @@ class Upstreams:
                                   reason="UPSTREAM_PROTOCOL_ERROR")
             replica.breaker.record_success()
             return OpenedStream(replica, call, first)
-        if isinstance(last_error, grpc.aio.AioRpcError):
-            raise last_error
-        if isinstance(last_error, Unavailable):
+        if last_error is not None:
             raise last_error
         raise Unavailable("no inference replica is available", reason="NO_UPSTREAM", retry_after_s=1.0)
 

@@ -32,6 +32,7 @@ from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from llmsuite.runtime.logs import new_request_id, set_request_id
+from llmsuite.runtime.server import deferred_servicer
 
 log = logging.getLogger("llmsuite.inference")
 
@@ -49,10 +50,9 @@ class _ClientEvents:
 
 
 class _TurnRequest:
-    def __init__(self, token_ids: Sequence[int], sampling_msg: object | None, field: str) -> None:
+    def __init__(self, token_ids: Sequence[int], sampling_msg: object | None) -> None:
         self.token_ids = list(token_ids)
         self.sampling_msg = sampling_msg
-        self.field = field
 
 
 _END = object()  # the client half-closed
@@ -134,7 +134,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 assert isinstance(nxt, _TurnRequest)
                 turn_index += 1
                 ids = nxt.token_ids
-                params = (sampling_from_proto(nxt.sampling_msg, field=nxt.field)  # type: ignore[arg-type]
+                params = (sampling_from_proto(nxt.sampling_msg, field="turn.sampling")  # type: ignore[arg-type]
                           if nxt.sampling_msg is not None else start_params)
                 if not ids:
                     raise InvalidArgument.for_field("turn.token_ids", "a turn needs at least one token id",
@@ -171,7 +171,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         return
                     inbox.put_nowait(_TurnRequest(message.turn.token_ids,
                                                   message.turn.sampling if message.turn.HasField("sampling")
-                                                  else None, "turn.sampling"))
+                                                  else None))
                     continue
                 events.protocol_error = InvalidArgument.for_field(
                     "start", "`start` may only be sent once", reason="STREAM_ALREADY_STARTED")
@@ -202,14 +202,22 @@ class InferenceApp:
         self._models = models
         self._settings = settings
         self.engine: InferenceEngine | None = None
-        self._servicer = _LateBoundServicer()
+        self._servicer: InferenceServicer | None = None
+
+    def _ready(self) -> InferenceServicer:
+        if self._servicer is None:
+            raise Unavailable("models are still loading; watch grpc.health.v1 for SERVING", reason="LOADING",
+                              retry_after_s=1.0)
+        return self._servicer
 
     def register(self, server: grpc.aio.Server) -> None:
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self._servicer, server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(deferred_servicer(
+            inference_pb2_grpc.InferenceServiceServicer, pb.DESCRIPTOR.services_by_name["InferenceService"],
+            self._ready), server)
 
     async def start(self) -> None:
         self.engine = await asyncio.to_thread(InferenceEngine.load, self._models, self._settings)
-        self._servicer.bind(InferenceServicer(self.engine))
+        self._servicer = InferenceServicer(self.engine)
         for info in self.engine.list_models():
             log.info("model ready", extra={"model": info.name, "architecture": info.architecture,
                                            "execution_provider": info.execution_provider, "device": info.device,
@@ -227,29 +235,3 @@ class InferenceApp:
         if self.engine is not None:
             await self.engine.close()
 
-
-class _LateBoundServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """Registered before the engine exists (the port must be bound, and health
-    answering NOT_SERVING, while models load); forwards once bound."""
-
-    def __init__(self) -> None:
-        self._inner: InferenceServicer | None = None
-
-    def bind(self, inner: InferenceServicer) -> None:
-        self._inner = inner
-
-    def _ready(self) -> InferenceServicer:
-        if self._inner is None:
-            raise Unavailable("models are still loading; watch grpc.health.v1 for SERVING", reason="LOADING",
-                              retry_after_s=1.0)
-        return self._inner
-
-    async def Generate(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        async for response in self._ready().Generate(request_iterator, context):
-            yield response
-
-    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
-        return await self._ready().ListModels(request, context)
-
-    async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
-        return await self._ready().GetModelInfo(request, context)

@@ -89,6 +89,25 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, handler_call_details.method, around)
 
 
+def deferred_servicer(base: type, service: Any, resolve: Callable[[], Any]) -> Any:
+    """A servicer (subclass of the generated `base`) registered before the app
+    has started: every method of `service` (a ServiceDescriptor) forwards to
+    `resolve()`, which raises Unavailable until the real servicer exists. Lets
+    the port bind, and health answer NOT_SERVING, while models load."""
+    methods: dict[str, Any] = {}
+    for method in service.methods:
+        if method.server_streaming:
+            async def streaming(self: Any, request: Any, context: Any, _name: str = method.name) -> Any:
+                async for item in getattr(resolve(), _name)(request, context):
+                    yield item
+            methods[method.name] = streaming
+        else:
+            async def unary(self: Any, request: Any, context: Any, _name: str = method.name) -> Any:
+                return await getattr(resolve(), _name)(request, context)
+            methods[method.name] = unary
+    return type(f"Deferred{base.__name__}", (base,), methods)()
+
+
 @dataclass
 class RunningServer:
     """A started server. `port` is the bound port (useful with port 0)."""
