@@ -13,11 +13,11 @@ import grpc
 import pytest
 from support import BIN, REPO, ServiceProcess, processes
 
+from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
-from llmsuite.runtime.status import error_details
 from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 GREEDY = common_pb2.SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)

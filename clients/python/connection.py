@@ -3,6 +3,8 @@ asyncio channel, so the two clients cannot drift apart."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,6 @@ from typing import Any
 import grpc
 
 from llmsuite.client.errors import REQUEST_ID_HEADER
-from llmsuite.runtime.channels import auth_metadata, service_config
 
 GATEWAY_SERVICE = "llmsuite.gateway.v1.GatewayService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -99,3 +100,28 @@ class ConnectionSettings:
         if self.uses_tls:
             return grpc.aio.secure_channel(self.address, self.credentials(), **kwargs)
         return grpc.aio.insecure_channel(self.address, **kwargs)
+
+
+def service_config(services: Sequence[str], attempts: int) -> str:
+    """Round-robin over every resolved address; retry UNAVAILABLE with backoff.
+
+    gRPC only retries a call that has not yet received response headers or
+    messages, so a stream that has started producing tokens is never replayed.
+    """
+    config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if attempts > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": s} for s in services],
+            "retryPolicy": {
+                "maxAttempts": attempts,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    return json.dumps(config)
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()

@@ -2,7 +2,7 @@
 
 `rpc_errors()` is the one place where a `grpc.RpcError` becomes one of these;
 the rich status (ErrorInfo reason, BadRequest field violations, RetryInfo) is
-decoded with `llmsuite.runtime.status.error_details`, so callers switch on
+decoded by `error_details`, so callers switch on
 `reason` and `field_violations` instead of parsing messages.
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
-
-from llmsuite.runtime.status import error_details
+from google.rpc import error_details_pb2, status_pb2
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -180,3 +180,29 @@ def rpc_errors() -> Iterator[None]:
         yield
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from None
+
+
+def error_details(error: grpc.RpcError) -> dict[str, Any]:
+    """Decodes a failed call's rich status into plain values
+    (`reason`, `metadata`, `field_violations`, `retry_after_s`)."""
+    out: dict[str, Any] = {"code": error.code(), "message": error.details()}
+    trailing = error.trailing_metadata() or ()
+    raw = next((v for k, v in trailing if k == "grpc-status-details-bin"), None)
+    if raw is None:
+        return out
+    status = status_pb2.Status.FromString(raw)
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out["reason"] = info.reason
+            out["metadata"] = dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out["field_violations"] = [(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out["retry_after_s"] = retry.retry_delay.ToMilliseconds() / 1000
+    return out

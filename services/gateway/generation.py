@@ -21,9 +21,9 @@ from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.stop_strings import StopStringMatcher
 from llmsuite.gateway.upstreams import DecodeStreamClient
 from llmsuite.gateway.v1 import gateway_pb2
-from llmsuite.inference.convert import duration
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.errors import Unavailable
+from llmsuite.runtime.messages import duration
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.generation import Delta, TurnOutcome, relay_turn
 from llmsuite.gateway.rate_limit import KeyedRateLimiter
@@ -25,13 +26,12 @@ from llmsuite.gateway.stop_strings import validate_stop_strings
 from llmsuite.gateway.upstreams import OpenedStream, Upstreams
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
-from llmsuite.inference.convert import DEFAULT_MAX_NEW_TOKENS
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.auth import current_principal
 from llmsuite.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, LlmsuiteError, Unavailable
 from llmsuite.runtime.logs import current_request_id, new_request_id
+from llmsuite.runtime.messages import DEFAULT_MAX_NEW_TOKENS
 from llmsuite.runtime.server import deferred_servicer
-from llmsuite.runtime.status import error_details
 from llmsuite.tokenizer.v1 import tokenizer_pb2
 
 log = logging.getLogger("llmsuite.gateway")

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from llmsuite.client.connection import auth_metadata
 from llmsuite.gateway.circuit_breaker import CircuitBreaker
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
-from llmsuite.runtime.channels import ChannelSettings, auth_metadata, create_channel
+from llmsuite.runtime.channels import ChannelSettings, create_channel
 from llmsuite.runtime.errors import FailedPrecondition, NotFound, Unavailable
 from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 

@@ -1,20 +1,17 @@
 """Protobuf <-> engine types for the inference service, in one place.
 
-The gateway converts the same common.v1 messages, so the sampling and
-timing conversions live here and are imported there too.
+What the gateway needs of the same common.v1 messages lives in
+`llmsuite.runtime.messages`, so the gateway never imports this package.
 """
 
 from __future__ import annotations
-
-from google.protobuf import duration_pb2
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.inference.engine import FinishReason, GeneratedToken, ModelInfo, SamplingParams, TurnResult
 from llmsuite.inference.engine.types import EngineStats
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.errors import InvalidArgument
-
-DEFAULT_MAX_NEW_TOKENS = 16
+from llmsuite.runtime.messages import DEFAULT_MAX_NEW_TOKENS, duration
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams, *, field: str = "sampling",
@@ -39,12 +36,6 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, *, field: str = "samplin
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
     )
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(max(0.0, seconds) * 1e9))
-    return d
 
 
 def finish_reason_to_proto(reason: FinishReason) -> common_pb2.FinishReason.ValueType:

@@ -2,18 +2,19 @@
 
 gzip by default, keepalive pings so dead peers are noticed, generous message
 sizes, a service config with `round_robin` across resolved addresses and a
-retry policy for UNAVAILABLE, and W3C trace-context injection.
+retry policy for UNAVAILABLE (the SDK's own, from `llmsuite.client.connection`),
+and W3C trace-context injection.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from llmsuite.client.connection import service_config
 from llmsuite.runtime.tracing import client_interceptors
 
 
@@ -28,27 +29,6 @@ class ChannelSettings:
     tls_cert_file: Path | None = None  # client certificate for mTLS
     tls_key_file: Path | None = None
     api_key: str | None = None
-
-
-def service_config(services: Sequence[str], attempts: int) -> str:
-    """Round-robin over every resolved address; retry UNAVAILABLE with backoff.
-
-    gRPC only retries a call that has not yet received response headers or
-    messages, so a stream that has started producing tokens is never replayed.
-    """
-    config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
-    if attempts > 1:
-        config["methodConfig"] = [{
-            "name": [{"service": s} for s in services],
-            "retryPolicy": {
-                "maxAttempts": attempts,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }]
-    return json.dumps(config)
 
 
 def create_channel(
@@ -80,7 +60,3 @@ def create_channel(
                                        interceptors=interceptors or None)
     return grpc.aio.insecure_channel(target, options=options, compression=compression,
                                      interceptors=interceptors or None)
-
-
-def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()

@@ -146,29 +146,3 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return unary
 
         return wrap_handler(handler, method, around)
-
-
-def error_details(error: grpc.RpcError) -> dict[str, Any]:
-    """Client side: decode a failed call's rich status into plain values
-    (`reason`, `metadata`, `field_violations`, `retry_after_s`)."""
-    out: dict[str, Any] = {"code": error.code(), "message": error.details()}
-    trailing = error.trailing_metadata() or ()
-    raw = next((v for k, v in trailing if k == "grpc-status-details-bin"), None)
-    if raw is None:
-        return out
-    status = status_pb2.Status.FromString(raw)
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            out["reason"] = info.reason
-            out["metadata"] = dict(info.metadata)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out["field_violations"] = [(v.field, v.description) for v in bad.field_violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            out["retry_after_s"] = retry.retry_delay.ToMilliseconds() / 1000
-    return out

@@ -2,7 +2,7 @@
 
 The fingerprint (`content_hash`) is what the gateway compares between the tokenizer
 service and the inference service, so it follows the one definition in
-`llmsuite.builder.hashing`. Files are read once and the caller parses the same bytes
+`llmsuite.runtime.tokenizer_hash`. Files are read once and the caller parses the same bytes
 that were hashed, so a file replaced mid-load can never yield a hash that describes
 other contents.
 """
@@ -15,8 +15,8 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-from llmsuite.builder.hashing import TOKENIZER_FILES, tokenizer_content_hash
 from llmsuite.runtime.errors import FailedPrecondition
+from llmsuite.runtime.tokenizer_hash import TOKENIZER_FILES, tokenizer_content_hash
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -41,7 +41,7 @@ class TokenizerFiles:
 
 
 def _fingerprint(contents: dict[str, bytes]) -> str:
-    # Same framing as llmsuite.builder.hashing.tokenizer_content_hash, over bytes
+    # Same framing as llmsuite.runtime.tokenizer_hash.tokenizer_content_hash, over bytes
     # already in memory; a test holds the two equal.
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llmsuite.builder.hashing import tokenizer_content_hash
 from llmsuite.inference.engine import FinishReason, SamplingParams
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.inference.engine.sampling import apply_repetition_penalty, log_softmax
 from llmsuite.runtime.errors import NotFound
+from llmsuite.runtime.tokenizer_hash import tokenizer_content_hash
 
 PROMPT = [1, 4, 310, 77, 512, 9, 5]
 

@@ -11,12 +11,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import ServerThread
 
+from llmsuite.client.errors import error_details
 from llmsuite.inference.engine import EngineSettings
 from llmsuite.inference.service import InferenceApp
 from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc
 from llmsuite.runtime.server import start_server
-from llmsuite.runtime.status import error_details
 
 
 class _GatedInference(InferenceApp):

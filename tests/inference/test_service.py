@@ -17,12 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import BIN, ServerThread, ServiceProcess
 
+from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
 from llmsuite.inference.engine import EngineSettings
 from llmsuite.inference.service import SERVICE_NAME, InferenceApp
 from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc
-from llmsuite.runtime.status import error_details
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPT = [1, 40, 41, 42, 43, 44]

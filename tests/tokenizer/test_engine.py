@@ -16,8 +16,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from llmsuite.builder import tokenizer as builder
-from llmsuite.builder.hashing import tokenizer_content_hash
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmsuite.runtime.tokenizer_hash import tokenizer_content_hash
 from llmsuite.tokenizer.chat_template import ChatMessage
 from llmsuite.tokenizer.engine import LoadedTokenizer, TokenizerLimits, TokenizerRegistry
 from llmsuite.tokenizer.files import content_hash

@@ -21,10 +21,10 @@ from support import BIN, ServerThread, ServiceProcess
 from tokenizers import Tokenizer
 from wire import unary_call
 
+from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
 from llmsuite.runtime.server import start_server
 from llmsuite.runtime.settings import ServerSettings, TelemetrySettings
-from llmsuite.runtime.status import error_details
 from llmsuite.runtime.tracing import build_tracer_provider
 from llmsuite.tokenizer.engine import TokenizerLimits
 from llmsuite.tokenizer.service import SERVICE_NAME, TokenizerApp

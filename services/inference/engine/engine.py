@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from llmsuite.builder.hashing import tokenizer_content_hash
 from llmsuite.inference.engine.errors import ModelLoadError
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.inference.engine.scheduler import PrefillEstimate, Scheduler, SessionState, TurnFailed
@@ -28,6 +27,7 @@ from llmsuite.inference.engine.types import (
     TurnResult,
 )
 from llmsuite.runtime.errors import NotFound
+from llmsuite.runtime.tokenizer_hash import tokenizer_content_hash
 
 logger = logging.getLogger(__name__)
 
