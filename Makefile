@@ -22,12 +22,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-$(EXTRA): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRA),dev]'
+# Every distribution in the tree, editable (src layouts: a plain path entry per
+# folder, so tools and IDEs see the same tree Python imports), in one resolve so
+# the llmsuite-* requirements are satisfied by these folders, never by an index.
+DISTRIBUTIONS := clients/python services/runtime services/tokenizer services/inference \
+                 services/gateway services/builder services/suite
+PYPROJECTS    := $(addsuffix /pyproject.toml,$(DISTRIBUTIONS))
+
+$(VENV)/.installed-$(EXTRA): $(PYPROJECTS) requirements-dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(foreach d,$(DISTRIBUTIONS),-e $(d)) \
+		-e 'services/inference[$(EXTRA)]' -r requirements-dev.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-setup: $(VENV)/.installed-$(EXTRA) ## create .venv and install llmsuite with the cpu or gpu extra + dev tools
+setup: $(VENV)/.installed-$(EXTRA) ## create .venv and install every distribution (inference with the cpu or gpu extra) + dev tools
 
 proto: setup ## regenerate Python stubs (+ .pyi) from protos/
 	$(BIN)/python protos/generate.py

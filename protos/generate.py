@@ -1,6 +1,6 @@
-"""Generate the Python stubs (+ .pyi type stubs) from protos/ into services/.
+"""Generate the Python stubs (+ .pyi type stubs) from protos/ into the client distribution.
 
-`python protos/generate.py` rewrites services/<pkg>/v1/*_pb2*.py(i);
+`python protos/generate.py` rewrites clients/python/src/llmsuite/<pkg>/v1/*_pb2*.py(i);
 `python protos/generate.py --check` exits 1 if any committed stub differs
 from what the protos produce (tests and CI run this, so a stale stub cannot
 be imported). Compiled with `-I protos`, so generated imports are absolute
@@ -19,8 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "protos"
-# The import package `llmsuite` is the services/ directory (see pyproject.toml).
-PACKAGE_ROOT = REPO / "services"
+# The stubs ship in llmsuite-client (clients/python); its src/ is an import root.
+PACKAGE_ROOT = REPO / "clients" / "python" / "src" / "llmsuite"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 

@@ -31,7 +31,7 @@ def tool(name: str) -> str:
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
     if found is None:
-        pytest.skip(f"{name} is not installed (pip install -e '.[dev]' provides it)")
+        pytest.skip(f"{name} is not installed (make setup installs it from requirements-dev.txt)")
     return found
 
 
@@ -199,7 +199,7 @@ def test_dockerfile_targets() -> None:
             chain.append(by_name[chain[-1]][0])
         return chain
 
-    for target, extra in (("cpu", ".[cpu]"), ("gpu", ".[gpu]")):
+    for target, extra in (("cpu", "suite[cpu]"), ("gpu", "suite[gpu]")):
         body = [i for stage in lineage(target) if stage in by_name for i in by_name[stage][1]]
         users = [i.split()[1] for i in body if i.upper().startswith("USER")]
         assert users and users[-1].split(":")[0] not in {"root", "0"}, f"{target} must run as non-root"
@@ -208,8 +208,8 @@ def test_dockerfile_targets() -> None:
         assert len(venv_from) == 1, f"{target} must copy exactly one virtualenv"
         installs = [i for stage in lineage(venv_from[0]) if stage in by_name
                     for i in by_name[stage][1] if "pip install" in i]
-        other = ".[gpu]" if extra == ".[cpu]" else ".[cpu]"
-        assert any(f'"{extra}"' in i for i in installs), f"{target} must install {extra}"
+        other = "suite[gpu]" if extra == "suite[cpu]" else "suite[cpu]"
+        assert any(extra in i for i in installs), f"{target} must install {extra}"
         assert not any(other in i for i in installs), f"{target} must not install {other}"
     for _, _, body in stages:
         for i in body:

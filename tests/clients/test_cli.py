@@ -167,7 +167,7 @@ def _console(*argv: str, env: dict[str, str] | None = None, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason=f"{CONSOLE_SCRIPT} not installed (pip install -e .)")
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason=f"{CONSOLE_SCRIPT} not installed (make setup)")
 def test_console_script_generate_health_and_ctrl_c(gateway):
     env = {"LLMSUITE_API_KEY": gateway.api_key}
     proc = _console("generate", "--stream", "over the wire", "--address", gateway.address, env=env)

@@ -80,7 +80,7 @@ def test_buf_generate_makes_go_and_typescript_stubs(tmp_path: Path):
         if not PROTOC_GEN_ES.exists():
             needs.append("protoc-gen-es (cd clients/node && npm ci)")
         if not BUF.exists():
-            needs.append("buf (pip install -e '.[dev]')")
+            needs.append("buf (make setup installs it)")
         pytest.skip("buf generate needs " + "; ".join(needs))
     done = subprocess.run([str(BUF), "generate", "--template", "buf.gen.yaml", "-o", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
