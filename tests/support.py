@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -81,13 +81,23 @@ class ServerThread:
             self.loop.close()
 
 
+class ProcessDied(RuntimeError):
+    """The process a test was waiting on exited first: waiting longer cannot help."""
+
+
 def wait_for_serving(address: str, service: str = "", timeout: float = 60.0,
-                     credentials: grpc.ChannelCredentials | None = None) -> None:
+                     credentials: grpc.ChannelCredentials | None = None,
+                     alive: Callable[[], bool] | None = None) -> None:
+    """Polls health Check until SERVING. `alive` (e.g. "the server process is
+    still running") is asked before every poll: once it says no, this raises
+    ProcessDied at once instead of waiting out `timeout`."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     with (grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise ProcessDied(f"{address} exited while waiting for SERVING")
             try:
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -134,7 +144,11 @@ class ServiceProcess:
             raise RuntimeError(f"{self.argv[0]} did not report a port:\n{self.log()}")
         if self.wait:
             try:
-                wait_for_serving(self.address, timeout=self.health_timeout)
+                wait_for_serving(self.address, timeout=self.health_timeout, alive=self.alive)
+            except ProcessDied:
+                self.kill()
+                raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode} before SERVING:\n"
+                                   f"{self.log()}") from None
             except TimeoutError:
                 self.kill()
                 raise RuntimeError(f"{self.argv[0]} never became SERVING:\n{self.log()}") from None
@@ -143,6 +157,9 @@ class ServiceProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stdout_text(self) -> str:
         self._stdout.seek(0)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import grpc
+import pytest
 from compose_local import compose_services_as_local_processes
 from support import REPO, ServiceProcess, processes
 
@@ -49,29 +54,140 @@ def test_compose_services_run_as_local_processes_and_stream(tiny_model_dir):
         assert completion == 8
 
 
+class Launcher:
+    """`python -m llmsuite.cluster` with its output drained by a thread for its
+    whole life: the three children write their logs to the same pipe, and a
+    pipe nobody reads would block them (and their graceful exit) once full."""
+
+    def __init__(self, model_dir, ports: list[int]) -> None:
+        gw, tok, inf = ports
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmsuite.cluster", "--model", f"tiny={model_dir}", "--device", "cpu",
+             "--gateway-port", str(gw), "--tokenizer-port", str(tok), "--inference-port", str(inf)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def output(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for_line(self, text: str, timeout: float = 180) -> str:
+        """The output up to the first line containing `text`; fails as soon as the
+        launcher's output ends (it exited) without one."""
+        with self._changed:
+            found = self._changed.wait_for(lambda: self._eof or any(text in line for line in self.lines), timeout)
+            out = "".join(self.lines)
+        assert found and text in out, out
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        self._reader.join(30)
+
+
 def test_make_run_launcher_serves_and_stops_gracefully_on_ctrl_c(tiny_model_dir):
+    ports = free_ports(3)
+    gw = ports[0]
+    launcher = Launcher(tiny_model_dir, ports)
+    try:
+        out = launcher.wait_for_line("Ctrl-C stops all three")
+        assert "llmsuite is up" in out, out
+        assert 'llmsuite generate --stream "Hello"' in out
+        _, completion = streamed_text(f"127.0.0.1:{gw}")
+        assert completion == 8
+        os.killpg(launcher.proc.pid, signal.SIGINT)
+        assert launcher.proc.wait(60) == 0, launcher.output()
+        with socket.socket() as s:  # every child is gone: the gateway port is free again
+            s.bind(("127.0.0.1", gw))
+    finally:
+        launcher.kill()
+
+
+def wait_until_exited(pids: list[int], timeout: float = 60) -> list[int]:
+    """Waits on pidfds (readable once a process has exited) for processes that
+    are not our children; returns those still running after `timeout`."""
+    fds = {}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds[os.pidfd_open(pid)] = pid
+    try:
+        pending = set(fds)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(pending), [], [], deadline - time.monotonic())
+            pending -= set(ready)
+        return [fds[fd] for fd in pending]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def launcher_children(pid: int) -> list[int]:
+    """Pids of a process's children (Linux /proc)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children follow a killed launcher on Linux only")
+def test_launcher_children_exit_when_the_launcher_is_killed(tiny_model_dir):
+    ports = free_ports(3)
+    gw = ports[0]
+    launcher = Launcher(tiny_model_dir, ports)
+    children: list[int] = []
+    try:
+        launcher.wait_for_line("Ctrl-C stops all three")
+        children = launcher_children(launcher.proc.pid)
+        assert len(children) == 3
+        os.kill(launcher.proc.pid, signal.SIGKILL)  # the launcher alone: its children have sessions of their own
+        launcher.proc.wait(30)
+        assert wait_until_exited(children) == [], launcher.output()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", gw))
+    finally:
+        launcher.kill()
+        kill_all(children)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe hang-up detection uses Linux poll semantics")
+def test_launcher_stops_its_children_when_its_output_pipe_closes(tiny_model_dir):
     gw, tok, inf = free_ports(3)
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmsuite.cluster", "--model", f"tiny={tiny_model_dir}", "--device", "cpu",
          "--gateway-port", str(gw), "--tokenizer-port", str(tok), "--inference-port", str(inf)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    children: list[int] = []
     try:
-        banner = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            banner.append(line)
-            if "Ctrl-C stops all three" in line or not line:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the children log here too: keep reading until the banner
+            if "Ctrl-C stops all three" in line:
                 break
-        out = "".join(banner)
-        assert "llmsuite is up" in out, out
-        assert 'llmsuite generate --stream "Hello"' in out
-        _, completion = streamed_text(f"127.0.0.1:{gw}")
-        assert completion == 8
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 0
-        with socket.socket() as s:  # every child is gone: the gateway port is free again
-            s.bind(("127.0.0.1", gw))
+        children = launcher_children(proc.pid)
+        assert len(children) == 3
+        proc.stdout.close()  # e.g. `make run | tee log` and tee went away
+        assert proc.wait(60) != 0
+        assert wait_until_exited(children) == []
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        kill_all(children)
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -132,6 +132,9 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.chat_requests: list[pb.ChatRequest] = []
         self.cancelled = threading.Event()  # set when a streaming RPC saw the client cancel
         self.token_delay_s = 0.0
+        # After its first token a GenerateStream waits for the client to cancel: "still
+        # generating" is then a fact a test can rely on, not a race against a delay.
+        self.hold_after_first_token = False
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self, server)
@@ -150,6 +153,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.chat_requests.clear()
         self.cancelled.clear()
         self.token_delay_s = 0.0
+        self.hold_after_first_token = False
 
     def last(self, method: str) -> RecordedCall:
         return next(c for c in reversed(self.calls) if c.method == method)
@@ -195,6 +199,8 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
                     delta.logprobs.extend(_logprobs(step.token_id, request.sampling))
                 yield pb.GenerateStreamResponse(request_id=rid, sequence_number=seq, delta=delta)
                 seq += 1
+                if self.hold_after_first_token:
+                    await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
             self.cancelled.set()
             raise

@@ -176,11 +176,11 @@ def test_console_script_generate_health_and_ctrl_c(gateway):
     proc = _console("health", "--address", gateway.address)
     assert proc.communicate(timeout=30)[0] == "SERVING\n" and proc.returncode == 0
 
-    gateway.app.token_delay_s = 0.2
+    gateway.app.hold_after_first_token = True  # the stream stays open until the client cancels it
     proc = _console("generate", "--stream", "w " * 100, "--max-new-tokens", "100", "--address", gateway.address,
                     env=env)
     assert proc.stdout is not None
-    assert proc.stdout.read(1) == "w"  # streaming has started
+    assert proc.stdout.read(1) == "w"  # streaming has started, and cannot finish on its own
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err

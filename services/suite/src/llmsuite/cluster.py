@@ -2,23 +2,95 @@
 
 Starts tokenizer, inference and gateway as child processes on localhost,
 waits until each reports SERVING on gRPC health, prints how to call it, and
-on Ctrl-C (or SIGTERM) stops them gracefully in reverse order.
+on Ctrl-C (or SIGTERM, SIGHUP) stops them gracefully in reverse order. It
+also stops them when one of them exits or when its own output pipe is closed
+(`make run | tee log` after tee went away). Should the launcher die without
+a chance to clean up (SIGKILL), each child gets SIGTERM from the kernel
+(Linux's parent-death signal), so none outlives it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import select
 import signal
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 BIN = Path(sys.executable).parent
+
+# Runs in the child before it becomes the service: ask the kernel for SIGTERM
+# when the launcher dies (prctl PR_SET_PDEATHSIG = 1, kept across exec), give
+# up if it died already, then exec the service in place. A separate `-c`
+# program rather than Popen's preexec_fn, which is unsafe once grpc has
+# started threads in this process.
+_TIED_TO_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) != 0:\n"
+    "    sys.exit('cannot set the parent-death signal')\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _child_argv(argv: Sequence[str]) -> list[str]:
+    if sys.platform.startswith("linux"):
+        return [sys.executable, "-I", "-c", _TIED_TO_PARENT, str(os.getpid()), *argv]
+    return list(argv)  # elsewhere only a launcher that can clean up stops its children
+
+
+def _say(message: str) -> None:
+    """Best-effort status line: the terminal or pipe may already be gone."""
+    with contextlib.suppress(OSError, ValueError):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _output_pipes() -> list[int]:
+    fds = []
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            fd = stream.fileno()
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                fds.append(fd)
+    return fds
+
+
+def _wait_for_trouble(procs: Sequence[subprocess.Popen[bytes]]) -> str:
+    """Blocks until a child exits or an output pipe loses its reader; says which."""
+    pipes = _output_pipes()
+    pidfds: dict[int, subprocess.Popen[bytes]] = {}
+    try:
+        if hasattr(os, "pidfd_open"):
+            for proc in procs:
+                with contextlib.suppress(OSError):
+                    pidfds[os.pidfd_open(proc.pid)] = proc
+        poller = select.poll()
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        for fd in pipes:
+            poller.register(fd, 0)  # POLLERR (reader gone) is always reported
+        # Without pidfds (not Linux), look at the children every half second.
+        timeout_ms = None if len(pidfds) == len(procs) else 500
+        while True:
+            events = poller.poll(timeout_ms)
+            if any(fd in pipes and mask & (select.POLLERR | select.POLLHUP) for fd, mask in events):
+                return "the output pipe was closed"
+            dead = [proc for proc in procs if proc.poll() is not None]
+            if dead:
+                return "a service exited"
+    finally:
+        for fd in pidfds:
+            os.close(fd)
 
 
 def _wait_serving(name: str, address: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -69,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if stopping:
             return
         stopping = True
-        print("\nstopping (graceful drain)...", file=sys.stderr)
+        _say("\nstopping (graceful drain)...")
         for _name, proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -79,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: (stop(), sys.exit(0)))
     try:
         for service, address, argv_ in specs:
             # Children ignore the terminal's Ctrl-C; this process relays a SIGTERM so they drain.
-            proc = subprocess.Popen([str(BIN / argv_[0]), *argv_[1:]], env=env, start_new_session=True)
+            proc = subprocess.Popen(_child_argv([str(BIN / argv_[0]), *argv_[1:]]), env=env,
+                                    start_new_session=True)
             procs.append((service, proc))
             _wait_serving(service, address, proc, args.startup_timeout)
-            print(f"  {service:<9} SERVING on {address}", file=sys.stderr)
+            print(f"  {service:<9} SERVING on {address}", file=sys.stderr, flush=True)
         print(f"""
 llmsuite is up: gateway {gw_addr} (tokenizer {tok_addr}, inference {inf_addr}), model '{name}'.
 The default model has random weights: its text is not meaningful (see README).
@@ -99,13 +173,16 @@ Try, in another terminal (after `source .venv/bin/activate`):
   grpcurl -plaintext -d '{{"model": "{name}", "prompt": "Hello"}}' {gw_addr} llmsuite.gateway.v1.GatewayService/Generate
 
 Ctrl-C stops all three.""", flush=True)
-        while all(proc.poll() is None for _n, proc in procs):
-            time.sleep(0.5)
+        trouble = _wait_for_trouble([proc for _n, proc in procs])
         dead = [n for n, proc in procs if proc.poll() is not None]
-        print(f"{', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+        _say(f"{', '.join(dead)} exited; stopping the rest" if dead else f"{trouble}; stopping")
         return 1
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:  # our output went away while starting: nobody is watching
+        with contextlib.suppress(OSError):  # and Python's exit-time flush must not fail on it again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         stop()
 
