@@ -1,10 +1,11 @@
 """The one server bootstrap every service uses.
 
 `start_server` builds a grpc.aio server with health, reflection, compression,
-keepalive, message limits, interceptors (tracing, request id, errors, auth)
-and optional TLS/mTLS; registers the app's servicers; binds; runs the app's
-start-up (model loading, warm-up) and only then reports SERVING. `serve` adds
-signal handling and graceful drain for the command-line entry points.
+keepalive, message limits, interceptors (tracing, metrics, request id, errors,
+auth) and optional TLS/mTLS; registers the app's servicers; binds; starts the
+Prometheus /metrics listener; runs the app's start-up (model loading, warm-up)
+and only then reports SERVING. `serve` adds signal handling and graceful drain
+for the command-line entry points.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from llmsuite.runtime.auth import ApiKeyAuthInterceptor, parse_keys
 from llmsuite.runtime.logs import new_request_id, set_request_id
+from llmsuite.runtime.metrics import MetricsListener, RpcMetrics, all_collectors, new_registry, start_metrics_listener
 from llmsuite.runtime.settings import ServerSettings
 from llmsuite.runtime.status import ErrorMappingInterceptor, stream_items, wrap_handler
 from llmsuite.runtime.tracing import server_interceptor
@@ -110,14 +113,22 @@ def deferred_servicer(base: type, service: Any, resolve: Callable[[], Any]) -> A
 
 @dataclass
 class RunningServer:
-    """A started server. `port` is the bound port (useful with port 0)."""
+    """A started server. `port` is the bound port (useful with port 0);
+    `metrics_port` the /metrics port (None when metrics are off); `registry`
+    holds this server's metrics whether or not they are served."""
 
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
     app: ServiceApp
     settings: ServerSettings
+    registry: CollectorRegistry
+    metrics: MetricsListener | None = None
     _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new RPCs, let in-flight ones finish
@@ -130,6 +141,8 @@ class RunningServer:
         log.info("draining", extra={"grace_s": grace})
         await self.server.stop(grace)
         await self.app.stop()
+        if self.metrics is not None:  # last, so the drain itself can still be scraped
+            await asyncio.to_thread(self.metrics.stop)
         log.info("stopped")
 
 
@@ -177,15 +190,20 @@ async def start_server(
     """Build, bind and start a server for `app`; returns once it is SERVING.
 
     Interceptor order, outermost first: tracing (every RPC gets a span, even
-    rejected ones), request id, error mapping, auth, then `extra_interceptors`.
-    `on_bound(port)` runs once the port is listening, before the app loads
-    (health answers NOT_SERVING from then until loading is done).
+    rejected ones), metrics (counted with the status the caller sees), request
+    id, error mapping, auth, then `extra_interceptors`. `on_bound(port)` runs
+    once the port is listening, before the app loads (health answers
+    NOT_SERVING from then until loading is done); /metrics listens from then
+    on too, when `settings.metrics_listen` is set.
     """
+    registry = new_registry()
+    for collector in all_collectors(app):
+        registry.register(collector)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     tracing = server_interceptor(tracer_provider)
     if tracing is not None:
         interceptors.append(tracing)
-    interceptors += [RequestIdInterceptor(), ErrorMappingInterceptor()]
+    interceptors += [RpcMetrics(registry), RequestIdInterceptor(), ErrorMappingInterceptor()]
     if settings.api_keys:
         interceptors.append(ApiKeyAuthInterceptor(parse_keys(settings.api_keys), settings.auth_exempt_methods))
         log.info("API-key auth enabled", extra={"keys": len(settings.api_keys)})
@@ -219,18 +237,27 @@ async def start_server(
     if port == 0:
         raise SystemExit(f"cannot bind {settings.listen} (in use or not a valid address)")
     await server.start()
+    try:
+        metrics = start_metrics_listener(settings.metrics_listen, registry) if settings.metrics_listen else None
+    except BaseException:
+        await server.stop(0)
+        raise
     if on_bound is not None:
         on_bound(port)
     log.info("listening; loading", extra={"listen": settings.listen, "port": port, "tls": settings.tls.enabled})
+    if metrics is not None:
+        log.info("serving metrics", extra={"metrics_listen": settings.metrics_listen, "metrics_port": metrics.port})
     try:
         await app.start()
     except BaseException:
         await server.stop(0)
+        if metrics is not None:
+            metrics.stop()
         raise
     for name in ("", *app.service_names, *app.health_names()):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"services": ",".join(app.service_names), "port": port})
-    return RunningServer(server, port, health_servicer, app, settings)
+    return RunningServer(server, port, health_servicer, app, settings, registry, metrics)
 
 
 async def serve(settings: ServerSettings, app: ServiceApp, *, tracer_provider: Any = None) -> None:

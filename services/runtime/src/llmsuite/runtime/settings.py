@@ -128,7 +128,31 @@ class ServerSettings:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
-    metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics; empty = off
+    metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics (port 0 picks one); empty = off
+
+
+METRICS_PORT_OFFSET = 1000
+
+
+def resolve_metrics_listen(value: str, listen: str) -> str:
+    """`--metrics-listen` as an address, or "" for off. 'auto' puts metrics on
+    the gRPC host at port + 1000 (so the defaults 50050-50052 get 51050-51052,
+    and a server on port 0 gets its metrics on a free port too)."""
+    value = value.strip()
+    if value.lower() in ("", "off"):
+        return ""
+    if value.lower() != "auto":
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise SystemExit(f"--metrics-listen: expected HOST:PORT, 'auto' or 'off', got {value!r}")
+        return value
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise SystemExit(f"--metrics-listen auto: cannot derive a port from --listen {listen!r}; give HOST:PORT")
+    metrics_port = int(port) + METRICS_PORT_OFFSET if int(port) else 0
+    if metrics_port > 65535:
+        raise SystemExit(f"--metrics-listen auto: port {port} + {METRICS_PORT_OFFSET} is out of range; give HOST:PORT")
+    return f"{host}:{metrics_port}"
 
 
 def add_server_arguments(parser: EnvArgumentParser, *, default_listen: str) -> None:
@@ -143,8 +167,10 @@ def add_server_arguments(parser: EnvArgumentParser, *, default_listen: str) -> N
                    help="largest request or response message accepted")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     g.add_argument("--log-format", choices=["json", "text"], default="json", help="log line format")
-    g.add_argument("--metrics-listen", default="",
-                   help="HOST:PORT for a Prometheus /metrics endpoint; empty disables it")
+    g.add_argument("--metrics-listen", default="auto",
+                   help="HOST:PORT for the Prometheus /metrics endpoint; 'off' disables it; 'auto' = the "
+                        f"--listen host at its port + {METRICS_PORT_OFFSET} "
+                        f"({resolve_metrics_listen('auto', default_listen)} for the default --listen; port 0 stays 0)")
 
     k = parser.add_argument_group("keepalive")
     k.add_argument("--keepalive-time", type=float, default=30.0,
@@ -218,7 +244,7 @@ def server_settings_from_args(args: argparse.Namespace, *, service_name: str) ->
         ),
         log_level=args.log_level,
         log_format=args.log_format,
-        metrics_listen=args.metrics_listen,
+        metrics_listen=resolve_metrics_listen(args.metrics_listen, args.listen),
     )
 
 
