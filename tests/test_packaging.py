@@ -34,6 +34,7 @@ HEAVY = ("onnxruntime", "numpy", "onnx", "tokenizers", "jinja2")
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "llmsuite.client.cli": (*HEAVY, "llmsuite.runtime", "opentelemetry", "prometheus_client"),
     "llmsuite.client": (*HEAVY, "llmsuite.runtime", "opentelemetry", "prometheus_client"),
+    "llmsuite.client.bench": (*HEAVY, "llmsuite.runtime", "opentelemetry", "prometheus_client"),
     "llmsuite.gateway.__main__": (*HEAVY, "llmsuite.builder", "llmsuite.inference.engine",
                                   "llmsuite.inference.service", "llmsuite.tokenizer.engine"),
     "llmsuite.tokenizer.__main__": ("onnxruntime", "numpy", "onnx", "llmsuite.builder", "llmsuite.inference.engine",

@@ -1,4 +1,4 @@
-"""`llmsuite`: the command line for the gateway, and a health probe for every service.
+"""`llmsuite`: the command line for the gateway, a serving benchmark (`bench`), and a health probe for every service.
 
 Exit codes: 0 success; 1 a failed call (or, for `health`, anything but
 SERVING); 2 bad usage or an invalid argument; 130 interrupted (Ctrl-C).
@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from llmsuite.client import bench
 from llmsuite.client.errors import InvalidRequest, LlmsuiteError
 from llmsuite.client.results import Completion
 from llmsuite.client.sync_client import LlmsuiteClient
@@ -91,6 +92,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     models = command("models", _models, "list the models the gateway serves")
     models.add_argument("--json", action="store_true")
 
+    bench_cmd = command("bench", _bench, "serving benchmark: load the gateway (text) or an inference service "
+                        "(token ids) at one or more concurrency levels; table or JSON of throughput and latency")
+    bench.add_arguments(bench_cmd)
+
     health = command("health", _health,
                      "grpc.health.v1 check of any llmsuite service; exit 0 only when SERVING")
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
@@ -109,7 +114,8 @@ def _connection_options(parser: argparse.ArgumentParser, environ: Mapping[str, s
     g.add_argument("--api-key", default=default(environ.get("LLMSUITE_API_KEY") or None),
                    help="sent as 'authorization: Bearer KEY' (env LLMSUITE_API_KEY)")
     g.add_argument("--timeout", type=float, default=default(None), metavar="SECONDS",
-                   help=f"deadline per call (default 60; {HEALTH_TIMEOUT_S:g} for health; none for chat)")
+                   help=f"deadline per call (default 60; {HEALTH_TIMEOUT_S:g} for health; none for chat; "
+                        f"{bench.BENCH_TIMEOUT_S:g} for bench)")
     tls = g.add_mutually_exclusive_group()
     tls.add_argument("--tls", dest="tls", action="store_true", default=default(False),
                      help="use TLS (system roots unless --ca-file)")
@@ -232,6 +238,10 @@ def _models(client: LlmsuiteClient, args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _bench(client: LlmsuiteClient, args: argparse.Namespace) -> int:
+    return bench.run_command(client.settings, args)
 
 
 def _health(client: LlmsuiteClient, args: argparse.Namespace) -> int:
