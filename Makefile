@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BREAKING_AGAINST ?= .git#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto proto-check lint format test bench model run stubs breaking clean
+.PHONY: help setup proto proto-check lint format test bench model run stubs breaking lock clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,25 @@ run: setup model ## start tokenizer, inference and gateway locally; Ctrl-C stops
 
 bench: setup ## engine and service benchmarks (ratios against a reference in the same run)
 	$(BIN)/python bench/run.py
+
+# Container image locks (docker/requirements/*.txt, read by docker/Dockerfile):
+# every third-party package an image installs, pinned with hashes, resolved for
+# the images' Python and platform. Existing pins are kept unless
+# LOCK_ARGS=--upgrade; our own distributions are built from the checkout, so
+# they stay out of the locks.
+LOCKS             := build builder tokenizer inference-cpu inference-gpu gateway
+LOCK_PLATFORM     ?= x86_64-manylinux_2_28
+LOCK_ARGS         ?=
+OWN_DISTRIBUTIONS := llmsuite-client llmsuite-runtime llmsuite-tokenizer llmsuite-inference \
+                     llmsuite-gateway llmsuite-builder llmsuite
+
+lock: setup ## pin the images' dependencies with hashes (docker/requirements/*.txt; LOCK_ARGS=--upgrade refreshes)
+	@for lock in $(LOCKS); do \
+		echo "locking docker/requirements/$$lock.txt"; \
+		$(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 --python-platform $(LOCK_PLATFORM) \
+			$(addprefix --no-emit-package ,$(OWN_DISTRIBUTIONS)) --custom-compile-command 'make lock' \
+			$(LOCK_ARGS) --output-file docker/requirements/$$lock.txt docker/requirements/$$lock.in || exit 1; \
+	done
 
 clients/node/node_modules/.package-lock.json: clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund
