@@ -1,9 +1,22 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import SHARED_EXPORTS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_drain_delay_in_child_processes() -> Iterator[None]:
+    """Servers started as processes inherit this: a SIGTERM in a test should not wait the
+    production drain delay (tests that exercise the delay pass --drain-delay)."""
+    previous = os.environ.get("LLMSUITE_DRAIN_DELAY")
+    os.environ.setdefault("LLMSUITE_DRAIN_DELAY", "0")
+    yield
+    if previous is None:
+        os.environ.pop("LLMSUITE_DRAIN_DELAY", None)
 
 
 @pytest.fixture(scope="session")

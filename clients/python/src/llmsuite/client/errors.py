@@ -152,12 +152,7 @@ def from_rpc_error(error: grpc.RpcError) -> LlmsuiteError:
     except Exception:  # a malformed details trailer must not hide the status itself
         details = {}
     message = (error.details() if hasattr(error, "details") else None) or code.name.lower()
-    request_id = None
-    if hasattr(error, "initial_metadata"):
-        try:
-            request_id = header_value(error.initial_metadata(), REQUEST_ID_HEADER)
-        except Exception:  # aio calls may not have any initial metadata to give
-            request_id = None
+    request_id = _request_id(error)
     cls = _BY_CODE.get(code, LlmsuiteError)
     converted = cls(
         message,
@@ -170,6 +165,19 @@ def from_rpc_error(error: grpc.RpcError) -> LlmsuiteError:
     )
     converted.rpc_error = error  # type: ignore[attr-defined]
     return converted
+
+
+def _request_id(error: grpc.RpcError) -> str | None:
+    # A call that fails before its first response message carries the id only
+    # in its trailers (headers would have kept gRPC from retrying it).
+    for getter in ("initial_metadata", "trailing_metadata"):
+        try:
+            found = header_value(getattr(error, getter)(), REQUEST_ID_HEADER)
+        except Exception:  # aio calls may not have that metadata to give
+            found = None
+        if found:
+            return found
+    return None
 
 
 @contextmanager

@@ -9,6 +9,10 @@ import sys
 import time
 import uuid
 
+# Metadata key carrying the request id both ways: clients may send one, and
+# every response carries it (with the first message, or in the trailers).
+REQUEST_ID_HEADER = "x-request-id"
+
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmsuite_request_id", default=None)
 
 # LogRecord attributes that are not "extra" fields.

@@ -2,10 +2,10 @@
 
 `start_server` builds a grpc.aio server with health, reflection, compression,
 keepalive, message limits, interceptors (tracing, metrics, request id, errors,
-auth) and optional TLS/mTLS; registers the app's servicers; binds; starts the
-Prometheus /metrics listener; runs the app's start-up (model loading, warm-up)
-and only then reports SERVING. `serve` adds signal handling and graceful drain
-for the command-line entry points.
+auth, request decoding) and optional TLS/mTLS; registers the app's servicers;
+binds; starts the Prometheus /metrics listener; runs the app's start-up (model
+loading, warm-up) and only then reports SERVING. `serve` adds signal handling
+and graceful drain for the command-line entry points.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from llmsuite.runtime.auth import ApiKeyAuthInterceptor, parse_keys
-from llmsuite.runtime.logs import new_request_id, set_request_id
+from llmsuite.runtime.decoding import RequestDecodingInterceptor
+from llmsuite.runtime.health import DrainingHealthServicer, HealthReporter
+from llmsuite.runtime.logs import REQUEST_ID_HEADER, new_request_id, set_request_id
 from llmsuite.runtime.metrics import MetricsListener, RpcMetrics, all_collectors, new_registry, start_metrics_listener
 from llmsuite.runtime.settings import ServerSettings
 from llmsuite.runtime.status import ErrorMappingInterceptor, stream_items, wrap_handler
@@ -32,7 +34,7 @@ from llmsuite.runtime.tracing import server_interceptor
 
 log = logging.getLogger("llmsuite.server")
 
-REQUEST_ID_HEADER = "x-request-id"
+__all__ = ["REQUEST_ID_HEADER", "RunningServer", "ServiceApp", "deferred_servicer", "serve", "start_server"]
 
 
 class ServiceApp(Protocol):
@@ -55,10 +57,22 @@ class ServiceApp(Protocol):
         """Extra health service names to report SERVING once started (e.g.
         `model:NAME`); they flip to NOT_SERVING with the rest on drain."""
 
+    # Optional: `admin_methods: Sequence[str]`, full method names (e.g.
+    # "/llmsuite.tokenizer.v1.TokenizerService/Reload") that only API keys
+    # with the `admin` scope may call; and `attach_health(reporter:
+    # HealthReporter)`, called before `start()`, for apps whose health can
+    # change while they run.
+
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     """Takes `x-request-id` from metadata (or makes one), puts it in the log
-    context and echoes it in the response's initial metadata."""
+    context and echoes it: in the initial metadata sent together with the
+    first response message, and in the trailers.
+
+    Sending headers before the handler runs would commit the call: a client's
+    gRPC retry policy never retries a committed call, so an UNAVAILABLE the
+    server returns would not be retried. A call that fails before its first
+    message therefore carries the id only in its trailers."""
 
     async def intercept_service(
         self,
@@ -74,19 +88,27 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         request_id = (incoming if isinstance(incoming, str) else None) or new_request_id()
         request_id = request_id[:128]
 
+        echo = ((REQUEST_ID_HEADER, request_id),)
+
         def around(behaviour: Callable[..., Any], _req: bool, resp: bool) -> Callable[..., Any]:
             if resp:
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
                     set_request_id(request_id)
-                    await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+                    context.set_trailing_metadata(echo)
+                    headers_sent = False
                     async for item in stream_items(behaviour, request, context):
+                        if not headers_sent:
+                            await context.send_initial_metadata(echo)
+                            headers_sent = True
                         yield item
                 return streaming
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 set_request_id(request_id)
-                await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-                return await behaviour(request, context)
+                context.set_trailing_metadata(echo)
+                response = await behaviour(request, context)
+                await context.send_initial_metadata(echo)
+                return response
             return unary
 
         return wrap_handler(handler, handler_call_details.method, around)
@@ -119,31 +141,44 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: DrainingHealthServicer
     app: ServiceApp
     settings: ServerSettings
     registry: CollectorRegistry
     metrics: MetricsListener | None = None
     _stopped: bool = field(default=False, repr=False)
+    _stop_now: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics.port if self.metrics is not None else None
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new RPCs, let in-flight ones finish
-        for the grace period, then stop the app."""
+    async def stop(self, grace_s: float | None = None, *, drain_delay_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING (open Watch streams get it and end); keep
+        serving for the drain delay so that health pollers and load balancers
+        see NOT_SERVING while the port is still open; then refuse new RPCs,
+        let in-flight ones finish for the grace period, and stop the app.
+        `stop_now()` cuts the drain delay short."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.grace_period_s if grace_s is None else grace_s
+        delay = self.settings.drain_delay_s if drain_delay_s is None else drain_delay_s
         await self.health.enter_graceful_shutdown()
+        if delay > 0:
+            log.info("not serving; port stays open for the drain delay", extra={"drain_delay_s": delay})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_now.wait(), delay)
         log.info("draining", extra={"grace_s": grace})
         await self.server.stop(grace)
         await self.app.stop()
         if self.metrics is not None:  # last, so the drain itself can still be scraped
             await asyncio.to_thread(self.metrics.stop)
         log.info("stopped")
+
+    def stop_now(self) -> None:
+        """Ends the drain delay early (a second SIGTERM/SIGINT)."""
+        self._stop_now.set()
 
 
 def _server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
@@ -191,10 +226,11 @@ async def start_server(
 
     Interceptor order, outermost first: tracing (every RPC gets a span, even
     rejected ones), metrics (counted with the status the caller sees), request
-    id, error mapping, auth, then `extra_interceptors`. `on_bound(port)` runs
-    once the port is listening, before the app loads (health answers
-    NOT_SERVING from then until loading is done); /metrics listens from then
-    on too, when `settings.metrics_listen` is set.
+    id, error mapping, auth, request decoding (so undecodable bytes are
+    INVALID_ARGUMENT, after authentication), then `extra_interceptors`.
+    `on_bound(port)` runs once the port is listening, before the app loads
+    (health answers NOT_SERVING from then until loading is done); /metrics
+    listens from then on too, when `settings.metrics_listen` is set.
     """
     registry = new_registry()
     for collector in all_collectors(app):
@@ -209,6 +245,7 @@ async def start_server(
         log.info("API-key auth enabled", extra={"keys": len(settings.api_keys)})
     else:
         log.warning("no API keys configured: authentication is OFF")
+    interceptors.append(RequestDecodingInterceptor())
     interceptors += list(extra_interceptors)
 
     server = grpc.aio.server(
@@ -217,7 +254,7 @@ async def start_server(
         compression=grpc.Compression.Gzip if settings.compression == "gzip" else grpc.Compression.NoCompression,
         maximum_concurrent_rpcs=None,
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -247,6 +284,10 @@ async def start_server(
     log.info("listening; loading", extra={"listen": settings.listen, "port": port, "tls": settings.tls.enabled})
     if metrics is not None:
         log.info("serving metrics", extra={"metrics_listen": settings.metrics_listen, "metrics_port": metrics.port})
+    reporter = HealthReporter(health_servicer, lambda: ("", *app.service_names, *app.health_names()))
+    attach_health = getattr(app, "attach_health", None)
+    if attach_health is not None:
+        attach_health(reporter)
     try:
         await app.start()
     except BaseException:
@@ -254,8 +295,7 @@ async def start_server(
         if metrics is not None:
             metrics.stop()
         raise
-    for name in ("", *app.service_names, *app.health_names()):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await reporter.report(True)
     log.info("serving", extra={"services": ",".join(app.service_names), "port": port})
     return RunningServer(server, port, health_servicer, app, settings, registry, metrics)
 
@@ -273,6 +313,8 @@ async def serve(settings: ServerSettings, app: ServiceApp, *, tracer_provider: A
         raise SystemExit(1) from exc
     await stop_requested.wait()
     log.info("shutdown requested")
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal skips the drain delay
+        loop.add_signal_handler(sig, running.stop_now)
     await running.stop()
     if tracer_provider is not None:
         with contextlib.suppress(Exception):

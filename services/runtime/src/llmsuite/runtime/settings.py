@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "LLMSUITE_"
+DEFAULT_DRAIN_DELAY_S = 2.0
 
 
 def env_name(flag: str) -> str:
@@ -115,6 +116,10 @@ class ServerSettings:
 
     listen: str
     grace_period_s: float = 10.0
+    # Seconds health says NOT_SERVING while the port still accepts RPCs, so
+    # pollers see it before the port closes. The command line defaults to
+    # DEFAULT_DRAIN_DELAY_S; servers built in code (tests) close at once.
+    drain_delay_s: float = 0.0
     compression: str = "gzip"  # gzip | none
     max_message_bytes: int = 64 * 1024 * 1024
     keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
@@ -161,6 +166,10 @@ def add_server_arguments(parser: EnvArgumentParser, *, default_listen: str) -> N
     g.add_argument("--listen", default=default_listen, help="HOST:PORT to bind (port 0 picks a free one)")
     g.add_argument("--grace-period", type=float, default=10.0,
                    help="seconds to drain in-flight RPCs after SIGTERM/SIGINT")
+    g.add_argument("--drain-delay", type=float, default=DEFAULT_DRAIN_DELAY_S,
+                   help="seconds after SIGTERM/SIGINT during which health reports NOT_SERVING while new RPCs are "
+                        "still accepted, so health pollers and load balancers stop sending before the port closes "
+                        "(set it to at least their poll period); a second signal ends it early")
     g.add_argument("--compression", choices=["gzip", "none"], default="gzip",
                    help="default compression for responses and outgoing calls")
     g.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024,
@@ -226,6 +235,7 @@ def server_settings_from_args(args: argparse.Namespace, *, service_name: str) ->
     return ServerSettings(
         listen=args.listen,
         grace_period_s=args.grace_period,
+        drain_delay_s=args.drain_delay,
         compression=args.compression,
         max_message_bytes=args.max_message_bytes,
         keepalive=KeepaliveSettings(
