@@ -6,6 +6,7 @@ present) the real Optimum exports with ids produced by transformers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import shutil
@@ -16,11 +17,12 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from llmsuite.builder import tokenizer as builder
-from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from llmsuite.runtime.tokenizer_hash import tokenizer_content_hash
 from llmsuite.tokenizer.chat_template import ChatMessage
 from llmsuite.tokenizer.engine import LoadedTokenizer, TokenizerLimits, TokenizerRegistry
 from llmsuite.tokenizer.files import content_hash
+from llmsuite.tokenizer.reload_roots import ReloadRoots
 
 EXPORTS = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "optimum-exports"
 
@@ -199,7 +201,22 @@ def test_content_hash_is_stable_and_tracks_every_tokenizer_file(
         path = copy / name
         path.write_text(path.read_text() + " ")
         seen.add(LoadedTokenizer.load("c", copy).content_hash)
-    assert len(seen) == 4
+    # The chat template decides what the model sees, wherever it is kept.
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0].content }}"
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    seen.add(LoadedTokenizer.load("c", copy).content_hash)
+    (copy / "chat_template.jinja").write_text("{{ bos_token }}")
+    seen.add(LoadedTokenizer.load("c", copy).content_hash)
+    assert len(seen) == 6
+
+
+def test_directories_without_chat_template_jinja_keep_their_published_hash(built_dir: pathlib.Path) -> None:
+    # The definition before chat_template.jinja counted: hashes already published stay valid.
+    digest = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        digest.update(name.encode() + b"\0" + (built_dir / name).read_bytes())
+    assert LoadedTokenizer.load("a", built_dir).content_hash == f"sha256:{digest.hexdigest()}"
 
 
 def test_loaded_hash_matches_the_inference_services_definition(
@@ -212,7 +229,7 @@ def test_loaded_hash_matches_the_inference_services_definition(
     (directories[2] / "special_tokens_map.json").unlink()
     for directory in directories:
         assert LoadedTokenizer.load("x", directory).content_hash == tokenizer_content_hash(directory)
-    assert len({tokenizer_content_hash(directory) for directory in directories}) == 2
+    assert len({tokenizer_content_hash(directory) for directory in directories}) == 3
 
 
 def test_missing_directory_is_a_failed_precondition(tmp_path: pathlib.Path) -> None:
@@ -541,11 +558,45 @@ def test_reload_swaps_in_the_new_files_and_old_references_keep_working(
 
 
 def test_reload_from_another_directory(built_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    registry = TokenizerRegistry()
+    registry = TokenizerRegistry(reload_roots=ReloadRoots([tmp_path]))
     registry.load("m", built_dir)
     other = build_wordpiece(tmp_path / "wp")
-    assert registry.reload("m", other).directory == other
+    assert registry.reload("m", other).directory == other.resolve()
     assert registry.get("m").special_tokens.unk == "[UNK]"
+
+
+def test_reload_reads_only_inside_the_roots_and_never_says_what_exists_outside(
+    built_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    model = _copy(built_dir, tmp_path / "models" / "m")
+    registry = TokenizerRegistry()  # roots default to the loaded directories
+    registry.load("m", model)
+    (model / "v2").mkdir()
+    _copy(built_dir, model / "v2" / "tok")
+    assert registry.reload("m", model / "v2" / "tok").directory == (model / "v2" / "tok").resolve()
+    elsewhere = _copy(built_dir, tmp_path / "elsewhere")
+    (model / "escape").symlink_to(elsewhere)
+    outside = [elsewhere, tmp_path / "missing", model / ".." / "..", model / "escape", "/proc/1/root",
+               "/" + "x" * 300, "relative/path", tmp_path / ("y" * 300)]
+    answers = set()
+    for directory in outside:
+        with pytest.raises(PermissionDenied) as caught:
+            registry.reload("m", directory)
+        answers.add((caught.value.message, caught.value.reason, tuple(caught.value.metadata.items())))
+    assert len(answers) == 1 and next(iter(answers))[1] == "DIRECTORY_NOT_ALLOWED"
+    with pytest.raises(InvalidArgument):
+        registry.reload("m", "/" + "z" * 5000)
+    assert registry.get("m").directory == (model / "v2" / "tok").resolve()
+
+
+def test_reload_inside_a_root_reports_unreadable_paths_as_failed_precondition(tmp_path: pathlib.Path,
+                                                                               built_dir: pathlib.Path) -> None:
+    registry = TokenizerRegistry(reload_roots=ReloadRoots([tmp_path]))
+    registry.load("m", built_dir)
+    for directory in (tmp_path / ("n" * 300), tmp_path / "absent"):
+        with pytest.raises(FailedPrecondition) as caught:
+            registry.reload("m", directory)
+        assert caught.value.reason == "RELOAD_FAILED"
 
 
 def test_failed_reload_keeps_the_old_tokenizer(built_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:

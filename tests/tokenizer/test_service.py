@@ -195,7 +195,7 @@ def test_list_and_info(stub, reference):
 def test_reload_swaps_atomically_and_survives_a_broken_directory(tiny_tokenizer_dir, tmp_path):
     live = tmp_path / "live"
     shutil.copytree(tiny_tokenizer_dir, live)
-    app = TokenizerApp({"m": live}, TokenizerLimits())
+    app = TokenizerApp({"m": live}, TokenizerLimits(), reload_roots=[tmp_path])
     with ServerThread(app) as srv, srv.channel() as ch:
         stub = tokenizer_pb2_grpc.TokenizerServiceStub(ch)
         before = stub.GetModelInfo(pb.GetModelInfoRequest(model="m")).info
@@ -317,6 +317,38 @@ def test_auth_rejects_and_accepts_and_exempts_health(tiny_tokenizer_dir):
         for key in ("s3cret-key", "other-key"):
             assert stub.CountTokens(req, metadata=(("authorization", f"Bearer {key}"),)).total >= 1
         assert _health(ch) == health_pb2.HealthCheckResponse.SERVING  # exempt
+
+
+def test_reload_needs_an_admin_key_and_a_directory_inside_the_roots(tiny_tokenizer_dir, tmp_path):
+    settings = ServerSettings(listen="127.0.0.1:0", log_format="text",
+                              api_keys=("alice user-key", "ops admin-key admin", "both both-key user,admin"))
+    app = TokenizerApp({"tiny": tiny_tokenizer_dir}, TokenizerLimits())
+    with ServerThread(app, settings) as srv, srv.channel() as ch:
+        stub = tokenizer_pb2_grpc.TokenizerServiceStub(ch)
+
+        def as_key(key: str) -> tuple[tuple[str, str], ...]:
+            return (("authorization", f"Bearer {key}"),)
+
+        reload = pb.ReloadRequest(model="tiny")
+        count = pb.CountTokensRequest(model="tiny", texts=["x"])
+        for call, key in ((stub.Reload, "user-key"), (stub.CountTokens, "admin-key")):
+            request = reload if call is stub.Reload else count
+            with pytest.raises(grpc.RpcError) as exc_info:
+                call(request, metadata=as_key(key))
+            assert exc_info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert error_details(exc_info.value)["reason"] == "MISSING_SCOPE"
+        assert stub.Reload(reload, metadata=as_key("admin-key")).info.name == "tiny"
+        assert stub.Reload(reload, metadata=as_key("both-key")).info.name == "tiny"
+        assert stub.CountTokens(count, metadata=as_key("both-key")).total >= 1
+
+        # Outside the roots (here: the model directory itself), existing or not, one answer.
+        details = set()
+        for directory in (str(tmp_path), str(tmp_path / "missing"), "/proc/1/root", "/" + "d" * 300):
+            with pytest.raises(grpc.RpcError) as exc_info:
+                stub.Reload(pb.ReloadRequest(model="tiny", directory=directory), metadata=as_key("admin-key"))
+            assert exc_info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            details.add((exc_info.value.details(), error_details(exc_info.value)["reason"]))
+        assert len(details) == 1
 
 
 def test_gzip_is_negotiated_on_the_wire(server, reference):

@@ -3,6 +3,12 @@
 Keys are compared in constant time against every configured key (so timing
 reveals neither a key nor which key matched) and are never logged; a key is
 identified in logs and rate limits by its name or a short hash.
+
+Each key has scopes: `user` (every ordinary RPC; the default) and `admin`
+(the administrative RPCs a service declares, such as the tokenizer's Reload).
+A key file entry is `KEY`, `NAME KEY` or `NAME KEY SCOPES`, SCOPES being a
+comma-separated list (`admin`, `user,admin`), so files written before scopes
+existed keep working and grant exactly what they did, minus administration.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from llmsuite.runtime.errors import Unauthenticated
+from llmsuite.runtime.errors import PermissionDenied, Unauthenticated
 from llmsuite.runtime.status import abort, stream_items, wrap_handler
 
 log = logging.getLogger("llmsuite.auth")
@@ -30,39 +36,64 @@ def current_principal() -> str | None:
     return _principal.get()
 
 
+USER_SCOPE = "user"
+ADMIN_SCOPE = "admin"
+SCOPES = frozenset({USER_SCOPE, ADMIN_SCOPE})
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
     secret: bytes
+    scopes: frozenset[str] = frozenset({USER_SCOPE})
 
 
 def parse_keys(entries: Sequence[str]) -> list[ApiKey]:
-    """'NAME KEY' or 'KEY' entries; unnamed keys get 'key-<sha256 prefix>'."""
+    """'KEY', 'NAME KEY' or 'NAME KEY SCOPES' entries; unnamed keys get
+    'key-<sha256 prefix>'. Errors name the entry by position, never the key."""
     keys = []
-    for entry in entries:
+    for position, entry in enumerate(entries, start=1):
         parts = entry.split()
-        if len(parts) == 2:
+        scopes = frozenset({USER_SCOPE})
+        if len(parts) == 3:
+            name, secret, scope_list = parts
+            scopes = frozenset(s.strip() for s in scope_list.split(",") if s.strip())
+            unknown = sorted(scopes - SCOPES)
+            if unknown or not scopes:
+                raise ValueError(f"API key entry {position} ({name}): scopes must be a comma-separated list of "
+                                 f"{', '.join(sorted(SCOPES))}; got {', '.join(unknown) or 'none'}")
+        elif len(parts) == 2:
             name, secret = parts
         elif len(parts) == 1:
             secret = parts[0]
             name = "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
         else:
-            raise ValueError("an API key entry is 'KEY' or 'NAME KEY'")
-        keys.append(ApiKey(name, secret.encode()))
+            raise ValueError(f"API key entry {position}: expected 'KEY', 'NAME KEY' or 'NAME KEY SCOPES'")
+        keys.append(ApiKey(name, secret.encode(), scopes))
     return keys
 
 
 class ApiKeyAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects RPCs without a valid bearer key with UNAUTHENTICATED; methods
-    whose full name starts with an exempt prefix (health, reflection) pass."""
+    """Rejects RPCs without a valid bearer key with UNAUTHENTICATED, and those
+    whose key lacks the method's scope with PERMISSION_DENIED: `admin_methods`
+    (full method names) need `admin`, every other method `user`. Methods whose
+    full name starts with an exempt prefix (health, reflection) pass."""
 
-    def __init__(self, keys: Sequence[ApiKey], exempt_prefixes: Sequence[str]) -> None:
+    def __init__(self, keys: Sequence[ApiKey], exempt_prefixes: Sequence[str],
+                 admin_methods: Sequence[str] = ()) -> None:
         if not keys:
             raise ValueError("ApiKeyAuthInterceptor needs at least one key")
         self._keys = list(keys)
         self._exempt = tuple(exempt_prefixes)
+        self._admin_methods = frozenset(admin_methods)
 
-    def _authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> str:
+    def _authorize(self, key: ApiKey, method: str) -> None:
+        needed = ADMIN_SCOPE if method in self._admin_methods else USER_SCOPE
+        if needed not in key.scopes:
+            raise PermissionDenied(f"this API key lacks the {needed!r} scope this method needs",
+                                   reason="MISSING_SCOPE", metadata={"scope": needed})
+
+    def _authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> ApiKey:
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if header is None:
             raise Unauthenticated("missing 'authorization: Bearer <api key>' metadata", reason="MISSING_API_KEY")
@@ -75,7 +106,7 @@ class ApiKeyAuthInterceptor(grpc.aio.ServerInterceptor):
         matched = None
         for key in self._keys:  # no early exit: constant work whichever key matches
             if hmac.compare_digest(presented, key.secret):
-                matched = key.name
+                matched = key
         if matched is None:
             raise Unauthenticated("invalid API key", reason="INVALID_API_KEY")
         return matched
@@ -89,12 +120,18 @@ class ApiKeyAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(self._exempt):
             return handler
+        principal: str | None = None
+        failure: Unauthenticated | PermissionDenied | None = None
         try:
-            principal: str | None = self._authenticate(handler_call_details.invocation_metadata)
-            failure: Unauthenticated | None = None
+            key = self._authenticate(handler_call_details.invocation_metadata)
+            principal = key.name
+            self._authorize(key, method)
         except Unauthenticated as exc:
-            principal, failure = None, exc
+            failure = exc
             log.info("rejected unauthenticated call", extra={"method": method, "reason": exc.reason})
+        except PermissionDenied as exc:
+            failure = exc
+            log.info("rejected call outside the key's scopes", extra={"method": method, "key": principal})
 
         def around(behaviour: Callable[..., Any], _req: bool, resp: bool) -> Callable[..., Any]:
             if resp:

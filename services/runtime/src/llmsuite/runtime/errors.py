@@ -98,5 +98,12 @@ class Unauthenticated(LlmsuiteError):
 
 
 @dataclass
+class PermissionDenied(LlmsuiteError):
+    """The caller is authenticated but may not do this (e.g. a key without the admin scope)."""
+
+    code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED
+
+
+@dataclass
 class Cancelled(LlmsuiteError):
     code: grpc.StatusCode = grpc.StatusCode.CANCELLED

@@ -241,7 +241,8 @@ async def start_server(
         interceptors.append(tracing)
     interceptors += [RpcMetrics(registry), RequestIdInterceptor(), ErrorMappingInterceptor()]
     if settings.api_keys:
-        interceptors.append(ApiKeyAuthInterceptor(parse_keys(settings.api_keys), settings.auth_exempt_methods))
+        interceptors.append(ApiKeyAuthInterceptor(parse_keys(settings.api_keys), settings.auth_exempt_methods,
+                                                  admin_methods=getattr(app, "admin_methods", ())))
         log.info("API-key auth enabled", extra={"keys": len(settings.api_keys)})
     else:
         log.warning("no API keys configured: authentication is OFF")

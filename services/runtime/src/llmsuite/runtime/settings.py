@@ -199,9 +199,13 @@ def add_server_arguments(parser: EnvArgumentParser, *, default_listen: str) -> N
 
     s = parser.add_argument_group("security")
     s.add_argument("--api-keys-file", type=Path, default=None,
-                   help="file with one API key per line ('#' comments; 'NAME KEY' names a key)")
+                   help="the way to pass API keys (or the LLMSUITE_API_KEYS variable): a file with one key per "
+                        "line, 'KEY', 'NAME KEY' or 'NAME KEY SCOPES' where SCOPES is a comma-separated list of "
+                        "'user' (ordinary RPCs, the default) and 'admin' (administrative RPCs such as the "
+                        "tokenizer's Reload); '#' starts a comment. No keys at all = authentication off")
     s.add_argument("--api-keys", default="",
-                   help="comma-separated API keys (prefer the file or the env var; flags show in ps)")
+                   help="comma-separated API key entries as in --api-keys-file; avoid this flag outside tests: "
+                        "command lines are visible to every user in ps, so use --api-keys-file or the variable")
     s.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate; enables TLS")
     s.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
     s.add_argument("--tls-client-ca", type=Path, default=None,
@@ -214,9 +218,9 @@ def add_server_arguments(parser: EnvArgumentParser, *, default_listen: str) -> N
 
 
 def parse_api_keys(file: Path | None, inline: str) -> tuple[str, ...]:
-    """Keys from `--api-keys-file` (one per line, '#' comments, optional
-    'NAME KEY') plus comma-separated `--api-keys`. Returns 'NAME KEY' or 'KEY'
-    entries; `llmsuite.runtime.auth` splits names off."""
+    """Keys from `--api-keys-file` (one per line, '#' comments) plus
+    comma-separated `--api-keys`. Returns the 'KEY' / 'NAME KEY' / 'NAME KEY
+    SCOPES' entries; `llmsuite.runtime.auth.parse_keys` splits them."""
     entries: list[str] = []
     if file is not None:
         for line in file.read_text().splitlines():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from llmsuite.runtime.logs import configure_logging
 from llmsuite.runtime.server import serve
@@ -34,6 +35,10 @@ def build_parser() -> EnvArgumentParser:
     limits.add_argument("--max-tokens-per-sequence", type=int, default=TokenizerLimits.max_tokens_per_sequence,
                         help="longest token sequence accepted by Decode")
     parser.add_argument("--worker-threads", type=int, default=4, help="threads for tokenizer work")
+    parser.add_argument("--reload-root", action="append", type=Path, default=None, metavar="DIR",
+                        help="a directory Reload may load tokenizers from, itself or below it (repeatable; the env "
+                             "var takes a comma-separated list); default: the --model directories. Reload needs an "
+                             "API key with the 'admin' scope when keys are configured")
     add_server_arguments(parser, default_listen=DEFAULT_LISTEN)
     return parser
 
@@ -44,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     limits = TokenizerLimits(max_batch_size=args.max_batch_size, max_input_chars=args.max_input_chars,
                              max_tokens_per_sequence=args.max_tokens_per_sequence)
-    app = TokenizerApp(model_specs(args.model), limits, worker_threads=args.worker_threads)
+    app = TokenizerApp(model_specs(args.model), limits, worker_threads=args.worker_threads,
+                       reload_roots=args.reload_root)
     try:
         asyncio.run(serve(settings, app, tracer_provider=build_tracer_provider(settings.telemetry)))
     except KeyboardInterrupt:

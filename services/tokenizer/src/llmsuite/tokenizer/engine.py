@@ -23,6 +23,7 @@ from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, Llmsuit
 from llmsuite.tokenizer.chat_template import ChatMessage, ChatTemplate, RenderedChat
 from llmsuite.tokenizer.detokenizer import IncrementalDetokenizer
 from llmsuite.tokenizer.files import TokenizerFiles, read_tokenizer_files
+from llmsuite.tokenizer.reload_roots import ReloadRoots
 
 _log = logging.getLogger(__name__)
 
@@ -416,16 +417,22 @@ class TokenizerRegistry:
     itself is a single assignment, and callers holding the old snapshot keep using it.
     """
 
-    def __init__(self, limits: TokenizerLimits | None = None) -> None:
+    def __init__(self, limits: TokenizerLimits | None = None, *, reload_roots: ReloadRoots | None = None) -> None:
+        """`reload_roots` bounds the directories `reload` may read; by default they are the
+        directories given to `load`."""
         self.limits = limits or TokenizerLimits()
         self._lock = threading.Lock()
         self._tokenizers: dict[str, LoadedTokenizer] = {}
+        self._roots_follow_loads = reload_roots is None
+        self.reload_roots = ReloadRoots() if reload_roots is None else reload_roots
 
     def load(self, name: str, directory: pathlib.Path) -> LoadedTokenizer:
         """Loads a tokenizer under a new name; FailedPrecondition if the name is taken."""
         if not name:
             raise InvalidArgument.for_field("name", "must not be empty")
         loaded = LoadedTokenizer.load(name, directory, self.limits)
+        if self._roots_follow_loads:
+            self.reload_roots.add(directory)
         with self._lock:
             if name in self._tokenizers:
                 raise FailedPrecondition(
@@ -456,14 +463,15 @@ class TokenizerRegistry:
         with self._lock:
             return [self._tokenizers[name] for name in sorted(self._tokenizers)]
 
-    def reload(self, name: str, directory: pathlib.Path | None = None) -> LoadedTokenizer:
+    def reload(self, name: str, directory: str | pathlib.Path | None = None) -> LoadedTokenizer:
         """Loads `name` again (from `directory`, or where it came from) and swaps it in.
 
-        If loading fails the current tokenizer stays and FailedPrecondition with reason
-        RELOAD_FAILED carries the cause.
+        A `directory` outside the reload roots is PermissionDenied, the same for every
+        such path. If loading fails the current tokenizer stays and FailedPrecondition
+        with reason RELOAD_FAILED carries the cause.
         """
         current = self.get(name)
-        source = current.directory if directory is None else pathlib.Path(directory)
+        source = current.directory if directory is None else self.reload_roots.check(str(directory))
         try:
             replacement = LoadedTokenizer.load(name, source, self.limits)
         except LlmsuiteError as cause:

@@ -9,23 +9,20 @@ other contents.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 from dataclasses import dataclass
 from typing import Any
 
 from llmsuite.runtime.errors import FailedPrecondition
-from llmsuite.runtime.tokenizer_hash import TOKENIZER_FILES, tokenizer_content_hash
+from llmsuite.runtime.tokenizer_hash import TOKENIZER_FILES, content_hash_of, tokenizer_content_hash
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 # Newer transformers versions save the chat template beside the config instead of in it.
-# It is not fingerprinted: the hash answers "do these ids mean the same text", which
-# the template does not change.
+# Like the template inside the config, it is part of the fingerprint.
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
-READ_FILES: tuple[str, ...] = (*TOKENIZER_FILES, CHAT_TEMPLATE_JINJA)
 
 
 @dataclass(frozen=True)
@@ -40,27 +37,22 @@ class TokenizerFiles:
     content_hash: str
 
 
-def _fingerprint(contents: dict[str, bytes]) -> str:
-    # Same framing as llmsuite.runtime.tokenizer_hash.tokenizer_content_hash, over bytes
-    # already in memory; a test holds the two equal.
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        data = contents.get(name)
-        if data is not None:
-            digest.update(name.encode("utf-8") + b"\0")
-            digest.update(data)
-    return f"sha256:{digest.hexdigest()}"
+def _is_directory(directory: pathlib.Path) -> bool:
+    try:
+        return directory.is_dir()
+    except OSError:  # a name too long, no permission on a parent: not usable either way
+        return False
 
 
 def _read_present(directory: pathlib.Path) -> dict[str, bytes]:
-    if not directory.is_dir():
+    if not _is_directory(directory):
         raise FailedPrecondition(
             message=f"tokenizer directory {str(directory)!r} does not exist or is not a directory",
             reason="TOKENIZER_FILES_MISSING",
             metadata={"directory": str(directory)},
         )
     contents: dict[str, bytes] = {}
-    for name in READ_FILES:
+    for name in TOKENIZER_FILES:
         try:
             contents[name] = (directory / name).read_bytes()
         except FileNotFoundError:
@@ -125,7 +117,7 @@ def read_tokenizer_files(directory: pathlib.Path) -> TokenizerFiles:
             if chat_template_bytes is None
             else _decode_text(directory, CHAT_TEMPLATE_JINJA, chat_template_bytes)
         ),
-        content_hash=_fingerprint(contents),
+        content_hash=content_hash_of(contents),
     )
 
 

@@ -23,6 +23,7 @@ from llmsuite.runtime.errors import InvalidArgument
 from llmsuite.runtime.logs import new_request_id
 from llmsuite.tokenizer.chat_template import ChatMessage
 from llmsuite.tokenizer.engine import LoadedTokenizer, TokenizerLimits, TokenizerRegistry
+from llmsuite.tokenizer.reload_roots import ReloadRoots
 from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 log = logging.getLogger("llmsuite.tokenizer")
@@ -164,8 +165,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                      ) -> tokenizer_pb2.ReloadResponse:
         name = _require_model(request.model)
         previous = self._registry.get(name)
-        directory = Path(request.directory) if request.directory else None
-        reloaded = await self._run(lambda: self._registry.reload(name, directory))
+        reloaded = await self._run(lambda: self._registry.reload(name, request.directory or None))
         log.info("tokenizer reloaded", extra={"model": name, "previous": previous.content_hash,
                                               "current": reloaded.content_hash})
         return tokenizer_pb2.ReloadResponse(info=_info_proto(reloaded), previous_content_hash=previous.content_hash)
@@ -175,10 +175,15 @@ class TokenizerApp:
     """The tokenizer service as the bootstrap sees it (see runtime.server.ServiceApp)."""
 
     service_names: Sequence[str] = (SERVICE_NAME,)
+    # Reload can take a model offline for everyone or change what every Chat renders.
+    admin_methods: Sequence[str] = (f"/{SERVICE_NAME}/Reload",)
 
-    def __init__(self, models: dict[str, Path], limits: TokenizerLimits, *, worker_threads: int = 4) -> None:
+    def __init__(self, models: dict[str, Path], limits: TokenizerLimits, *, worker_threads: int = 4,
+                 reload_roots: Sequence[Path] | None = None) -> None:
+        """`reload_roots`: where Reload may read; None means the model directories."""
         self._models = models
-        self.registry = TokenizerRegistry(limits)
+        self.registry = TokenizerRegistry(
+            limits, reload_roots=None if reload_roots is None else ReloadRoots(reload_roots))
         self._executor = ThreadPoolExecutor(max_workers=worker_threads, thread_name_prefix="tokenizer")
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -140,6 +140,9 @@ class TokenizerServiceServicer:
         """Reloads a tokenizer from disk and swaps it in atomically: in-flight
         requests finish on the old one; a broken directory leaves the old one
         serving and returns FAILED_PRECONDITION (reason RELOAD_FAILED).
+        Administrative: with API keys configured it needs a key with the `admin`
+        scope, and a directory must lie inside the server's reload roots
+        (PERMISSION_DENIED otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
