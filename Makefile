@@ -9,10 +9,11 @@ MODEL  ?= models/tiny
 # installed together: pick exactly one extra, by whether a GPU answers.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 BREAKING_AGAINST ?= .git#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto proto-check lint format test bench model run stubs breaking lock clean
+.PHONY: help setup proto proto-check lint format test bench bench-engine model run stubs breaking lock clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -62,8 +63,11 @@ model: $(MODEL)/model.onnx ## build the default tiny model (offline, determinist
 run: setup model ## start tokenizer, inference and gateway locally; Ctrl-C stops them
 	$(BIN)/python -m llmsuite.cluster --model tiny=$(MODEL)
 
-bench: setup ## engine and service benchmarks (ratios against a reference in the same run)
-	$(BIN)/python bench/run.py
+bench: setup ## serving benchmark vs in-process ONNX Runtime on the bench preset; writes docs/performance.md (knobs: BENCH_ARGS)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-engine: setup ## engine microbenchmarks: prefill/decode tokens/s, what the KV cache buys
+	$(BIN)/python bench/bench_engine.py
 
 # Container image locks (docker/requirements/*.txt, read by docker/Dockerfile):
 # every third-party package an image installs, pinned with hashes, resolved for

@@ -1,0 +1,196 @@
+"""The issue-7 ratios from one `make bench` run, and docs/performance.md written from them.
+
+The whole document is generated, so what it says about the method always matches the
+code that produced the numbers; edit this file, not docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+
+def _level(results: dict[str, Any], concurrency: int) -> dict[str, Any] | None:
+    return next((lv for lv in results["gateway"]["levels"] if lv["concurrency"] == concurrency), None)
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def ratios(results: dict[str, Any], *, batch: int) -> list[dict[str, Any]]:
+    """The targets of issue 7 §4 as measured; `met` is None where a side is missing."""
+    refs = results["references"]
+
+    def tps(c: int) -> float | None:
+        level = _level(results, c)
+        return level["output_tokens_per_s"] if level else None
+
+    def p50(c: int, metric: str) -> float | None:
+        level = _level(results, c)
+        return level[metric]["p50"] if level else None
+
+    top = max(lv["concurrency"] for lv in results["gateway"]["levels"])
+    top_level = _level(results, top) or {"errors": {}}
+    unexpected = sum(n for code, n in top_level["errors"].items() if code != "RESOURCE_EXHAUSTED")
+    rows = [
+        (f"gateway c={batch} output tok/s / in-process batch of {batch}",
+         _div(tps(batch), refs["batch"]["output_tokens_per_s"]), ">=", 0.8),
+        (f"gateway c={batch} / gateway c=1 output tok/s", _div(tps(batch), tps(1)), ">=", 4.0),
+        ("gateway c=1 / in-process single sequence output tok/s",
+         _div(tps(1), refs["single"]["output_tokens_per_s"]), ">=", 0.95),
+        (f"TTFT p50 c={batch} / c=1", _div(p50(batch, "ttft_ms"), p50(1, "ttft_ms")), "<=", 5.0),
+        (f"ITL p50 c={batch} / c=1", _div(p50(batch, "itl_ms"), p50(1, "itl_ms")), "<=", 4.0),
+        (f"c={top} errors other than RESOURCE_EXHAUSTED", float(unexpected), "<=", 0.0),
+    ]
+    out = []
+    for name, value, op, target in rows:
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append({"name": name, "value": None if value is None else round(value, 3), "target": f"{op} {target:g}",
+                    "met": met})
+    return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _make_command(arguments: list[str]) -> str:
+    if not arguments:
+        return "`make bench` (`python bench/run.py`)"
+    joined = shlex.join(arguments)
+    return f"`make bench BENCH_ARGS={shlex.quote(joined)}` (`python bench/run.py {joined}`)"
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "n/a"}[met]
+
+
+def _memory_line(memory: dict[str, Any]) -> str:
+    budget = memory["reported_kv_budget"]
+    budget_text = ", ".join(f"{k} = {v:,}" for k, v in budget.items()) if budget else \
+        "the service reports no KV budget (ModelInfo has no such field yet)"
+    return (f"inference process peak RSS (VmHWM) {_fmt(memory['vm_hwm_mib'])} MiB; model weights "
+            f"{_fmt(memory['model_weights_mib'])} MiB; peak KV cache seen in GetModelInfo "
+            f"{_fmt(memory['peak_kv_cache_mib'])} MiB (peak running {memory['peak_running']}, queued "
+            f"{memory['peak_queued']}); {budget_text}")
+
+
+def summary_text(results: dict[str, Any]) -> str:
+    lines = ["", "issue 7 targets (bench preset):"]
+    for r in results["ratios"]:
+        lines.append(f"  {r['name']:<58} {_fmt(r['value'], 3):>9}  target {r['target']:<7} {_verdict(r['met'])}")
+    refs = results["references"]
+    lines.append(f"  in-process single sequence {refs['single']['output_tokens_per_s']:.1f} tok/s, batch of "
+                 f"{refs['batch']['rows']} {refs['batch']['output_tokens_per_s']:.1f} tok/s")
+    agreement = results["token_agreement"]
+    lines.append("  greedy tokens identical to the references: " + ", ".join(
+        f"{k} {v['identical']}/{v['compared']}" for k, v in agreement.items()))
+    lines.append("  " + _memory_line(results["memory"]))
+    if results["note"]:
+        lines.append(f"  note: {results['note']}")
+    return "\n".join(lines)
+
+
+_GATEWAY_ROWS = (
+    ("requests", lambda lv: lv["requests"]),
+    ("succeeded", lambda lv: lv["succeeded"]),
+    ("errors", lambda lv: ", ".join(f"{k} {v}" for k, v in lv["errors"].items()) or "0"),
+    ("wrong output length", lambda lv: lv["length_mismatches"]),
+    ("duration (s)", lambda lv: _fmt(lv["duration_s"], 2)),
+    ("output tokens/s", lambda lv: _fmt(lv["output_tokens_per_s"])),
+    ("requests/s", lambda lv: _fmt(lv["requests_per_s"], 3)),
+    *((f"{name} {p} (ms)", lambda lv, m=metric, q=p: _fmt(lv[m][q]))
+      for name, metric in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms"))
+      for p in ("p50", "p95", "p99")),
+)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    m = results["machine"]
+    levels = results["gateway"]["levels"]
+    refs = results["references"]
+    batch = s["batch"]
+    lines = [
+        "# Performance",
+        "",
+        "<!-- Generated by `make bench` (bench/run.py, bench/performance_doc.py). Edit those, not this file. -->",
+        "",
+        "How fast llmsuite serves the `bench` preset (`llmsuite-build-model --preset bench`: a Llama-style",
+        "decoder of about 100M parameters with random weights, vocabulary 16384) compared with what ONNX",
+        "Runtime does in-process on the same model, the same session settings and the same prompt tokens.",
+        "",
+        "## Method",
+        "",
+        f"- **Workload**: {s['prompt_tokens']}-token prompts, {s['output_tokens']} new tokens, greedy with EOS "
+        "ignored, so every request does the same work. Each concurrency level sends its own prompts "
+        "(random English words cut to an exact token length).",
+        "- **Through the gateway**: `make bench` starts the local cluster (`python -m llmsuite.cluster`, "
+        "tokenizer + inference + gateway on one machine) and runs `llmsuite bench` against the gateway at "
+        "each level in turn (closed loop: a finished request starts the next). The client runs on the same "
+        "machine and takes its share of the CPU. See [clients.md](clients.md#llmsuite-bench-the-serving-"
+        "benchmark) for what each column means.",
+        "- **In-process references** (bench/reference.py, written straight against onnxruntime, never "
+        "through llmsuite's engine), run after the cluster has stopped: (a) one sequence, a greedy loop "
+        "with the KV cache kept where the provider put it (IOBinding, present fed back as past), over the "
+        f"c=1 level's prompts; (b) the same loop over a left-padded batch of the c={batch} level's "
+        f"{batch} prompts (attention_mask 0 on pads, position_ids per row): the ceiling for this export "
+        "layout. Output tokens/s counts prefill, like the gateway's.",
+        f"- **Same settings**: the inference service and the references both run {s['intra_op_threads']} "
+        f"intra-op threads (`--intra-op-threads`, default: the CPUs the benchmark may use), default "
+        f"inter-op threads and graph optimization `{s['graph_optimization']}`, on `{s['device']}`.",
+        "- **Memory**: the inference process's peak resident set (VmHWM from /proc) after all levels, and "
+        "the KV-cache bytes the service reports in GetModelInfo, sampled every 0.5 s.",
+        "- Nothing here is asserted in tests: speed is measured here, on a quiet machine, not in CI.",
+        "- Engine-level microbenchmarks (prefill and decode tokens/s, what the KV cache buys): "
+        "`python bench/bench_engine.py` (`make bench-engine`).",
+        "",
+        "## Latest run",
+        "",
+    ]
+    if results["note"]:
+        lines += [f"> **Note:** {results['note']}", ""]
+    lines += [
+        f"- Command: {_make_command(results['arguments'])}, which ran `{results['llmsuite_bench']}`",
+        f"- Machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
+        f"{_fmt(m['memory_gib'])} GiB; {m['os']}; Python {m['python']}; onnxruntime {m['onnxruntime']}; "
+        f"load average at the end {m['load_average']}",
+        f"- Commit {m['commit']}, {m['date']}",
+        "",
+        "### Targets (issue 7)",
+        "",
+        *_table(["ratio", "measured", "target", ""],
+                [[r["name"], _fmt(r["value"], 3), r["target"], _verdict(r["met"])] for r in results["ratios"]]),
+        "",
+        "### Through the gateway",
+        "",
+        *_table(["", *(f"c={lv['concurrency']}" for lv in levels)],
+                [[label, *(str(fmt(lv)) for lv in levels)] for label, fmt in _GATEWAY_ROWS]),
+        "",
+        "### In-process references",
+        "",
+        *_table(["", "runs", "output tokens", "seconds", "output tokens/s", "prefill p50 (ms)",
+                 "decode step p50 (ms)"],
+                [[r["label"], r["runs"], r["output_tokens"], _fmt(r["seconds"], 2), _fmt(r["output_tokens_per_s"]),
+                  _fmt(r["ttft_p50_ms"]), _fmt(r["itl_p50_ms"])] for r in refs.values()]),
+        "",
+        "Greedy tokens through the gateway identical to the reference's for the same prompt: " + ", ".join(
+            f"{k} {v['identical']}/{v['compared']}" for k, v in results["token_agreement"].items()) + ".",
+        "",
+        "### Memory (peak over the whole run)",
+        "",
+        _memory_line(results["memory"]) + ".",
+        "",
+    ]
+    return "\n".join(lines)

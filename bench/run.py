@@ -1,0 +1,391 @@
+"""`make bench`: the serving benchmark against its in-process yardstick, in one run.
+
+    python bench/run.py                      # what `make bench` runs
+    python bench/run.py --requests 8,16,64,128 --reference-runs 3   # longer, steadier
+    python bench/run.py --output-tokens 32 --requests 2,4,16,64 --no-write   # a quick look
+
+1. Builds the `bench` preset (about 100M parameters) into --model-dir unless it is there.
+2. Starts the local cluster (`python -m llmsuite.cluster`) on free ports, the inference
+   service with --threads intra-op threads.
+3. Runs `llmsuite bench` through the gateway at each concurrency level (greedy, EOS
+   ignored), sampling the inference process's memory and KV counters meanwhile.
+4. Stops the cluster, then runs the references on a quiet machine, straight on
+   onnxruntime with the same session settings and the very prompt tokens the gateway
+   sent (bench/reference.py): one sequence at a time, and one left-padded batch.
+5. Prints the issue-7 ratios and writes them, with the machine and the command, to
+   docs/performance.md (unless --no-write). Raw results go to --results-dir.
+
+It asserts nothing: a missed target is reported, not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import onnxruntime as ort
+import performance_doc
+from reference import GreedyRun, ReferenceSession, greedy
+
+from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MODEL_NAME = "bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _default_device() -> str:
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+class Cluster:
+    """`python -m llmsuite.cluster` on free ports; its log goes to a file (nothing to drain)."""
+
+    def __init__(self, model_dir: Path, device: str, threads: int, log_path: Path) -> None:
+        self.ports = {name: _free_port() for name in ("gateway", "tokenizer", "inference")}
+        self.argv = [str(BIN / "python"), "-m", "llmsuite.cluster", "--model", f"{MODEL_NAME}={model_dir}",
+                     "--device", device, *(f"--{n}-port={p}" for n, p in self.ports.items())]
+        # The services read every flag from its LLMSUITE_* variable too; the cluster passes its env on.
+        self.env = {**os.environ, "LLMSUITE_INTRA_OP_THREADS": str(threads), "LLMSUITE_INTER_OP_THREADS": "0",
+                    "LLMSUITE_GRAPH_OPTIMIZATION": "all"}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def __enter__(self) -> Cluster:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        try:
+            self._wait_serving()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_serving(self, timeout_s: float = 600.0) -> None:
+        # The launcher waits for each service in turn; the gateway comes last.
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address("gateway")) as channel:
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"the cluster exited ({self.proc.returncode}); see {self.log_path}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.25)
+        raise SystemExit(f"the cluster was not SERVING within {timeout_s:.0f}s; see {self.log_path}")
+
+    def inference_pid(self) -> int | None:
+        """The inference service is the launcher's child running llmsuite-inference."""
+        assert self.proc is not None
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == self.proc.pid and b"llmsuite-inference" in cmdline:
+                return int(entry.name)
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # the launcher drains and stops its children
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class MemoryWatch:
+    """Samples the inference process's resident memory and the service's KV counters."""
+
+    pid: int | None
+    address: str
+    peak_rss_kib: int = 0
+    peak_kv_bytes: int = 0
+    peak_running: int = 0
+    peak_queued: int = 0
+    hwm_kib: int | None = None
+    budget: dict[str, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            while not self._stop.wait(0.5):
+                if self.pid is not None:
+                    self.peak_rss_kib = max(self.peak_rss_kib, _status_kib(self.pid, "VmRSS") or 0)
+                try:
+                    info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(model=MODEL_NAME), timeout=5).info
+                except grpc.RpcError:
+                    continue
+                self.peak_kv_bytes = max(self.peak_kv_bytes, info.stats.kv_cache_bytes)
+                self.peak_running = max(self.peak_running, info.stats.running)
+                self.peak_queued = max(self.peak_queued, info.stats.queued)
+                self.budget = _reported_budget(info)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid is not None:
+            self.hwm_kib = _status_kib(self.pid, "VmHWM")  # the process's peak, read before it stops
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _reported_budget(info: inference_pb2.ModelInfo) -> dict[str, int]:
+    """Any KV budget the service reports. ModelInfo has none today; the batching engine
+    may add one (a field whose name says budget or capacity), and it then shows up here."""
+    found = {}
+    for message in (info, info.stats):
+        for descriptor, value in message.ListFields():
+            if isinstance(value, int) and any(w in descriptor.name for w in ("budget", "capacity", "max_kv")):
+                found[descriptor.name] = value
+    return found
+
+
+def run_gateway_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    argv = ["llmsuite", "--address", cluster.address("gateway"), "bench", "--model", MODEL_NAME,
+            "-c", args.concurrency, "-n", args.requests, "--prompt-tokens", str(args.prompt_tokens),
+            "--output-tokens", str(args.output_tokens), "--warmup", str(args.warmup), "--seed", str(args.seed),
+            "--json", "--save-requests", str(out_dir / "requests.jsonl"),
+            "--save-prompts", str(out_dir / "prompts.jsonl")]
+    print("$ " + shlex.join(argv), file=sys.stderr, flush=True)
+    done = subprocess.run([str(BIN / argv[0]), *argv[1:]], stdout=subprocess.PIPE, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"llmsuite bench failed with exit code {done.returncode}")
+    (out_dir / "gateway.json").write_bytes(done.stdout)
+    return json.loads(done.stdout), argv
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    label: str
+    rows: int
+    runs: list[GreedyRun]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(r.output_tokens for r in self.runs) / sum(r.total_s for r in self.runs)
+
+    @property
+    def ttft_p50_s(self) -> float:
+        return statistics.median(r.prefill_s for r in self.runs)
+
+    @property
+    def itl_p50_s(self) -> float:
+        return statistics.median(s for r in self.runs for s in r.step_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "rows": self.rows, "runs": len(self.runs),
+                "output_tokens": sum(r.output_tokens for r in self.runs),
+                "seconds": round(sum(r.total_s for r in self.runs), 3),
+                "output_tokens_per_s": round(self.tokens_per_s, 2), "ttft_p50_ms": round(self.ttft_p50_s * 1e3, 2),
+                "itl_p50_ms": round(self.itl_p50_s * 1e3, 2)}
+
+
+def run_references(args: argparse.Namespace, singles: list[list[int]], batch: list[list[int]]
+                   ) -> dict[str, ReferenceResult]:
+    """One greedy run per prompt in `singles`, alone; --reference-runs runs of `batch` as one batch."""
+    ref = ReferenceSession.load(args.model_dir, intra_op_threads=args.threads, device=args.device)
+    # Warm the session for both shapes (allocator arenas, kernels) outside the timings.
+    greedy(ref, singles[:1], 2)
+    greedy(ref, batch, 2)
+    print(f"reference: {len(singles)} single-sequence runs of {args.output_tokens} tokens", file=sys.stderr)
+    single = ReferenceResult("single sequence", 1, [greedy(ref, [p], args.output_tokens) for p in singles])
+    print(f"reference: {args.reference_runs} runs of a left-padded batch of {len(batch)}", file=sys.stderr)
+    batched = ReferenceResult(f"left-padded batch of {len(batch)}", len(batch),
+                              [greedy(ref, batch, args.output_tokens) for _ in range(args.reference_runs)])
+    return {"single": single, "batch": batched}
+
+
+def token_agreement(outputs: dict[tuple[int, ...], list[int]], rows: list[list[int]], runs: list[GreedyRun]
+                    ) -> dict[str, int]:
+    """How many of the gateway's greedy outputs equal the reference's for the same
+    prompt ids (the same ids in, so all should agree; float differences between
+    batched and single kernels can flip a near-tie)."""
+    compared = identical = 0
+    for run in runs:
+        for row, tokens in zip(rows, run.tokens, strict=True):
+            served = outputs.get(tuple(row))
+            if served is not None:
+                compared += 1
+                identical += served == tokens
+    return {"identical": identical, "compared": compared}
+
+
+def machine() -> dict[str, Any]:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown") \
+        if Path("/proc/cpuinfo").exists() else platform.processor() or "unknown"
+    memory_kib = _status_kib_meminfo()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "usable_cpus": _usable_cores(),
+            "memory_gib": round(memory_kib / 2**20, 1) if memory_kib else None, "os": platform.platform(),
+            "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "commit": commit + ("+dirty" if dirty else ""), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def _status_kib_meminfo() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "bench",
+                        help="the bench preset (built here if absent)")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="levels for llmsuite bench")
+    parser.add_argument("--requests", default="4,8,32,64", help="requests per level (one per level)")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2, help="llmsuite bench warm-up requests")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=16, help="rows of the batched reference (and the level it "
+                                                              "is compared with)")
+    parser.add_argument("--reference-runs", type=int, default=2,
+                        help="single-sequence prompts, and batched runs, timed for the references")
+    parser.add_argument("--threads", type=int, default=_usable_cores(),
+                        help="intra-op threads for the inference service and the references alike "
+                             "(default: the CPUs this process may use)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=_default_device())
+    parser.add_argument("--results-dir", type=Path, default=REPO / "build" / "bench")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
+    parser.add_argument("--note", default="", help="a remark printed at the top of the results (e.g. the "
+                                                   "machine was busy)")
+    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+
+    if not (args.model_dir / "model.onnx").is_file():
+        print(f"building the bench preset into {args.model_dir} ...", file=sys.stderr, flush=True)
+        subprocess.run([str(BIN / "llmsuite-build-model"), "--preset", "bench", "--out", str(args.model_dir)],
+                       check=True)
+
+    print(f"starting the cluster (inference: {args.device}, {args.threads} intra-op threads) ...", file=sys.stderr,
+          flush=True)
+    with Cluster(args.model_dir, args.device, args.threads, args.results_dir / "cluster.log") as cluster:
+        pid = cluster.inference_pid()
+        with MemoryWatch(pid, cluster.address("inference")) as memory:
+            gateway, bench_argv = run_gateway_bench(cluster, args, args.results_dir)
+
+    prompts: dict[int, list[list[int]]] = {}
+    by_request: dict[tuple[int, int], list[int]] = {}
+    for line in (args.results_dir / "prompts.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        prompts.setdefault(entry["concurrency"], []).append(entry["token_ids"])
+        by_request[entry["concurrency"], entry["index"]] = entry["token_ids"]
+    outputs = {}
+    for line in (args.results_dir / "requests.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["code"] == "OK":
+            outputs[tuple(by_request[r["concurrency"], r["index"]])] = r["output_token_ids"]
+    single_rows = (prompts.get(1) or next(iter(prompts.values())))[:args.reference_runs]
+    batch_rows = (prompts.get(args.batch) or [p for level in prompts.values() for p in level])[:args.batch]
+    references = run_references(args, single_rows, batch_rows)
+    agreement = {
+        "single": sum_agreement(token_agreement(outputs, [row], [run])
+                                for row, run in zip(single_rows, references["single"].runs, strict=True)),
+        "batch": token_agreement(outputs, batch_rows, references["batch"].runs[:1]),
+    }
+
+    results = {
+        "arguments": arguments, "llmsuite_bench": shlex.join(bench_argv), "machine": machine(),
+        "settings": {"device": args.device, "intra_op_threads": args.threads, "inter_op_threads": 0,
+                     "graph_optimization": "all", "prompt_tokens": args.prompt_tokens,
+                     "output_tokens": args.output_tokens, "batch": args.batch},
+        "gateway": gateway,
+        "references": {k: v.to_dict() for k, v in references.items()},
+        "token_agreement": agreement,
+        "memory": {"inference_pid": pid, "vm_hwm_mib": _mib(memory.hwm_kib), "peak_rss_sampled_mib":
+                   _mib(memory.peak_rss_kib), "peak_kv_cache_mib": round(memory.peak_kv_bytes / 2**20, 1),
+                   "peak_running": memory.peak_running, "peak_queued": memory.peak_queued,
+                   "model_weights_mib": round(sum(p.stat().st_size for p in args.model_dir.glob("model.onnx*"))
+                                              / 2**20, 1),
+                   "reported_kv_budget": memory.budget or None},
+        "note": args.note,
+    }
+    results["ratios"] = performance_doc.ratios(results, batch=args.batch)
+    (args.results_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(performance_doc.summary_text(results))
+    if not args.no_write:
+        args.doc.write_text(performance_doc.render(results))
+        print(f"wrote {args.doc} (raw results: {args.results_dir / 'results.json'})", file=sys.stderr)
+    return 0
+
+
+def sum_agreement(parts: Any) -> dict[str, int]:
+    parts = list(parts)
+    return {k: sum(p[k] for p in parts) for k in ("identical", "compared")}
+
+
+def _mib(kib: int | None) -> float | None:
+    return None if not kib else round(kib / 1024, 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""docs/performance.md's ratios and text come from one results dict (bench/run.py)."""
+
+from __future__ import annotations
+
+import copy
+
+
+def _level(c, tps, ttft, itl, errors=None):
+    return {"concurrency": c, "requests": 4, "succeeded": 4, "errors": errors or {}, "length_mismatches": 0,
+            "duration_s": 1.0, "output_tokens_per_s": tps, "requests_per_s": 1.0,
+            "ttft_ms": {"p50": ttft, "p95": ttft, "p99": ttft}, "itl_ms": {"p50": itl, "p95": itl, "p99": itl},
+            "e2e_ms": {"p50": 1.0, "p95": 1.0, "p99": 1.0}}
+
+
+RESULTS = {
+    "arguments": [],
+    "llmsuite_bench": "llmsuite bench -c 1,16,64",
+    "machine": {"cpu": "Test CPU", "usable_cpus": 2, "logical_cpus": 4, "memory_gib": 24.0, "os": "Linux",
+                "python": "3.11", "onnxruntime": "1.2.3", "load_average": [0.1, 0.1, 0.1], "commit": "abc123",
+                "date": "today"},
+    "settings": {"device": "cpu", "intra_op_threads": 2, "inter_op_threads": 0, "graph_optimization": "all",
+                 "prompt_tokens": 64, "output_tokens": 128, "batch": 16},
+    "gateway": {"levels": [_level(1, 10.0, 100.0, 50.0), _level(16, 45.0, 600.0, 150.0),
+                           _level(64, 50.0, 900.0, 300.0, {"RESOURCE_EXHAUSTED": 3, "INTERNAL": 1})]},
+    "references": {
+        "single": {"label": "single sequence", "rows": 1, "runs": 2, "output_tokens": 256, "seconds": 25.0,
+                   "output_tokens_per_s": 11.0, "ttft_p50_ms": 50.0, "itl_p50_ms": 20.0},
+        "batch": {"label": "left-padded batch of 16", "rows": 16, "runs": 2, "output_tokens": 4096,
+                  "seconds": 80.0, "output_tokens_per_s": 51.2, "ttft_p50_ms": 500.0, "itl_p50_ms": 60.0}},
+    "token_agreement": {"single": {"identical": 2, "compared": 2}, "batch": {"identical": 15, "compared": 16}},
+    "memory": {"vm_hwm_mib": 900.0, "model_weights_mib": 384.0, "peak_kv_cache_mib": 50.0, "peak_running": 16,
+               "peak_queued": 48, "reported_kv_budget": None},
+    "note": "",
+}
+
+
+def test_ratios_against_the_issue_targets(performance_doc):
+    ratios = {r["name"]: r for r in performance_doc.ratios(RESULTS, batch=16)}
+    assert ratios["gateway c=16 output tok/s / in-process batch of 16"]["value"] == round(45 / 51.2, 3)
+    assert ratios["gateway c=16 output tok/s / in-process batch of 16"]["met"] is True  # 0.879 >= 0.8
+    assert ratios["gateway c=16 / gateway c=1 output tok/s"]["met"] is True  # 4.5 >= 4
+    single = ratios["gateway c=1 / in-process single sequence output tok/s"]
+    assert single["value"] == round(10 / 11, 3) and single["met"] is False  # 0.909 < 0.95
+    assert ratios["TTFT p50 c=16 / c=1"] == {"name": "TTFT p50 c=16 / c=1", "value": 6.0, "target": "<= 5",
+                                             "met": False}
+    assert ratios["ITL p50 c=16 / c=1"]["value"] == 3.0 and ratios["ITL p50 c=16 / c=1"]["met"] is True
+    unexpected = ratios["c=64 errors other than RESOURCE_EXHAUSTED"]
+    assert unexpected["value"] == 1.0 and unexpected["met"] is False
+
+
+def test_missing_levels_give_no_verdict(performance_doc):
+    results = copy.deepcopy(RESULTS)
+    results["gateway"]["levels"] = results["gateway"]["levels"][1:]  # no c=1
+    ratios = {r["name"]: r for r in performance_doc.ratios(results, batch=16)}
+    assert ratios["gateway c=16 / gateway c=1 output tok/s"]["met"] is None
+    assert ratios["TTFT p50 c=16 / c=1"]["value"] is None
+
+
+def test_document_names_the_machine_the_command_and_every_level(performance_doc):
+    results = copy.deepcopy(RESULTS)
+    results["ratios"] = performance_doc.ratios(results, batch=16)
+    text = performance_doc.render(results)
+    assert "Test CPU, 2 usable of 4 logical CPUs" in text and "onnxruntime 1.2.3" in text
+    assert "`make bench` (`python bench/run.py`)" in text and "llmsuite bench -c 1,16,64" in text
+    assert "| | c=1 | c=16 | c=64 |".replace("| |", "|  |") in text
+    assert "INTERNAL 1" in text and "batch 15/16" in text and "no KV budget" in text
+    results["arguments"] = ["--requests", "2,4,8,16", "--note", "busy machine"]
+    results["note"] = "busy machine"
+    text = performance_doc.render(results)
+    assert "`make bench BENCH_ARGS='--requests 2,4,8,16 --note '\"'\"'busy machine'\"'\"''`" in text
+    assert "> **Note:** busy machine" in text
