@@ -61,9 +61,8 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def _make_command(arguments: list[str]) -> str:
     if not arguments:
-        return "`make bench` (`python bench/run.py`)"
-    joined = shlex.join(arguments)
-    return f"`make bench BENCH_ARGS={shlex.quote(joined)}` (`python bench/run.py {joined}`)"
+        return "`make bench`"
+    return f"`make bench BENCH_ARGS={shlex.quote(shlex.join(arguments))}`"
 
 
 def _verdict(met: bool | None) -> str:
@@ -91,9 +90,46 @@ def summary_text(results: dict[str, Any]) -> str:
     lines.append("  greedy tokens identical to the references: " + ", ".join(
         f"{k} {v['identical']}/{v['compared']}" for k, v in agreement.items()))
     lines.append("  " + _memory_line(results["memory"]))
+    chat = results.get("chat")
+    if chat and chat.get("last_turn_ttft_p50_ms") is not None:
+        lines.append(f"  chat: last turn TTFT p50 / uncached TTFT p50 of a {chat['last_turn_prompt_tokens']}-token "
+                     f"prompt = {_fmt(_chat_ratio(chat), 3)} (issue 11 target <= 0.2), cached prompt tokens "
+                     f"{chat['cache_hit_rate']:.1%}")
     if results["note"]:
         lines.append(f"  note: {results['note']}")
     return "\n".join(lines)
+
+
+def _chat_ratio(chat: dict[str, Any]) -> float | None:
+    return _div(chat.get("last_turn_ttft_p50_ms"), chat.get("uncached_ttft_p50_ms"))
+
+
+def _chat_section(chat: dict[str, Any] | None) -> list[str]:
+    heading = ["### Multi-turn chat (issue 11)", ""]
+    if not chat:
+        return [
+            *heading,
+            "Not part of this run (`make bench BENCH_ARGS=--chat` adds it): conversations re-sent whole each "
+            "turn through the gateway's Chat, as OpenAI-style clients do (5 turns of 200-token user messages "
+            "and 50-token replies: 1,000 tokens of history before the last turn), and the time to first token "
+            "of the last turn against an unrelated prompt of the same length, which no cache can serve. "
+            "Issue 11's target: <= 0.2x.", ""]
+    if chat.get("last_turn_ttft_p50_ms") is None:
+        return [*heading, f"`{chat['command']}` failed: {chat.get('error', 'no result')}.", ""]
+    ratio = _chat_ratio(chat)
+    return [
+        *heading,
+        f"`{chat['command']}`, then `{chat['uncached_command']}` as the uncached baseline.",
+        "",
+        *_table(["turn", "succeeded", "prompt tokens computed", "cached", "cached share", "TTFT p50 (ms)"],
+                [[t["turn"] + 1, t["succeeded"], t["prompt_tokens"], t["cached_tokens"],
+                  f"{t['cache_hit_rate']:.1%}", _fmt(t["ttft_ms"]["p50"])] for t in chat["turns"]]),
+        "",
+        f"Last turn ({chat['last_turn_prompt_tokens']} prompt tokens): TTFT p50 "
+        f"{_fmt(chat['last_turn_ttft_p50_ms'])} ms against {_fmt(chat['uncached_ttft_p50_ms'])} ms uncached, "
+        f"ratio {_fmt(ratio, 3)} (target <= 0.2: {_verdict(None if ratio is None else ratio <= 0.2)}).",
+        "",
+    ]
 
 
 _GATEWAY_ROWS = (
@@ -192,5 +228,6 @@ def render(results: dict[str, Any]) -> str:
         "",
         _memory_line(results["memory"]) + ".",
         "",
+        *_chat_section(results.get("chat")),
     ]
     return "\n".join(lines)

@@ -8,7 +8,9 @@
 2. Starts the local cluster (`python -m llmsuite.cluster`) on free ports, the inference
    service with --threads intra-op threads.
 3. Runs `llmsuite bench` through the gateway at each concurrency level (greedy, EOS
-   ignored), sampling the inference process's memory and KV counters meanwhile.
+   ignored), sampling the inference process's memory and KV counters meanwhile. With
+   --profile, py-spy records the inference and gateway processes meanwhile (to find what
+   bounds a missed target); with --chat, issue 11's multi-turn workload follows.
 4. Stops the cluster, then runs the references on a quiet machine, straight on
    onnxruntime with the same session settings and the very prompt tokens the gateway
    sent (bench/reference.py): one sequence at a time, and one left-padded batch.
@@ -21,6 +23,7 @@ It asserts nothing: a missed target is reported, not failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,8 +114,8 @@ class Cluster:
                 time.sleep(0.25)
         raise SystemExit(f"the cluster was not SERVING within {timeout_s:.0f}s; see {self.log_path}")
 
-    def inference_pid(self) -> int | None:
-        """The inference service is the launcher's child running llmsuite-inference."""
+    def service_pid(self, service: str) -> int | None:
+        """The launcher's child running llmsuite-SERVICE (each is exec'd in place, so its parent is the launcher)."""
         assert self.proc is not None
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -121,7 +125,7 @@ class Cluster:
                 cmdline = (entry / "cmdline").read_bytes()
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == self.proc.pid and b"llmsuite-inference" in cmdline:
+            if ppid == self.proc.pid and f"llmsuite-{service}".encode() in cmdline:
                 return int(entry.name)
         return None
 
@@ -134,6 +138,29 @@ class Cluster:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._log.close()
+
+
+@contextlib.contextmanager
+def profiling(pids: dict[str, int | None], out_dir: Path) -> Iterator[None]:
+    """py-spy samples each process while the block runs (without pausing it) and writes
+    a speedscope profile per process (open it at https://www.speedscope.app)."""
+    recorders = []
+    for name, pid in pids.items():
+        if pid is None:
+            raise SystemExit(f"--profile: no {name} process found")
+        output = out_dir / f"{name}.speedscope.json"
+        recorders.append(subprocess.Popen(
+            [str(BIN / "py-spy"), "record", "--pid", str(pid), "--rate", "100", "--nonblocking",
+             "--format", "speedscope", "--output", str(output)],
+            stdout=subprocess.DEVNULL, stderr=(out_dir / f"{name}.py-spy.log").open("wb")))
+        print(f"profiling {name} (pid {pid}) into {output}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.send_signal(signal.SIGINT)  # py-spy writes its profile when interrupted
+        for recorder in recorders:
+            recorder.wait(120)
 
 
 def _status_kib(pid: int, key: str) -> int | None:
@@ -198,18 +225,50 @@ def _reported_budget(info: inference_pb2.ModelInfo) -> dict[str, int]:
     return found
 
 
-def run_gateway_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -> tuple[dict[str, Any], list[str]]:
-    argv = ["llmsuite", "--address", cluster.address("gateway"), "bench", "--model", MODEL_NAME,
-            "-c", args.concurrency, "-n", args.requests, "--prompt-tokens", str(args.prompt_tokens),
-            "--output-tokens", str(args.output_tokens), "--warmup", str(args.warmup), "--seed", str(args.seed),
-            "--json", "--save-requests", str(out_dir / "requests.jsonl"),
-            "--save-prompts", str(out_dir / "prompts.jsonl")]
+def llmsuite_bench(cluster: Cluster, options: list[str], json_path: Path) -> tuple[dict[str, Any], list[str]]:
+    """Runs `llmsuite bench --json` against the cluster's gateway; its progress bar shows on a terminal."""
+    argv = ["llmsuite", "--address", cluster.address("gateway"), "bench", "--model", MODEL_NAME, *options, "--json"]
     print("$ " + shlex.join(argv), file=sys.stderr, flush=True)
     done = subprocess.run([str(BIN / argv[0]), *argv[1:]], stdout=subprocess.PIPE, check=False)
     if done.returncode != 0:
         raise SystemExit(f"llmsuite bench failed with exit code {done.returncode}")
-    (out_dir / "gateway.json").write_bytes(done.stdout)
+    json_path.write_bytes(done.stdout)
     return json.loads(done.stdout), argv
+
+
+def run_gateway_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    return llmsuite_bench(cluster, [
+        "-c", args.concurrency, "-n", args.requests, "--prompt-tokens", str(args.prompt_tokens),
+        "--output-tokens", str(args.output_tokens), "--warmup", str(args.warmup), "--seed", str(args.seed),
+        "--save-requests", str(out_dir / "requests.jsonl"), "--save-prompts", str(out_dir / "prompts.jsonl")],
+        out_dir / "gateway.json")
+
+
+def run_chat_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Issue 11's workload: conversations re-sent whole each turn, one at a time, and the
+    time to first token of the last turn against that of an unrelated prompt of the same
+    length (nothing to reuse, so uncached whatever the server keeps)."""
+    chat, chat_argv = llmsuite_bench(cluster, [
+        "--workload", "chat", "--chat-mode", "resend", "--turns", str(args.chat_turns), "-c", "1",
+        "-n", str(args.chat_conversations), "--prompt-tokens", str(args.chat_prompt_tokens),
+        "--output-tokens", str(args.chat_output_tokens), "--warmup", "1", "--seed", str(args.seed),
+        "--save-requests", str(out_dir / "chat-requests.jsonl")], out_dir / "chat.json")
+    records = [json.loads(line) for line in (out_dir / "chat-requests.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["code"] == "OK" and r["turn"] == args.chat_turns - 1]
+    if not last:
+        return {"command": shlex.join(chat_argv), "levels": chat["levels"], "error": "no last turn succeeded"}
+    last_prompt = round(statistics.median(r["prompt_tokens"] + r["cached_tokens"] for r in last))
+    uncached, uncached_argv = llmsuite_bench(cluster, [
+        "-c", "1", "-n", str(args.chat_conversations), "--prompt-tokens", str(last_prompt), "--output-tokens", "4",
+        "--warmup", "0", "--seed", str(args.seed + 1)], out_dir / "chat-uncached.json")
+    (level,), (baseline,) = chat["levels"], uncached["levels"]
+    last_ttft = level["turns"][-1]["ttft_ms"]["p50"] if level["turns"] else None
+    return {
+        "command": shlex.join(chat_argv), "uncached_command": shlex.join(uncached_argv),
+        "turns": level["turns"], "errors": level["errors"], "cache_hit_rate": level["cache_hit_rate"],
+        "last_turn_prompt_tokens": last_prompt, "last_turn_ttft_p50_ms": last_ttft,
+        "uncached_ttft_p50_ms": baseline["ttft_ms"]["p50"],
+    }
 
 
 @dataclass(frozen=True)
@@ -312,6 +371,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="intra-op threads for the inference service and the references alike "
                              "(default: the CPUs this process may use)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=_default_device())
+    chat = parser.add_argument_group("multi-turn chat (issue 11's prefix cache), off unless --chat")
+    chat.add_argument("--chat", action="store_true",
+                      help="also run conversations re-sent whole each turn, and an uncached prompt as long as "
+                           "the last turn's")
+    chat.add_argument("--chat-turns", type=int, default=5)
+    chat.add_argument("--chat-prompt-tokens", type=int, default=200, help="tokens per user message")
+    chat.add_argument("--chat-output-tokens", type=int, default=50,
+                      help="tokens per reply (defaults: 1,000 tokens of history before the last turn)")
+    chat.add_argument("--chat-conversations", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="record the inference and gateway processes with py-spy during the gateway levels "
+                             "(speedscope files in --results-dir)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "build" / "bench")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
@@ -329,9 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting the cluster (inference: {args.device}, {args.threads} intra-op threads) ...", file=sys.stderr,
           flush=True)
     with Cluster(args.model_dir, args.device, args.threads, args.results_dir / "cluster.log") as cluster:
-        pid = cluster.inference_pid()
-        with MemoryWatch(pid, cluster.address("inference")) as memory:
+        pid = cluster.service_pid("inference")
+        services = {name: cluster.service_pid(name) for name in ("inference", "gateway")} if args.profile else {}
+        with MemoryWatch(pid, cluster.address("inference")) as memory, profiling(services, args.results_dir):
             gateway, bench_argv = run_gateway_bench(cluster, args, args.results_dir)
+        chat = run_chat_bench(cluster, args, args.results_dir) if args.chat else None
 
     prompts: dict[int, list[list[int]]] = {}
     by_request: dict[tuple[int, int], list[int]] = {}
@@ -367,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                    "model_weights_mib": round(sum(p.stat().st_size for p in args.model_dir.glob("model.onnx*"))
                                               / 2**20, 1),
                    "reported_kv_budget": memory.budget or None},
+        "chat": chat,
         "note": args.note,
     }
     results["ratios"] = performance_doc.ratios(results, batch=args.batch)

@@ -61,7 +61,7 @@ def test_document_names_the_machine_the_command_and_every_level(performance_doc)
     results["ratios"] = performance_doc.ratios(results, batch=16)
     text = performance_doc.render(results)
     assert "Test CPU, 2 usable of 4 logical CPUs" in text and "onnxruntime 1.2.3" in text
-    assert "`make bench` (`python bench/run.py`)" in text and "llmsuite bench -c 1,16,64" in text
+    assert "- Command: `make bench`, which ran" in text and "llmsuite bench -c 1,16,64" in text
     assert "| | c=1 | c=16 | c=64 |".replace("| |", "|  |") in text
     assert "INTERNAL 1" in text and "batch 15/16" in text and "no KV budget" in text
     results["arguments"] = ["--requests", "2,4,8,16", "--note", "busy machine"]
@@ -69,3 +69,22 @@ def test_document_names_the_machine_the_command_and_every_level(performance_doc)
     text = performance_doc.render(results)
     assert "`make bench BENCH_ARGS='--requests 2,4,8,16 --note '\"'\"'busy machine'\"'\"''`" in text
     assert "> **Note:** busy machine" in text
+
+
+def test_chat_section_reports_turns_and_the_uncached_ratio(performance_doc):
+    results = copy.deepcopy(RESULTS)
+    results["ratios"] = performance_doc.ratios(results, batch=16)
+    assert "`make bench BENCH_ARGS=--chat` adds it" in performance_doc.render(results)
+    results["chat"] = {
+        "command": "llmsuite bench --workload chat", "uncached_command": "llmsuite bench --prompt-tokens 1040",
+        "turns": [{"turn": 0, "succeeded": 3, "prompt_tokens": 200, "cached_tokens": 0, "cache_hit_rate": 0.0,
+                   "ttft_ms": {"p50": 300.0}},
+                  {"turn": 1, "succeeded": 3, "prompt_tokens": 250, "cached_tokens": 750, "cache_hit_rate": 0.75,
+                   "ttft_ms": {"p50": 150.0}}],
+        "errors": {}, "cache_hit_rate": 0.6, "last_turn_prompt_tokens": 1040, "last_turn_ttft_p50_ms": 150.0,
+        "uncached_ttft_p50_ms": 1000.0,
+    }
+    text = performance_doc.render(results)
+    assert "| 2 | 3 | 250 | 750 | 75.0% | 150.0 |" in text
+    assert "ratio 0.150 (target <= 0.2: met)" in text
+    assert "= 0.150 (issue 11 target <= 0.2)" in performance_doc.summary_text(results)
