@@ -70,9 +70,9 @@ def load_engine(cpu_settings: EngineSettings) -> Iterator[Callable[..., Inferenc
     """load_engine({"name": dir}, **settings) -> a CPU engine, closed after the test."""
     engines: list[InferenceEngine] = []
 
-    def load(models: Mapping[str, Path], **settings: Any) -> InferenceEngine:
+    def load(models: Mapping[str, Path], *, step_observer: Any = None, **settings: Any) -> InferenceEngine:
         fields = {"device": "cpu", "intra_op_threads": 1, **settings}
-        engine = InferenceEngine.load(models, EngineSettings(**fields))
+        engine = InferenceEngine.load(models, EngineSettings(**fields), step_observer=step_observer)
         engines.append(engine)
         return engine
 
@@ -109,14 +109,15 @@ async def generate_once(engine: InferenceEngine, model: str, token_ids: Sequence
 
 
 def slow_forward(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    """Makes every model forward take at least `seconds`, so timing-dependent tests are deterministic."""
-    original = OnnxDecoder.forward
+    """Makes every model forward (prefill or batched decode) take at least `seconds`, so
+    timing-dependent tests are deterministic."""
+    original = OnnxDecoder.run
 
-    def forward(self: OnnxDecoder, token_ids: Any, cache: Any) -> Any:
+    def run(self: OnnxDecoder, *args: Any) -> Any:
         time.sleep(seconds)
-        return original(self, token_ids, cache)
+        return original(self, *args)
 
-    monkeypatch.setattr(OnnxDecoder, "forward", forward)
+    monkeypatch.setattr(OnnxDecoder, "run", run)
 
 
 async def wait_until(condition: Callable[[], bool], within_s: float = 5.0) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ import pytest
 
 from llmsuite.inference.engine import EngineSettings, ModelLoadError
 from llmsuite.inference.engine import device as device_module
-from llmsuite.inference.engine import scheduler as scheduler_module
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
 
 PROMPT = [1, 17, 342, 99, 5, 801, 64, 12, 640, 33, 7]
@@ -94,14 +94,12 @@ def test_cache_reports_its_memory(llama_decoder: OnnxDecoder) -> None:
     assert result.cache.nbytes == len(PROMPT) * 2 * 2 * 2 * 32 * 4
 
 
-def test_chunked_prefill_gives_the_same_tokens(load_engine: Any, tiny_llama_dir: Path, helpers: Any,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_prefill_gives_the_same_tokens(load_engine: Any, tiny_llama_dir: Path, helpers: Any) -> None:
     prompt = list(range(7, 107))
     engine = load_engine({"tiny": tiny_llama_dir})
     whole, _ = asyncio.run(helpers.generate_once(engine, "tiny", prompt))
 
-    monkeypatch.setattr(scheduler_module, "PREFILL_CHUNK_TOKENS", 16)
-    chunked_engine = load_engine({"tiny": tiny_llama_dir})
+    chunked_engine = load_engine({"tiny": tiny_llama_dir}, prefill_chunk_tokens=16)
     chunked, result = asyncio.run(helpers.generate_once(chunked_engine, "tiny", prompt))
     assert chunked == whole
     assert result.usage.prompt_tokens == 100
@@ -205,15 +203,23 @@ def test_auto_falls_back_to_cpu_with_a_warning(tiny_llama_dir: Path, monkeypatch
 
 def test_session_options_follow_settings() -> None:
     options = device_module.session_options(
-        EngineSettings(intra_op_threads=3, inter_op_threads=2, graph_optimization="basic")
+        EngineSettings(intra_op_threads=3, inter_op_threads=2, graph_optimization="basic", intra_op_spinning=True)
     )
     assert options.intra_op_num_threads == 3
     assert options.inter_op_num_threads == 2
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_default_threads_are_the_cpus_this_process_may_use() -> None:
+    options = device_module.session_options(EngineSettings())
+    assert options.intra_op_num_threads == device_module.available_cores() <= len(os.sched_getaffinity(0))
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("bad", [{"device": "gpu"}, {"device": "cuda:x"}, {"graph_optimization": "max"},
-                                 {"max_running": 0}, {"session_idle_timeout_s": 0}])
+                                 {"max_running": 0}, {"session_idle_timeout_s": 0}, {"prefill_chunk_tokens": 0},
+                                 {"kv_cache_bytes": -1}])
 def test_settings_reject_nonsense(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         EngineSettings(**bad)

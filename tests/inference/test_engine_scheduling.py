@@ -209,16 +209,16 @@ def test_close_cancels_running_turns_and_refuses_new_work(engine: Any, monkeypat
 def test_a_failing_forward_fails_only_its_turn(engine: Any, monkeypatch: pytest.MonkeyPatch, helpers: Any) -> None:
     from llmsuite.inference.engine.onnx_model import OnnxDecoder
 
-    original = OnnxDecoder.forward
+    original = OnnxDecoder.run
     calls = {"n": 0}
 
-    def flaky(self: OnnxDecoder, token_ids: Any, cache: Any) -> Any:
+    def flaky(self: OnnxDecoder, *args: Any) -> Any:
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 3:  # the second decode forward
             raise RuntimeError("device lost")
-        return original(self, token_ids, cache)
+        return original(self, *args)
 
-    monkeypatch.setattr(OnnxDecoder, "forward", flaky)
+    monkeypatch.setattr(OnnxDecoder, "run", flaky)
 
     async def scenario() -> None:
         session = engine.open_session("tiny", retain_kv=True)

@@ -113,9 +113,9 @@ def test_max_sessions_caps_retained_sessions_only(load_engine: Any, tiny_llama_d
     engine.open_session("tiny", retain_kv=True)
 
 
-def test_cached_token_cap_evicts_least_recently_used_idle_sessions(load_engine: Any, tiny_llama_dir: Path,
+def test_kv_budget_evicts_least_recently_used_idle_sessions(load_engine: Any, tiny_llama_dir: Path,
                                                                    helpers: Any) -> None:
-    engine = load_engine({"tiny": tiny_llama_dir}, max_cached_tokens=100)
+    engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=100 * 1024)  # 100 tokens of tiny KV (1 KiB each)
     prompt = list(range(10, 60))  # 50 tokens + 4 generated: two such sessions exceed 100
 
     async def scenario() -> None:

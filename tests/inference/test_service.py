@@ -84,7 +84,9 @@ def test_stream_is_framed_and_flush_granularity_only_changes_grouping(stub):
     tokens_one, (final,) = collect(one)
     tokens_three, _ = collect(three)
     assert tokens_one == tokens_three and len(tokens_one) == 8
-    assert [len(r.tokens.token_ids) for r in three[:-1]] == [3, 3, 2]
+    # At least 3 per message (more when tokens piled up: they are coalesced), the rest before the final.
+    sizes = [len(r.tokens.token_ids) for r in three[:-1]]
+    assert all(size >= 3 for size in sizes[:-1]) and sum(sizes) == 8
     assert final.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.cached_tokens) == (6, 8, 0)
     assert final.timings.time_to_first_token.ToNanoseconds() > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,20 @@ from llmsuite.runtime.tracing import build_tracer_provider
 
 DEFAULT_LISTEN = "0.0.0.0:50052"
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
+          "G": 1000**3, "GB": 1000**3, "GIB": 1024**3, "T": 1000**4, "TB": 1000**4, "TIB": 1024**4}
+
+
+def byte_size(text: str) -> int:
+    """'auto' or '0' -> 0 (size it from the device); '512MiB', '2GB', '1073741824' -> bytes."""
+    if text.strip().lower() == "auto":
+        return 0
+    match = _SIZE.match(text)
+    if match is None or (match.group(2) and match.group(2).upper() not in _UNITS):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: auto, 512MiB, 4GiB, 1000000)")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
 
 def build_parser() -> EnvArgumentParser:
     defaults = EngineSettings()
@@ -33,19 +48,30 @@ def build_parser() -> EnvArgumentParser:
                    help="auto (CUDA if really active, else CPU with a warning), cpu, cuda or cuda:N "
                         "(cuda fails at start unless the CUDA execution provider is active)")
     e.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
-                   help="ONNX Runtime threads per operator (0 = its default)")
+                   help="ONNX Runtime threads per operator (0 = the CPUs this process may use: its "
+                        "affinity mask and cgroup quota)")
+    e.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction, default=defaults.intra_op_spinning,
+                   help="let idle ONNX Runtime threads busy-wait: lower latency when the process has its cores "
+                        "to itself, CPU taken from the gateway and tokenizer when it shares them")
     e.add_argument("--inter-op-threads", type=int, default=defaults.inter_op_threads,
                    help="ONNX Runtime threads across operators (0 = its default)")
     e.add_argument("--graph-optimization", choices=["none", "basic", "extended", "all"],
                    default=defaults.graph_optimization, help="ONNX Runtime graph optimization level")
+    e.add_argument("--kv-cache-bytes", type=byte_size, default=defaults.kv_cache_bytes, metavar="SIZE",
+                   help="KV-cache budget per model (e.g. 4GiB; auto = 25%% of the memory this process may use, "
+                        "or half the GPU's free memory, split between the models): running requests reserve the "
+                        "KV they can grow to, idle sessions keep theirs until room is needed; requests wait for "
+                        "room in the queue")
     e.add_argument("--max-running", type=int, default=defaults.max_running,
-                   help="sequences generating at once per model; more wait in the queue")
+                   help="most requests decoding together in one batched forward per model (bounds latency; "
+                        "memory is bounded by --kv-cache-bytes)")
     e.add_argument("--max-queued", type=int, default=defaults.max_queued,
-                   help="requests waiting per model before new ones get RESOURCE_EXHAUSTED")
+                   help="requests waiting per model for room in the batch before new ones get RESOURCE_EXHAUSTED")
+    e.add_argument("--prefill-chunk-tokens", type=int, default=defaults.prefill_chunk_tokens,
+                   help="prompt tokens fed per scheduler step, so running streams keep getting tokens while a "
+                        "long prompt is processed")
     e.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
                    help="open sessions (KV retained between turns) per model")
-    e.add_argument("--max-cached-tokens", type=int, default=defaults.max_cached_tokens,
-                   help="KV-cache tokens held per model; idle sessions are evicted beyond it")
     e.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout_s,
                    help="seconds before an idle session's KV cache is evicted (it is recomputed if used again)")
     e.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=defaults.warmup,
@@ -60,8 +86,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     engine_settings = EngineSettings(
         device=args.device, intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
-        graph_optimization=args.graph_optimization, max_running=args.max_running, max_queued=args.max_queued,
-        max_sessions=args.max_sessions, max_cached_tokens=args.max_cached_tokens,
+        intra_op_spinning=args.intra_op_spinning, graph_optimization=args.graph_optimization,
+        max_running=args.max_running, max_queued=args.max_queued, max_sessions=args.max_sessions,
+        kv_cache_bytes=args.kv_cache_bytes, prefill_chunk_tokens=args.prefill_chunk_tokens,
         session_idle_timeout_s=args.session_idle_timeout, warmup=args.warmup)
     app = InferenceApp(model_specs(args.model), engine_settings)
     try:

@@ -81,7 +81,10 @@ def model_info_to_proto(info: ModelInfo, stats: EngineStats) -> inference_pb2.Mo
             running=stats.running, queued=stats.queued, sessions=stats.sessions,
             cached_tokens=stats.cached_tokens, kv_cache_bytes=stats.kv_bytes,
             requests_total=stats.total_requests, cancelled_total=stats.cancelled,
-            time_limited_total=stats.time_limited),
+            time_limited_total=stats.time_limited, kv_cache_budget_bytes=stats.kv_budget_bytes,
+            kv_cache_reserved_bytes=stats.kv_reserved_bytes, rejected_total=stats.rejected_overloaded,
+            evicted_sessions_total=stats.evicted_sessions, decode_batch_rows=stats.decode_rows,
+            steps_total=stats.steps),
     )
     if info.bos_token_id is not None:
         msg.bos_token_id = info.bos_token_id

@@ -39,6 +39,9 @@ log = logging.getLogger("llmsuite.inference")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 MAX_REQUEST_ID_CHARS = 128
 MAX_FLUSH_EVERY = 256
+# Tokens already produced are sent together, up to this many per message, when the stream
+# falls behind the engine (under load), instead of one message each.
+MAX_COALESCED_TOKENS = 64
 
 
 @dataclass
@@ -121,7 +124,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         ended_by = item.finish_reason
                         break
                     pending.append(item)
-                    if len(pending) >= flush_every:
+                    if len(pending) >= flush_every and (len(pending) >= MAX_COALESCED_TOKENS
+                                                        or not session.buffered()):
                         yield self._tokens(request_id, sequence, turn_index, pending)
                         sequence += 1
                         pending = []

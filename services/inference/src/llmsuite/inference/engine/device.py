@@ -9,6 +9,10 @@ preference: fall back with a warning.
 from __future__ import annotations
 
 import logging
+import math
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,10 @@ class Placement:
     def description(self) -> str:
         return "cpu" if self.device_type == "cpu" else f"cuda:{self.device_id}"
 
+    def providers(self) -> list[Any]:
+        """The provider list that puts another session (KV operations) on this same device."""
+        return _requested_providers(self.device_type, self.device_id)
+
 
 def parse_device(device: str) -> tuple[str, int]:
     """"cuda:1" -> ("cuda", 1); "auto", "cpu", "cuda" -> (kind, 0)."""
@@ -50,12 +58,90 @@ def parse_device(device: str) -> tuple[str, int]:
     return kind, int(index or 0)
 
 
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota.
+
+    onnxruntime's own default is every physical core of the host, which in a container
+    limited to 2 CPUs (or beside the gateway and tokenizer) oversubscribes and spins.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def intra_op_threads(settings: EngineSettings) -> int:
+    return settings.intra_op_threads or available_cores()
+
+
 def session_options(settings: EngineSettings) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = intra_op_threads(settings)
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = _OPTIMIZATION_LEVELS[settings.graph_optimization]
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
     return options
+
+
+# Without a configured budget the KV cache may use this share of the memory the process can
+# have: model weights, activations and the other services need the rest.
+DEFAULT_KV_SHARE_OF_HOST_MEMORY = 0.25
+DEFAULT_KV_SHARE_OF_FREE_GPU_MEMORY = 0.5
+FALLBACK_GPU_KV_BYTES = 2 * 1024**3
+
+
+def default_kv_budget_bytes(placement: Placement) -> int:
+    """KV bytes to allow when the operator set none, from the memory this process can use."""
+    if placement.device_type == "cuda":
+        free = _gpu_free_bytes(placement.device_id)
+        if free is None:
+            logger.warning("cannot read free GPU memory (nvidia-smi); KV budget defaults to %d bytes",
+                           FALLBACK_GPU_KV_BYTES)
+            return FALLBACK_GPU_KV_BYTES
+        return int(free * DEFAULT_KV_SHARE_OF_FREE_GPU_MEMORY)
+    return int(_host_memory_bytes() * DEFAULT_KV_SHARE_OF_HOST_MEMORY)
+
+
+def _host_memory_bytes() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            total = min(total, int(raw))
+    return total
+
+
+def _gpu_free_bytes(device_id: int) -> int | None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", str(device_id)],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return int(out.strip().splitlines()[0]) * 1024 * 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def _requested_providers(kind: str, device_id: int) -> list[Any]:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from llmsuite.inference.engine.device import default_kv_budget_bytes, intra_op_threads
 from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
-from llmsuite.inference.engine.scheduler import PrefillEstimate, Scheduler, SessionState, TurnFailed
+from llmsuite.inference.engine.scheduler import PrefillEstimate, Scheduler, SessionState, StepObserver, TurnFailed
 from llmsuite.inference.engine.types import (
     EngineSettings,
     EngineStats,
@@ -68,6 +70,7 @@ class GenerationSession:
         self.model = model
         self._scheduler = scheduler
         self._state = state
+        self._results: asyncio.Queue[GeneratedToken | TurnResult | TurnFailed] | None = None
 
     @property
     def history_length(self) -> int:
@@ -96,6 +99,7 @@ class GenerationSession:
         """
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[GeneratedToken | TurnResult | TurnFailed] = asyncio.Queue()
+        self._results = results
 
         def deliver(item: GeneratedToken | TurnResult | TurnFailed) -> None:
             loop.call_soon_threadsafe(results.put_nowait, item)
@@ -119,6 +123,12 @@ class GenerationSession:
             if not done:
                 self._scheduler.cancel(turn)
 
+    def buffered(self) -> int:
+        """Items the current turn has produced that generate() has not yielded yet: a consumer
+        that falls behind can send them together instead of one message each."""
+        results = self._results
+        return results.qsize() if results is not None else 0
+
     def cancel(self) -> None:
         """Ends the current turn (if any) with CANCELLED within one step; safe from any thread."""
         turn = self._state.active
@@ -140,23 +150,33 @@ class InferenceEngine:
         self._models = dict(models)
 
     @classmethod
-    def load(cls, models: Mapping[str, Path], settings: EngineSettings) -> InferenceEngine:
+    def load(cls, models: Mapping[str, Path], settings: EngineSettings, *,
+             step_observer: StepObserver | None = None) -> InferenceEngine:
         """Blocking: loads and warms up every model. Raises ModelLoadError naming the model
-        and what is wrong (missing files, unsupported layout, requested device unavailable)."""
+        and what is wrong (missing files, unsupported layout, requested device unavailable).
+        `step_observer` is called on the scheduler thread after every step (metrics); it must be quick.
+
+        Each model gets the whole kv_cache_bytes budget (or the device-sized default, split
+        evenly between the models)."""
         loaded: dict[str, _LoadedModel] = {}
         try:
             for name, directory in models.items():
                 try:
                     decoder = OnnxDecoder.load(Path(directory), settings)
                     estimate = PrefillEstimate.measure(decoder) if settings.warmup else PrefillEstimate()
+                    kv_ops = KvOps(decoder.placement, decoder.placement.providers(), decoder.signature.num_layers,
+                                   decoder.signature.kv_dtype, intra_op_threads(settings))
                 except ModelLoadError as exc:
                     raise ModelLoadError(f"model {name!r}: {exc}") from exc
-                scheduler = Scheduler(name, decoder, settings, estimate)
+                budget = settings.kv_cache_bytes or default_kv_budget_bytes(decoder.placement) // len(models)
+                scheduler = Scheduler(name, decoder, settings, kv_ops=kv_ops, kv_budget_bytes=budget,
+                                      prefill_estimate=estimate, step_observer=step_observer)
                 scheduler.start()
                 loaded[name] = _LoadedModel(_model_info(name, decoder), scheduler)
                 logger.info(
-                    "loaded model %s from %s on %s (prefill ~%.2f ms/token)",
+                    "loaded model %s from %s on %s (prefill ~%.2f ms/token, KV budget %.1f MiB = %d tokens)",
                     name, directory, decoder.placement.execution_provider, estimate.per_token_s * 1e3,
+                    budget / 2**20, budget // decoder.kv_bytes_per_token,
                 )
         except BaseException:
             for model in loaded.values():

@@ -8,8 +8,10 @@ whose input order differs work the same.
 
 Every forward goes through IOBinding with the present key/values left where the
 provider produced them (device memory on CUDA) and fed straight back as the next step's
-past, so the KV cache never crosses to the host; only the logits are copied out. The CPU
-path runs the same code with device "cpu", so the tests that run here exercise it.
+past, so the KV cache never crosses to the host; only the logits are copied out. A
+forward takes any number of rows (a batch, see batch.py); a single sequence is the
+one-row case. The CPU path runs the same code with device "cpu", so the tests that run
+here exercise it.
 """
 
 from __future__ import annotations
@@ -227,19 +229,25 @@ def _layer_names(nodes: dict[str, Any], pattern: re.Pattern[str]) -> list[tuple[
 
 @dataclass(frozen=True)
 class KvCache:
-    """Past keys and values of one sequence, in the export's layout [1, kv_heads, length, head_dim].
+    """Past keys and values of `rows` sequences: per tensor [rows, kv_heads, length, head_dim].
 
-    Tensors are numpy arrays (before the first forward) or onnxruntime OrtValues that live
-    on the session's device. Immutable: each forward returns a new cache.
+    `tensors` holds layer 0's key and value, then layer 1's, ...: numpy arrays (an empty
+    cache) or onnxruntime OrtValues on the session's device. In a batch, rows shorter than
+    `length` are left-padded (see DecodeBatch). Immutable: each forward returns a new cache.
     """
 
-    layers: tuple[tuple[Any, Any], ...]
+    tensors: tuple[Any, ...]
     length: int
     bytes_per_token: int
+    rows: int = 1
+
+    @property
+    def layers(self) -> tuple[tuple[Any, Any], ...]:
+        return tuple((self.tensors[i], self.tensors[i + 1]) for i in range(0, len(self.tensors), 2))
 
     @property
     def nbytes(self) -> int:
-        return self.length * self.bytes_per_token
+        return self.rows * self.length * self.bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -249,7 +257,7 @@ class ForwardResult:
 
 
 class OnnxDecoder:
-    """Runs forwards of one sequence of an Optimum decoder export; safe to call from one thread."""
+    """Runs forwards of an Optimum decoder export; call from one thread at a time."""
 
     def __init__(self, session: ort.InferenceSession, placement: Placement, signature: DecoderSignature,
                  config: ExportConfig, directory: Path) -> None:
@@ -287,29 +295,45 @@ class OnnxDecoder:
     def context_length(self) -> int:
         return self.config.context_length
 
-    def empty_cache(self) -> KvCache:
+    @property
+    def uses_position_ids(self) -> bool:
+        """Without a position_ids input the graph derives positions itself, so a left-padded
+        row would see shifted positions: such exports are batched only across equal lengths."""
+        return self.signature.position_ids is not None
+
+    def empty_cache(self, rows: int = 1) -> KvCache:
         sig = self.signature
-        empty = np.zeros((1, sig.num_kv_heads, 0, sig.head_dim), dtype=sig.kv_dtype)
-        return KvCache(tuple((empty, empty) for _ in range(sig.num_layers)), 0, self.kv_bytes_per_token)
+        empty = np.zeros((rows, sig.num_kv_heads, 0, sig.head_dim), dtype=sig.kv_dtype)
+        return KvCache(tuple(empty for _ in range(2 * sig.num_layers)), 0, self.kv_bytes_per_token, rows)
 
     def forward(self, token_ids: Any, cache: KvCache) -> ForwardResult:
-        """Feeds `token_ids` after the `cache.length` tokens already in `cache`.
+        """Feeds `token_ids` of one sequence after the `cache.length` tokens already in `cache`.
 
-        Positions continue from the cache (no padding: one sequence), so the logits equal
-        those of one forward over the whole sequence without a cache.
+        Positions continue from the cache (no padding), so the logits equal those of one
+        forward over the whole sequence without a cache.
         """
         sig = self.signature
         ids = np.asarray(token_ids, dtype=sig.input_ids_dtype).reshape(1, -1)
-        new_tokens = ids.shape[1]
-        total = cache.length + new_tokens
+        total = cache.length + ids.shape[1]
+        mask = np.ones((1, total), dtype=sig.attention_mask_dtype)
+        positions = np.arange(cache.length, total, dtype=sig.position_ids_dtype).reshape(1, -1)
+        logits, new_cache = self.run(ids, mask, positions, cache)
+        return ForwardResult(logits=logits[0], cache=new_cache)
 
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            cache: KvCache) -> tuple[np.ndarray, KvCache]:
+        """One forward over `cache.rows` rows: input_ids [rows, new], attention_mask [rows, past + new]
+        (0 on left padding), position_ids [rows, new] (ignored by exports without that input).
+
+        Returns logits [rows, new, vocab] on the host and the new cache, left on the device.
+        """
+        sig = self.signature
         binding = self.session.io_binding()
-        binding.bind_cpu_input(sig.input_ids, ids)
+        binding.bind_cpu_input(sig.input_ids, input_ids)
         if sig.attention_mask:
-            binding.bind_cpu_input(sig.attention_mask, np.ones((1, total), dtype=sig.attention_mask_dtype))
+            binding.bind_cpu_input(sig.attention_mask, attention_mask)
         if sig.position_ids:
-            positions = np.arange(cache.length, total, dtype=sig.position_ids_dtype).reshape(1, -1)
-            binding.bind_cpu_input(sig.position_ids, positions)
+            binding.bind_cpu_input(sig.position_ids, position_ids)
         for (key_name, value_name), (key, value) in zip(sig.past_names, cache.layers, strict=True):
             _bind_past(binding, key_name, key)
             _bind_past(binding, value_name, value)
@@ -321,14 +345,14 @@ class OnnxDecoder:
 
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[0]
-        presents = outputs[1:]
-        layers = tuple((presents[2 * i], presents[2 * i + 1]) for i in range(sig.num_layers))
-        return ForwardResult(logits=logits, cache=KvCache(layers, total, self.kv_bytes_per_token))
+        logits = outputs[0].numpy()
+        new_cache = KvCache(tuple(outputs[1:]), cache.length + input_ids.shape[1], self.kv_bytes_per_token,
+                            cache.rows)
+        return logits, new_cache
 
     def present_to_numpy(self, cache: KvCache) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Host copies of a cache's tensors (for tests and debugging; copies from the device)."""
-        return [tuple(_to_numpy(t) for t in layer) for layer in cache.layers]  # type: ignore[misc]
+        """Host copies of a cache's tensors per layer (for tests and debugging; copies from the device)."""
+        return [(_to_numpy(key), _to_numpy(value)) for key, value in cache.layers]
 
 
 def _bind_past(binding: ort.IOBinding, name: str, tensor: Any) -> None:

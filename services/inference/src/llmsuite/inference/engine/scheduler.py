@@ -1,19 +1,26 @@
-"""Per-model request queue, scheduler and worker thread.
+"""Per-model continuous batching: request queue, KV admission, and the worker thread.
 
-The asyncio side only submits, cancels and reads results; every model forward runs on
-the scheduler's own worker thread, so the event loop is never blocked by model work.
-Results go back through a per-turn `deliver` callback (the engine wraps
-`loop.call_soon_threadsafe`).
+The asyncio side only submits, cancels and reads results; every model forward runs on the
+scheduler's own worker thread, so the event loop is never blocked by model work. Results
+go back through a per-turn `deliver` callback (the engine wraps `loop.call_soon_threadsafe`).
 
-`Scheduler.step()` is the unit of work: housekeeping (finish cancelled or expired turns,
-evict idle KV, admit queued turns FIFO up to max_running), then ONE forward for ONE
-running turn, chosen round-robin so concurrent streams progress evenly. Batching several
-turns into one forward later changes only `step()` and the decoder call, not the engine
-interface or the servicer.
+`Scheduler.step()` is one iteration of the batch:
+  1. housekeeping under the lock: end cancelled turns and turns whose deadline is near
+     (early enough that their final message still reaches the client), evict idle KV,
+     admit queued turns FIFO while the KV budget and max_running allow;
+  2. retire interrupted rows (their KV leaves the batch, or is kept for their session);
+  3. prefill: feed at most `prefill_chunk_tokens` prompt tokens, one sequence at a time
+     (batch of one, its own unpadded KV), continuing the oldest admitted prompt first; a
+     prompt whose last chunk is fed samples its first token and joins the batch;
+  4. decode: ONE forward over every decoding row (per length, for exports that cannot be
+     left-padded), one token sampled per row, finished rows leave at once.
+Prefill and decode share a step instead of alternating whole prompts: running streams
+wait at most one chunk for a newcomer, and a newcomer's first token comes after at most
+one decode forward.
 
-Threading rule: the lock guards the queues, counters and session bookkeeping; a session's
-KV cache is written only by the worker thread, or under the lock while the session has no
-turn (eviction, close).
+Threading rule: the lock guards the queues, counters and session bookkeeping. KV tensors
+(a batch, a prefilling turn's cache) are touched only by the worker thread; an idle
+session's cache is handed over under the lock (admission takes it, eviction and close drop it).
 """
 
 from __future__ import annotations
@@ -22,33 +29,42 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
+from llmsuite.inference.engine.batch import DecodeBatch
+from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
-from llmsuite.inference.engine.sampling import TokenSampler
+from llmsuite.inference.engine.sampling import TokenSampler, choose_batch
 from llmsuite.inference.engine.types import (
     EngineSettings,
     EngineStats,
     FinishReason,
     GeneratedToken,
     SamplingParams,
+    StepReport,
     TurnResult,
     TurnTimings,
     TurnUsage,
 )
 from llmsuite.inference.engine.validation import tokens_to_drop, validate_prompt, validate_sampling
-from llmsuite.runtime.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted, Unavailable
+from llmsuite.runtime.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 
 logger = logging.getLogger(__name__)
 
-# A long prompt is prefilled in chunks so it delays other streams by at most one chunk's
-# forward instead of the whole prompt.
-PREFILL_CHUNK_TOKENS = 256
-
 _COUNTER_FOR_REASON = {FinishReason.CANCELLED: "cancelled", FinishReason.TIME_LIMIT: "time_limited"}
+
+# A turn ends with TIME_LIMIT this long (plus two steps' worth) before its deadline, so its
+# final message, carrying everything generated so far, reaches the client in time.
+TIME_LIMIT_MARGIN_S = 0.05
 
 
 @dataclass
@@ -59,6 +75,7 @@ class TurnFailed:
 
 
 Delivery = Callable[[GeneratedToken | TurnResult | TurnFailed], None]
+StepObserver = Callable[[StepReport], None]
 
 
 class PrefillEstimate:
@@ -105,7 +122,11 @@ class PrefillEstimate:
 
 @dataclass(eq=False)
 class SessionState:
-    """One session's token history and, while held, the KV cache covering its prefix."""
+    """One session's token history and, while idle, the KV cache covering its prefix.
+
+    An idle session's cache never covers its last history token: the next turn always has
+    at least that token to feed.
+    """
 
     id: int
     retain_kv: bool
@@ -123,17 +144,21 @@ class SessionState:
 
 @dataclass(eq=False)
 class Turn:
-    """One generate() call in flight: queued, then running, then finished."""
+    """One generate() call in flight, one row of the batch: queued, prefilling, decoding, finished."""
 
     session: SessionState
     params: SamplingParams
     sampler: TokenSampler
     stop_token_ids: frozenset[int]
     prompt_tokens: int
+    reserved_tokens: int  # the longest this row can grow to: what admission reserves
     deadline: float | None
     deliver: Delivery
     submitted_at: float
-    pending: list[int] = field(default_factory=list)  # ids to feed before the next sample
+    cache: KvCache | None = None  # own KV while prefilling (unpadded, one row)
+    pending: list[int] = field(default_factory=list)  # prompt ids still to feed
+    batch: DecodeBatch[Turn] | None = None  # set while decoding
+    admitted: bool = False
     cached_tokens: int = 0
     generated: int = 0
     cancel_requested: bool = False
@@ -144,29 +169,49 @@ class Turn:
     prefill_s: float = 0.0
 
 
-class Scheduler:
-    """Owns one model's sessions, queue and worker thread; see the module docstring."""
+@dataclass
+class _Ending:
+    """A row that stops this step, and why."""
 
-    def __init__(self, name: str, decoder: OnnxDecoder, settings: EngineSettings,
-                 prefill_estimate: PrefillEstimate | None = None) -> None:
+    turn: Turn
+    reason: FinishReason | None
+    matched: int | None = None
+    error: BaseException | None = None
+
+
+class Scheduler:
+    """Owns one model's sessions, queue, batch and worker thread; see the module docstring."""
+
+    def __init__(self, name: str, decoder: OnnxDecoder, settings: EngineSettings, *,
+                 kv_ops: KvOps, kv_budget_bytes: int, prefill_estimate: PrefillEstimate | None = None,
+                 step_observer: StepObserver | None = None) -> None:
         self.name = name
         self.decoder = decoder
         self.settings = settings
+        self.kv_budget_bytes = kv_budget_bytes
         self.prefill_estimate = prefill_estimate or PrefillEstimate()
         self.eos_token_ids = frozenset(decoder.config.eos_token_ids)
-        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
+        self.prefill_chunk_tokens = settings.prefill_chunk_tokens
+        self._ops = kv_ops
+        self._observer = step_observer
+        self._bytes_per_token = decoder.kv_bytes_per_token
         self._vocab_size = decoder.signature.vocab_size
         self._context_length = decoder.context_length
+        self._padded = decoder.uses_position_ids
         self._cond = threading.Condition(threading.RLock())
         self._waiting: deque[Turn] = deque()
-        self._running: deque[Turn] = deque()
+        self._prefilling: deque[Turn] = deque()
+        self._batches: list[DecodeBatch[Turn]] = []
         self._sessions: dict[int, SessionState] = {}
         self._session_ids = count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._mean_turn_s = 1.0
+        self._step_s = 0.0  # moving average of a step's model work
+        self._last_decode_rows = 0
         self._counters = dict(
-            total_requests=0, completed=0, cancelled=0, time_limited=0, rejected_overloaded=0, evicted_sessions=0
+            total_requests=0, completed=0, cancelled=0, time_limited=0, rejected_overloaded=0, evicted_sessions=0,
+            steps=0,
         )
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -176,15 +221,17 @@ class Scheduler:
         self._thread.start()
 
     def stop(self) -> None:
-        """Blocking: lets the current forward finish, ends every turn as CANCELLED, frees all KV."""
+        """Blocking: lets the current step finish, ends every turn as CANCELLED, frees all KV."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
         with self._cond:
-            for turn in list(self._running) + list(self._waiting):
-                self._finish(turn, FinishReason.CANCELLED)
+            for turn in [*self._decoding(), *self._prefilling, *self._waiting]:
+                turn.cache, turn.batch = None, None
+                self._finish(_Ending(turn, FinishReason.CANCELLED), kv=None)
+            self._batches.clear()
             for session in self._sessions.values():
                 session.cache = None
                 session.closed = True
@@ -204,8 +251,14 @@ class Scheduler:
             if progressed:
                 continue
             with self._cond:
-                if not self._stopping and not self._waiting and not self._running:
-                    self._cond.wait(timeout=self._next_idle_expiry_delay())
+                if self._stopping or self._admitted_count():
+                    continue
+                # Queued turns that could not be admitted wait for a submit, cancel or finish to
+                # notify; the timeout only backs that up (and drives idle-session expiry).
+                delay = self._next_wakeup_delay()
+                if self._waiting:
+                    delay = 0.05 if delay is None else min(delay, 0.05)
+                self._cond.wait(timeout=delay)
 
     # ---- sessions --------------------------------------------------------------------
 
@@ -257,12 +310,14 @@ class Scheduler:
                 raise FailedPrecondition(
                     "a turn is still generating in this session; wait for it or cancel it", reason="TURN_IN_PROGRESS"
                 )
-            if len(self._waiting) + len(self._running) >= self.settings.max_running + self.settings.max_queued:
+            # Turns the worker has not admitted yet count against free rows first, then the queue.
+            if len(self._waiting) + self._admitted_count() >= self.settings.max_running + self.settings.max_queued:
                 self._counters["rejected_overloaded"] += 1
                 raise ResourceExhausted(
-                    f"model {self.name!r} is at capacity ({len(self._running)} running, {len(self._waiting)} queued)",
+                    f"model {self.name!r} is at capacity ({self._admitted_count()} running, "
+                    f"{len(self._waiting)} queued)",
                     reason="ENGINE_OVERLOADED",
-                    metadata={"model": self.name},
+                    metadata={"model": self.name, "max_queued": str(self.settings.max_queued)},
                     retry_after_s=self._retry_after_s(),
                 )
             drop = tokens_to_drop(
@@ -276,6 +331,8 @@ class Scheduler:
                 context = context[drop:]
                 kept_new = min(len(new_ids), len(context))
                 cached = 0  # positions shift, so no cached KV stays valid
+            reserved = min(self._context_length, len(context) + params.max_new_tokens)
+            self._check_fits_budget(reserved)
             if deadline is not None:
                 self._check_deadline(deadline, len(context) - cached)
             if drop:
@@ -290,6 +347,7 @@ class Scheduler:
                 sampler=TokenSampler(params, self._vocab_size, context),
                 stop_token_ids=stop_ids,
                 prompt_tokens=kept_new,
+                reserved_tokens=reserved,
                 deadline=deadline,
                 deliver=deliver,
                 submitted_at=time.monotonic(),
@@ -300,6 +358,19 @@ class Scheduler:
             self._counters["total_requests"] += 1
             self._cond.notify_all()
             return turn
+
+    def _check_fits_budget(self, reserved_tokens: int) -> None:
+        """A request that could not fit even alone is the caller's to shrink: retrying cannot help."""
+        needed = reserved_tokens * self._bytes_per_token
+        if needed > self.kv_budget_bytes:
+            raise InvalidArgument.for_field(
+                "sampling.max_new_tokens",
+                f"the prompt plus max_new_tokens can grow to {reserved_tokens} tokens, whose KV cache ({needed} "
+                f"bytes) exceeds this server's KV budget for the model ({self.kv_budget_bytes} bytes); lower "
+                "max_new_tokens or shorten the prompt",
+                reason="KV_BUDGET_EXCEEDED",
+                needed_bytes=str(needed), kv_budget_bytes=str(self.kv_budget_bytes),
+            )
 
     def _check_deadline(self, deadline: float, tokens_to_prefill: int) -> None:
         remaining = deadline - time.monotonic()
@@ -313,11 +384,11 @@ class Scheduler:
             )
 
     def _retry_after_s(self) -> float:
-        backlog = len(self._waiting) + len(self._running)
-        return min(60.0, max(0.1, self._mean_turn_s * backlog / self.settings.max_running))
+        backlog = len(self._waiting) + self._admitted_count()
+        return min(60.0, max(0.1, self._mean_turn_s * backlog / max(1, self._admitted_count())))
 
     def cancel(self, turn: Turn) -> None:
-        """Thread-safe; the turn ends as CANCELLED before its next forward."""
+        """Thread-safe; the turn ends as CANCELLED at the next step, before any further forward of it."""
         with self._cond:
             if not turn.finished:
                 turn.cancel_requested = True
@@ -326,116 +397,221 @@ class Scheduler:
     # ---- the scheduling step -----------------------------------------------------------
 
     def step(self) -> bool:
-        """Housekeeping, then one forward for the next running turn; False when idle."""
+        """Housekeeping, one prefill budget and one decode forward; False when there was nothing to do."""
         with self._cond:
             now = time.monotonic()
-            self._finish_interrupted(now)
+            endings = self._collect_interrupted(now)
             self._evict_idle_sessions(now)
             self._admit()
-            if not self._running:
+            if not endings and not self._prefilling and not self._batches:
                 return False
-            turn = self._running[0]
-            self._running.rotate(-1)  # round-robin: the next step serves the next turn
-        try:
-            self._advance(turn)
-        except Exception as exc:  # the model failed: end this turn, keep serving the others
-            logger.exception("model %s: forward failed", self.name)
-            with self._cond:
-                turn.session.cache = None  # may be half-updated; the history is still right
-                self._finish(turn, None, error=exc)
+        started = time.perf_counter()
+        self._retire(endings)
+        prefill_tokens = self._prefill()
+        decode_rows, decode_forwards = self._decode()
+        elapsed = time.perf_counter() - started
+        with self._cond:
+            if prefill_tokens or decode_forwards:
+                self._counters["steps"] += 1
+                self._step_s = elapsed if self._step_s == 0.0 else 0.9 * self._step_s + 0.1 * elapsed
+            if decode_forwards:
+                self._last_decode_rows = decode_rows
+        if self._observer is not None and (prefill_tokens or decode_forwards):
+            try:
+                self._observer(StepReport(self.name, decode_rows, decode_forwards, prefill_tokens, elapsed))
+            except Exception:  # metrics must never stop generation
+                logger.exception("scheduler %s: step observer failed", self.name)
         return True
 
-    def _finish_interrupted(self, now: float) -> None:
-        for queue in (self._waiting, self._running):
-            for turn in list(queue):
-                if turn.cancel_requested:
-                    self._finish(turn, FinishReason.CANCELLED)
-                elif turn.deadline is not None and now >= turn.deadline:
-                    self._finish(turn, FinishReason.TIME_LIMIT)
+    def _collect_interrupted(self, now: float) -> list[_Ending]:
+        """Ends queued turns at once; returns admitted ones, whose KV the worker must release."""
+        cutoff = now + TIME_LIMIT_MARGIN_S + 2 * self._step_s
+        endings: list[_Ending] = []
+        for turn in [*self._waiting, *self._prefilling, *self._decoding()]:
+            if turn.cancel_requested:
+                reason = FinishReason.CANCELLED
+            elif turn.deadline is not None and cutoff >= turn.deadline:
+                reason = FinishReason.TIME_LIMIT
+            else:
+                continue
+            if turn.admitted:
+                endings.append(_Ending(turn, reason))
+            else:
+                self._finish(_Ending(turn, reason), kv=None)
+        return endings
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.settings.max_running:
-            turn = self._waiting.popleft()
+        """FIFO: the head of the queue waits for room rather than being overtaken."""
+        while self._waiting and self._admitted_count() < self.settings.max_running:
+            turn = self._waiting[0]
+            if not self._make_room_for(turn):
+                return
+            self._waiting.popleft()
             session = turn.session
-            turn.cached_tokens = session.cached_tokens
+            turn.admitted = True
+            turn.cache = session.cache or self.decoder.empty_cache()
+            session.cache = None  # the turn owns it now
+            turn.cached_tokens = turn.cache.length
             turn.pending = session.history[turn.cached_tokens:]
-            if session.cache is None:
-                session.cache = self.decoder.empty_cache()
-            self._running.append(turn)
-            self._enforce_token_budget(reserve=len(turn.pending))
+            self._prefilling.append(turn)
 
-    def _advance(self, turn: Turn) -> None:
-        """One forward for `turn` (a prefill chunk or one decode step), then sample when due."""
-        session = turn.session
-        assert session.cache is not None
-        start = time.monotonic()
-        if turn.first_forward_at is None:
-            turn.first_forward_at = start
-        if turn.pending:
-            chunk = turn.pending[: self.prefill_chunk_tokens]
-            result = self.decoder.forward(chunk, session.cache)
-            elapsed = time.monotonic() - start
+    def _retire(self, endings: Sequence[_Ending]) -> None:
+        """Releases the KV of ending rows (kept for retained sessions), then delivers their results."""
+        if not endings:
+            return
+        kept: dict[int, KvCache | None] = {}
+        by_batch: dict[int, tuple[DecodeBatch[Turn], list[Turn]]] = {}
+        for ending in endings:
+            turn = ending.turn
+            keep = ending.error is None and turn.session.retain_kv and not turn.session.closed
+            if turn.batch is not None:
+                kept[id(turn)] = turn.batch.extract(turn) if keep else None
+                by_batch.setdefault(id(turn.batch), (turn.batch, []))[1].append(turn)
+            else:
+                kept[id(turn)] = turn.cache if keep else None
+            turn.cache = None
+        for batch, leaving in by_batch.values():
+            batch.remove(leaving)
+            for turn in leaving:
+                turn.batch = None
+        with self._cond:
+            self._batches = [b for b in self._batches if len(b)]
+            for ending in endings:
+                self._finish(ending, kv=kept[id(ending.turn)])
+
+    def _prefill(self) -> int:
+        """Feeds up to prefill_chunk_tokens prompt tokens, oldest admitted prompt first."""
+        budget = self.prefill_chunk_tokens
+        fed = 0
+        while budget > 0:
+            with self._cond:
+                turn = next((t for t in self._prefilling if not t.cancel_requested), None)
+            if turn is None:
+                break
+            chunk = turn.pending[:budget]
+            started = time.monotonic()
+            if turn.first_forward_at is None:
+                turn.first_forward_at = started
+            assert turn.cache is not None
+            try:
+                result = self.decoder.forward(chunk, turn.cache)
+            except Exception as exc:  # the model failed: end this turn, keep serving the others
+                logger.exception("model %s: prefill failed", self.name)
+                self._fail([turn], exc)
+                continue
+            elapsed = time.monotonic() - started
             turn.prefill_s += elapsed
             self.prefill_estimate.observe(len(chunk), elapsed)
-            del turn.pending[: len(chunk)]
-            sample_due = not turn.pending
-        else:
-            result = self.decoder.forward(session.history[-1:], session.cache)
-            sample_due = True
-        if turn.cancel_requested and sample_due:
-            # Drop this forward's cache: an idle session's cache must end before its last
-            # history token, so the next turn has a token to feed. Housekeeping ends the turn.
-            return
-        session.cache = result.cache
-        if not sample_due:
-            return
+            turn.cache = result.cache
+            del turn.pending[:len(chunk)]
+            fed += len(chunk)
+            budget -= len(chunk)
+            if turn.pending:
+                continue
+            with self._cond:
+                self._prefilling.remove(turn)
+            token = turn.sampler.choose(result.logits[-1])
+            ending = self._emit(turn, token)
+            if ending is not None:
+                self._retire([ending])
+            else:
+                self._join(turn)
+        return fed
 
-        token = turn.sampler.choose(result.logits[-1])
+    def _join(self, turn: Turn) -> None:
+        cache = turn.cache
+        assert cache is not None
+        batch = next((b for b in self._batches if b.accepts(cache.length)), None)
+        if batch is None:
+            batch = DecodeBatch(self.decoder, self._ops, padded=self._padded)
+        try:
+            batch.add(turn, cache)
+        except Exception as exc:
+            logger.exception("model %s: joining the batch failed", self.name)
+            self._fail([turn], exc)
+            return
+        turn.cache = None
+        turn.batch = batch
+        with self._cond:
+            if batch not in self._batches:
+                self._batches.append(batch)
+
+    def _decode(self) -> tuple[int, int]:
+        """One forward per batch over all its rows; returns (rows, forwards)."""
+        rows = forwards = 0
+        for batch in list(self._batches):
+            turns = list(batch.keys)
+            try:
+                logits = batch.forward([t.session.history[-1] for t in turns])
+            except Exception as exc:
+                logger.exception("model %s: decode forward failed", self.name)
+                batch.remove(turns)
+                for turn in turns:
+                    turn.batch = None
+                self._fail(turns, exc)
+                continue
+            rows += len(turns)
+            forwards += 1
+            endings = [e for e in (self._emit(t, token) for t, token in
+                                   zip(turns, choose_batch([t.sampler for t in turns], logits), strict=True))
+                       if e is not None]
+            self._retire(endings)
+        return rows, forwards
+
+    def _emit(self, turn: Turn, token: GeneratedToken) -> _Ending | None:
+        """Records and delivers one sampled token; returns an ending when it was the turn's last."""
         now = time.monotonic()
         turn.generated += 1
         if turn.first_token_at is None:
             turn.first_token_at = now
         turn.last_token_at = now
-        session.history.append(token.token_id)
+        turn.session.history.append(token.token_id)
         self._deliver(turn, token)
-
         if token.token_id in turn.stop_token_ids:
-            reason, matched = FinishReason.STOP, token.token_id
-        elif turn.generated >= turn.params.max_new_tokens:
-            reason, matched = FinishReason.LENGTH, None
-        elif len(session.history) >= self._context_length:
+            return _Ending(turn, FinishReason.STOP, token.token_id)
+        if turn.generated >= turn.params.max_new_tokens:
+            return _Ending(turn, FinishReason.LENGTH)
+        if len(turn.session.history) >= self._context_length:
             # The last token sits at position context-1: there is no position left to feed it.
-            reason, matched = FinishReason.CONTEXT_FULL, None
-        else:
-            return
-        with self._cond:
-            self._finish(turn, reason, matched)
+            return _Ending(turn, FinishReason.CONTEXT_FULL)
+        return None
 
-    def _finish(self, turn: Turn, reason: FinishReason | None, matched: int | None = None, *,
-                error: BaseException | None = None) -> None:
-        """Ends a turn (caller holds the lock): frees what it held and delivers its last item."""
+    def _fail(self, turns: Iterable[Turn], error: BaseException) -> None:
+        with self._cond:
+            self._batches = [b for b in self._batches if len(b)]
+            for turn in turns:
+                if turn in self._prefilling:
+                    self._prefilling.remove(turn)
+                turn.cache, turn.batch = None, None
+                self._finish(_Ending(turn, None, error=error), kv=None)
+
+    def _finish(self, ending: _Ending, kv: KvCache | None) -> None:
+        """Ends a turn (caller holds the lock): hands its KV to the session or frees it, delivers its last item."""
+        turn = ending.turn
         if turn.finished:
             return
         turn.finished = True
-        for queue in (self._waiting, self._running):
-            if turn in queue:
-                queue.remove(turn)
+        if turn in self._waiting:
+            self._waiting.remove(turn)
+        if turn in self._prefilling:
+            self._prefilling.remove(turn)
         session = turn.session
         now = time.monotonic()
         session.active = None
         session.last_used = now
-        if not session.retain_kv or session.closed:
-            session.cache = None
         if session.closed:
             self._sessions.pop(session.id, None)
+        elif session.retain_kv:
+            # Not admitted yet: the session still holds its cache. Admitted: `kv` is what is left of it.
+            session.cache = kv if turn.admitted else session.cache
         self._mean_turn_s = 0.9 * self._mean_turn_s + 0.1 * (now - turn.submitted_at)
-        if error is not None:
-            self._deliver(turn, TurnFailed(error))
+        self._cond.notify_all()
+        if ending.error is not None:
+            self._deliver(turn, TurnFailed(ending.error))
             return
-        assert reason is not None
-        self._counters[_COUNTER_FOR_REASON.get(reason, "completed")] += 1
-        self._deliver(turn, TurnResult(reason, matched, self._usage(turn), self._timings(turn, now)))
-        self._enforce_token_budget()
+        assert ending.reason is not None
+        self._counters[_COUNTER_FOR_REASON.get(ending.reason, "completed")] += 1
+        self._deliver(turn, TurnResult(ending.reason, ending.matched, self._usage(turn), self._timings(turn, now)))
 
     def _deliver(self, turn: Turn, item: Any) -> None:
         try:
@@ -463,10 +639,46 @@ class Scheduler:
             total_s=now - submitted,
         )
 
-    # ---- memory bounds -------------------------------------------------------------------
+    # ---- KV memory ---------------------------------------------------------------------
+
+    def _decoding(self) -> list[Turn]:
+        return [turn for batch in self._batches for turn in batch.keys]
+
+    def _admitted_count(self) -> int:
+        return len(self._prefilling) + sum(len(b) for b in self._batches)
+
+    def _reserved_bytes(self, extra: Turn | None = None) -> int:
+        """What admitted rows (+ `extra`) may grow to, padded as their batches pad them."""
+        rows = [*self._prefilling, *self._decoding(), *([extra] if extra is not None else [])]
+        if not rows:
+            return 0
+        if self._padded:  # one batch: every row is as long as the longest
+            return len(rows) * max(t.reserved_tokens for t in rows) * self._bytes_per_token
+        return sum(t.reserved_tokens for t in rows) * self._bytes_per_token
 
     def _idle_with_cache(self) -> list[SessionState]:
         return [s for s in self._sessions.values() if s.active is None and s.cache is not None]
+
+    def _idle_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in self._idle_with_cache() if s.cache is not None)
+
+    def _make_room_for(self, turn: Turn) -> bool:
+        """True when `turn` fits the KV budget, evicting least recently used idle sessions if needed."""
+        own = turn.session.cache.nbytes if turn.session.cache is not None else 0
+        needed = self._reserved_bytes(extra=turn)
+        idle = self._idle_bytes() - own  # the turn's own session cache becomes part of its row
+        if needed + idle <= self.kv_budget_bytes:
+            return True
+        if needed > self.kv_budget_bytes:
+            return False  # wait for running rows to finish; idle KV would not be enough
+        for session in sorted(self._idle_with_cache(), key=lambda s: s.last_used):
+            if session is turn.session:
+                continue
+            idle -= session.cache.nbytes if session.cache is not None else 0
+            self._evict(session)
+            if needed + idle <= self.kv_budget_bytes:
+                return True
+        return False
 
     def _evict(self, session: SessionState) -> None:
         session.cache = None
@@ -478,39 +690,33 @@ class Scheduler:
             if now - session.last_used >= timeout:
                 self._evict(session)
 
-    def _next_idle_expiry_delay(self) -> float | None:
+    def _next_wakeup_delay(self) -> float | None:
         idle = self._idle_with_cache()
         if not idle:
             return None
         oldest = min(s.last_used for s in idle)
         return max(0.0, oldest + self.settings.session_idle_timeout_s - time.monotonic())
 
-    def _enforce_token_budget(self, reserve: int = 0) -> None:
-        """Evicts least recently used idle sessions until held (+ reserved) KV tokens fit the cap.
-
-        Running turns are never evicted, so they alone may exceed the cap (bounded by
-        max_running x context).
-        """
-        held = sum(s.cached_tokens for s in self._sessions.values()) + reserve
-        if held <= self.settings.max_cached_tokens:
-            return
-        for session in sorted(self._idle_with_cache(), key=lambda s: s.last_used):
-            held -= session.cached_tokens
-            self._evict(session)
-            if held <= self.settings.max_cached_tokens:
-                return
-
     # ---- observability -----------------------------------------------------------------
 
     def stats(self) -> EngineStats:
         with self._cond:
-            cached = sum(s.cached_tokens for s in self._sessions.values())
+            decoding = self._decoding()
+            idle = self._idle_with_cache()
+            cached = (sum(t.cache.length for t in self._prefilling if t.cache is not None)
+                      + sum(sum(b.lengths) for b in self._batches)
+                      + sum(s.cached_tokens for s in idle))
+            held = (sum(t.cache.nbytes for t in self._prefilling if t.cache is not None)
+                    + sum(b.nbytes for b in self._batches) + self._idle_bytes())
             return EngineStats(
                 model=self.name,
-                running=len(self._running),
+                running=len(self._prefilling) + len(decoding),
                 queued=len(self._waiting),
                 sessions=self._retained_sessions(),
                 cached_tokens=cached,
-                kv_bytes=cached * self.decoder.kv_bytes_per_token,
+                kv_bytes=held,
+                kv_budget_bytes=self.kv_budget_bytes,
+                kv_reserved_bytes=self._reserved_bytes() + self._idle_bytes(),
+                decode_rows=self._last_decode_rows,
                 **self._counters,
             )

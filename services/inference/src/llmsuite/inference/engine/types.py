@@ -19,23 +19,34 @@ class EngineSettings:
     """How the engine loads models and how much work it accepts.
 
     device: "auto" (CUDA when it really works, else CPU with a warning), "cpu", "cuda"
-    or "cuda:N" (fail at load unless CUDA is really active). Threads 0 = onnxruntime's
-    default. max_running sequences share a model at once; up to max_queued more wait
-    (FIFO), beyond that requests are refused with ENGINE_OVERLOADED. Retained sessions
-    are capped by max_sessions, and the KV tokens held per model by max_cached_tokens
-    (least recently used idle sessions are evicted first). An idle session's KV is
-    dropped after session_idle_timeout_s; its history stays, so the next turn recomputes.
-    warmup runs a forward at load and measures prefill speed for deadline checks.
+    or "cuda:N" (fail at load unless CUDA is really active). intra_op_threads 0 = the CPUs
+    this process may use (affinity mask and cgroup quota), not every core of the host;
+    intra_op_spinning lets idle ONNX Runtime threads busy-wait (lower latency when the
+    process owns its cores, stolen CPU when it shares them with the gateway and tokenizer).
+
+    Admission is by KV memory: the rows running in the batch (prefilling or decoding)
+    reserve the KV bytes they can grow to (prompt + max_new_tokens, padded to the batch's
+    longest), and together with the KV retained by idle sessions they must fit
+    kv_cache_bytes (0 = sized at load from the device's memory). max_running caps the
+    rows of one forward (latency), max_queued the requests waiting for room; beyond the
+    queue requests are refused with ENGINE_OVERLOADED. Idle sessions' KV is evicted least
+    recently used when room is needed, and after session_idle_timeout_s; their history
+    stays, so the next turn recomputes. max_sessions caps sessions that retain KV.
+    prefill_chunk_tokens bounds the prompt tokens fed per scheduler step, so running
+    streams keep receiving tokens while a long prompt is processed. warmup runs forwards
+    at load and measures prefill speed for deadline checks.
     """
 
     device: str = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    intra_op_spinning: bool = False
     graph_optimization: str = "all"
-    max_running: int = 8
+    max_running: int = 32
     max_queued: int = 64
     max_sessions: int = 256
-    max_cached_tokens: int = 262144
+    kv_cache_bytes: int = 0
+    prefill_chunk_tokens: int = 256
     session_idle_timeout_s: float = 300.0
     warmup: bool = True
 
@@ -44,10 +55,10 @@ class EngineSettings:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
             raise ValueError(f"graph_optimization must be one of {GRAPH_OPTIMIZATION_LEVELS}")
-        for name in ("intra_op_threads", "inter_op_threads", "max_queued", "max_cached_tokens"):
+        for name in ("intra_op_threads", "inter_op_threads", "max_queued", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_running", "max_sessions"):
+        for name in ("max_running", "max_sessions", "prefill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.session_idle_timeout_s <= 0:
@@ -165,14 +176,29 @@ class EngineStats:
     """A snapshot of one model's load and memory; counters are totals since load."""
 
     model: str
-    running: int
+    running: int  # rows admitted to the batch: prefilling or decoding
     queued: int
     sessions: int  # open sessions that retain KV between turns
-    cached_tokens: int  # KV tokens held right now, running and idle
-    kv_bytes: int
+    cached_tokens: int  # KV tokens held right now (true lengths, no padding), running and idle
+    kv_bytes: int  # KV bytes held right now, padding included
+    kv_budget_bytes: int  # what kv_cache_bytes resolved to
+    kv_reserved_bytes: int  # what admitted rows reserve (padded to their batch) + idle sessions' KV
     total_requests: int  # turns accepted
     completed: int
     cancelled: int
     time_limited: int
     rejected_overloaded: int
-    evicted_sessions: int  # idle-session KV dropped for the idle timeout or the token cap
+    evicted_sessions: int  # idle-session KV dropped for the idle timeout or for room
+    steps: int  # scheduler steps that ran at least one forward
+    decode_rows: int  # rows in the most recent decode forward
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one scheduler step did; passed to the engine's step observer (metrics)."""
+
+    model: str
+    decode_rows: int  # rows in this step's decode forward(s), 0 if none
+    decode_forwards: int  # >1 only for exports that cannot be left-padded (one forward per length)
+    prefill_tokens: int  # prompt tokens fed this step
+    seconds: float  # wall time of the step's model work

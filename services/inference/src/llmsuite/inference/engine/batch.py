@@ -1,0 +1,102 @@
+"""The decoding rows of one model as a left-padded batch: the only place KV is padded or compacted.
+
+Every row's past sits at the right end of the batch's tensors; row r with `lengths[r]`
+tokens of past has `length - lengths[r]` columns of padding in front, masked out with
+attention_mask 0, and its next token is fed at position `lengths[r]`, so each row sees
+exactly the positions it would see alone. Rows join after their prefill, leave the moment
+they finish, and a retained session's row is extracted (unpadded) on its way out. When
+the longest rows leave, the columns every remaining row has as padding are dropped in the
+same compaction.
+
+Exports without a `position_ids` input compute positions inside the graph, which a left
+pad would shift; a batch built with `padded=False` only accepts rows of its own length, so
+no row is ever padded (the scheduler keeps one such batch per length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from llmsuite.inference.engine.kv_ops import KvOps
+from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
+
+RowKey = TypeVar("RowKey")
+
+
+class DecodeBatch(Generic[RowKey]):
+    """Rows (identified by `RowKey`) decoding together, one forward per step for all of them."""
+
+    def __init__(self, decoder: OnnxDecoder, ops: KvOps, *, padded: bool) -> None:
+        self._decoder = decoder
+        self._ops = ops
+        self.padded = padded
+        self.keys: list[RowKey] = []
+        self.lengths: list[int] = []  # true past length per row
+        self.cache: KvCache | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def padded_length(self) -> int:
+        return self.cache.length if self.cache is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes if self.cache is not None else 0
+
+    def accepts(self, length: int) -> bool:
+        return self.padded or not self.keys or length == self.padded_length
+
+    def add(self, key: RowKey, cache: KvCache) -> None:
+        """Joins one row whose own (unpadded, single-row) cache is `cache`."""
+        if not self.accepts(cache.length):
+            raise ValueError(f"an unpadded batch of length {self.padded_length} cannot take a row of {cache.length}")
+        if self.cache is None:
+            self.cache = cache
+        else:
+            target = max(self.cache.length, cache.length)
+            tensors = self._ops.join(self.cache.tensors, cache.tensors,
+                                     target - self.cache.length, target - cache.length)
+            self.cache = KvCache(tensors, target, cache.bytes_per_token, self.cache.rows + 1)
+        self.keys.append(key)
+        self.lengths.append(cache.length)
+
+    def extract(self, key: RowKey) -> KvCache:
+        """A copy of one row's cache without its padding (the batch keeps the row)."""
+        assert self.cache is not None
+        row = self.keys.index(key)
+        tensors = self._ops.reshape(self.cache.tensors, [row], drop_front=self.cache.length - self.lengths[row])
+        return KvCache(tensors, self.lengths[row], self.cache.bytes_per_token, 1)
+
+    def remove(self, keys: Sequence[RowKey]) -> None:
+        """Drops rows and any leading columns that are padding in every remaining row."""
+        leaving = set(keys)
+        kept = [row for row, key in enumerate(self.keys) if key not in leaving]
+        if len(kept) == len(self.keys):
+            return
+        self.keys = [self.keys[row] for row in kept]
+        self.lengths = [self.lengths[row] for row in kept]
+        if not kept or self.cache is None:
+            self.cache = None
+            return
+        longest = max(self.lengths)
+        tensors = self._ops.reshape(self.cache.tensors, kept, drop_front=self.cache.length - longest)
+        self.cache = KvCache(tensors, longest, self.cache.bytes_per_token, len(kept))
+
+    def forward(self, last_tokens: Sequence[int]) -> np.ndarray:
+        """Feeds each row's newest token (in row order); returns logits [rows, vocab]."""
+        assert self.cache is not None and len(last_tokens) == len(self.keys)
+        sig = self._decoder.signature
+        rows, past = len(self.keys), self.cache.length
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        input_ids = np.asarray(last_tokens, dtype=sig.input_ids_dtype).reshape(rows, 1)
+        columns = np.arange(past + 1, dtype=np.int64)
+        attention_mask = (columns[None, :] >= (past - lengths)[:, None]).astype(sig.attention_mask_dtype)
+        position_ids = lengths.astype(sig.position_ids_dtype).reshape(rows, 1)
+        logits, self.cache = self._decoder.run(input_ids, attention_mask, position_ids, self.cache)
+        self.lengths = [length + 1 for length in self.lengths]
+        return logits[:, -1, :]
