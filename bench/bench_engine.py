@@ -9,7 +9,10 @@ For each model it reports, on the same session and the same tokens:
   * decode tokens/s with the KV cache (one token per forward, present fed back as past),
   * decode tokens/s recomputing the whole sequence every step (no cache), and the ratio,
   * end-to-end through InferenceEngine: time to first token, one stream's tokens/s, and
-    aggregate tokens/s of several concurrent streams (round-robin, one sequence per forward).
+    aggregate tokens/s of several concurrent streams (continuous batching: one forward per
+    step over every decoding row), as a ratio to the single stream;
+  * the sampler's cost per token on a Qwen2-sized vocabulary (151,936 logits per row): the
+    batched greedy argmax, top-k/top-p and logprobs, next to the model's decode forward.
 It prints numbers and asserts nothing.
 """
 
@@ -22,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,9 @@ import numpy as np
 
 from llmsuite.builder.model import build_model
 from llmsuite.inference.engine import EngineSettings, InferenceEngine, SamplingParams, TurnResult
+from llmsuite.inference.engine.device import available_cores
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
+from llmsuite.inference.engine.sampling import TokenSampler, choose_batch
 
 
 def _median_time(fn: Any, repeats: int) -> float:
@@ -80,6 +86,43 @@ def measure_decoder(decoder: OnnxDecoder, prompt_tokens: int, new_tokens: int, r
     }
 
 
+QWEN2_VOCAB = 151_936
+
+
+def measure_sampling(rows: int, repeats: int) -> dict[str, float]:
+    """Microseconds per sampled token on [rows, 151936] float32 logits.
+
+    "zipf" logits fall off like a language model's (logit = -1.2 log rank, ranks shuffled
+    over the ids); "flat" ones are Gaussian noise, the worst case for top-p (a nucleus of
+    tens of thousands of tokens).
+    """
+    rng = np.random.default_rng(3)
+    ranks = np.arange(1, QWEN2_VOCAB + 1, dtype=np.float32)
+    zipf = np.stack([rng.permutation(-1.2 * np.log(ranks)) for _ in range(rows)]).astype(np.float32)
+    flat = (rng.standard_normal((rows, QWEN2_VOCAB)) * 3).astype(np.float32)
+
+    threads = available_cores()
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None  # as the scheduler samples
+
+    def per_token_us(logits: np.ndarray, params: SamplingParams) -> float:
+        samplers = [TokenSampler(params, QWEN2_VOCAB) for _ in range(rows)]
+        choose_batch(samplers, logits, pool)  # warm-up
+        return _median_time(lambda: choose_batch(samplers, logits, pool), repeats) / rows * 1e6
+
+    return {
+        "sampling_us_per_token_greedy": per_token_us(zipf, SamplingParams(temperature=0.0)),
+        "sampling_us_per_token_temperature_0.8": per_token_us(zipf, SamplingParams(temperature=0.8, seed=1)),
+        "sampling_us_per_token_top_p_0.9_zipf": per_token_us(zipf, SamplingParams(temperature=0.8, top_p=0.9,
+                                                                                   seed=1)),
+        "sampling_us_per_token_top_p_0.9_flat": per_token_us(flat, SamplingParams(temperature=0.8, top_p=0.9,
+                                                                                   seed=1)),
+        "sampling_us_per_token_top_k_50_top_p_0.95": per_token_us(
+            zipf, SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=1)),
+        "sampling_us_per_token_logprobs_top5": per_token_us(
+            zipf, SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5)),
+    }
+
+
 async def measure_engine(engine: InferenceEngine, model: str, prompt_tokens: int, new_tokens: int,
                          streams: int) -> dict[str, float]:
     vocab = engine.model_info(model).vocab_size
@@ -102,10 +145,12 @@ async def measure_engine(engine: InferenceEngine, model: str, prompt_tokens: int
     results = await asyncio.gather(*(one() for _ in range(streams)))
     wall = time.perf_counter() - started
     generated = sum(r.usage.completion_tokens for r in results)
+    single_rate = new_tokens / single.timings.total_s
     return {
         "time_to_first_token_ms": single.timings.time_to_first_token_s * 1e3,
-        "single_stream_decode_tokens_per_s": 1.0 / single.timings.mean_inter_token_s,
+        "single_stream_tokens_per_s": single_rate,
         f"aggregate_tokens_per_s_{streams}_streams": generated / wall,
+        f"aggregate_vs_single_{streams}_streams": generated / wall / single_rate,
         f"worst_ttft_ms_{streams}_streams": max(r.timings.time_to_first_token_s for r in results) * 1e3,
     }
 
@@ -124,7 +169,8 @@ def bench_model(name: str, directory: Path, args: argparse.Namespace) -> dict[st
     report.update(measure_decoder(decoder, args.prompt_tokens, args.new_tokens, args.repeats))
     engine = InferenceEngine.load({name: directory}, settings)
     try:
-        report.update(asyncio.run(measure_engine(engine, name, args.prompt_tokens, args.new_tokens, args.streams)))
+        for streams in args.streams:
+            report.update(asyncio.run(measure_engine(engine, name, args.prompt_tokens, args.new_tokens, streams)))
     finally:
         asyncio.run(engine.close())
     return report
@@ -137,12 +183,17 @@ def main() -> int:
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny model built into a temp dir")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--streams", type=int, default=4, help="concurrent streams for the aggregate figure")
+    parser.add_argument("--streams", type=int, nargs="+", default=[4, 16],
+                        help="concurrent streams for the aggregate figures")
+    parser.add_argument("--sampling-rows", type=int, default=16, help="batch rows for the sampling cost")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = onnxruntime default)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = the CPUs this process may use)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
+    sampling = measure_sampling(args.sampling_rows, args.repeats)
+    print(json.dumps({"sampling_rows": args.sampling_rows, "vocab": QWEN2_VOCAB,
+                      **{k: round(v, 1) for k, v in sampling.items()}}))
     models: list[tuple[str, Path]] = [(path.name, path) for path in args.model]
     with tempfile.TemporaryDirectory() as scratch:
         if not args.no_tiny:

@@ -170,7 +170,8 @@ class InferenceEngine:
                     raise ModelLoadError(f"model {name!r}: {exc}") from exc
                 budget = settings.kv_cache_bytes or default_kv_budget_bytes(decoder.placement) // len(models)
                 scheduler = Scheduler(name, decoder, settings, kv_ops=kv_ops, kv_budget_bytes=budget,
-                                      prefill_estimate=estimate, step_observer=step_observer)
+                                      prefill_estimate=estimate, step_observer=step_observer,
+                                      sampling_threads=intra_op_threads(settings))
                 scheduler.start()
                 loaded[name] = _LoadedModel(_model_info(name, decoder), scheduler)
                 logger.info(

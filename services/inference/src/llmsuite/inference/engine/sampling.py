@@ -13,6 +13,7 @@ what callers comparing or scoring continuations need.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -36,54 +37,45 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
-def _descending(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """`ids` ordered by value, highest first, ties by lower id: the same order every run."""
-    return ids[np.lexsort((ids, -values[ids]))]
-
-
-# The nucleus search starts from this many most likely tokens and widens 4x until the kept
-# mass reaches top_p, so a peaked distribution never sorts the whole vocabulary.
-_NUCLEUS_FIRST_GUESS = 64
-
-
 def candidate_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Returns (token ids, probabilities) that sampling draws from, after temperature, top-k, top-p.
 
     top_p keeps the smallest set of most likely tokens whose probability reaches top_p
     (always at least one), renormalized within top-k when both are set (Hugging Face's
-    order). Ids come in descending probability order, ties by id. float32 throughout, and
-    argpartition instead of a full sort: the cost is a few passes over the vocabulary.
+    order); those ids come in descending probability order, ties by lower id. Without
+    top_p the ids come in ascending id order: drawing needs a fixed order, not a sorted one.
+    """
+    ids, weights = _candidate_weights(logits, temperature, top_k, top_p)
+    return ids, weights / weights.sum(dtype=np.float32)
+
+
+def _candidate_weights(logits: np.ndarray, temperature: float, top_k: int, top_p: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """candidate_distribution's ids with unnormalized float32 weights.
+
+    No full sort of the vocabulary: top-k is an argpartition, and top-p sorts only tokens
+    heavy enough to possibly be in the nucleus (when the tokens below a weight w hold less
+    than 1 - top_p of the mass, none of them is needed).
     """
     vocab = logits.shape[0]
     scaled = logits.astype(np.float32) / np.float32(temperature)
     if 0 < top_k < vocab:
-        pool = np.argpartition(-scaled, top_k - 1)[:top_k]
+        pool = np.sort(np.argpartition(-scaled, top_k - 1)[:top_k])
+        scaled = scaled[pool]
     else:
-        pool = np.arange(vocab)
-    weights = np.exp(scaled[pool] - scaled[pool].max())
-    total = weights.sum(dtype=np.float64)
-    probs = np.zeros(vocab, dtype=np.float32)
-    probs[pool] = weights / np.float32(total)
-    if top_p >= 1.0:
-        candidates = _descending(pool, probs)
-        return candidates, probs[candidates]
-    guess = min(_NUCLEUS_FIRST_GUESS, len(pool))
-    while True:
-        if guess < len(pool):
-            best = pool[np.argpartition(-probs[pool], guess - 1)[:guess]]
-        else:
-            best = pool
-        ranked = _descending(best, probs)
-        mass = np.cumsum(probs[ranked], dtype=np.float64)
-        if mass[-1] >= top_p or guess >= len(pool):
-            break
-        guess = min(len(pool), guess * 4)
-    # Keep a token while the mass before it is still short of top_p.
-    keep = max(1, int(np.count_nonzero(mass - probs[ranked] < top_p)))
-    candidates = ranked[:keep]
-    kept = probs[candidates]
-    return candidates, kept / kept.sum(dtype=np.float32)
+        pool = None
+    weights = np.exp(scaled - scaled.max())
+    if top_p < 1.0:
+        total = weights.sum(dtype=np.float64)
+        heavy = np.flatnonzero(weights >= (1.0 - top_p) * total / weights.shape[0])
+        ranked = heavy[np.argsort(-weights[heavy], kind="stable")]  # heavy is in id order: ties by id
+        ranked_weights = weights[ranked]
+        mass_before = (np.cumsum(ranked_weights, dtype=np.float64) - ranked_weights) / total
+        keep = max(1, int(np.count_nonzero(mass_before < top_p)))
+        chosen = ranked[:keep]
+        return (pool[chosen] if pool is not None else chosen), ranked_weights[:keep]
+    return (pool if pool is not None else np.arange(vocab)), weights
 
 
 class TokenSampler:
@@ -109,8 +101,8 @@ class TokenSampler:
         if params.temperature == 0.0:
             token_id = int(np.argmax(adjusted))
         else:
-            candidates, probs = candidate_distribution(adjusted, params.temperature, params.top_k, params.top_p)
-            cumulative = np.cumsum(probs, dtype=np.float64)
+            candidates, weights = _candidate_weights(adjusted, params.temperature, params.top_k, params.top_p)
+            cumulative = np.cumsum(weights, dtype=np.float64)
             index = int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right"))
             token_id = int(candidates[min(index, len(candidates) - 1)])
         if params.repetition_penalty != 1.0:
@@ -130,20 +122,28 @@ class TokenSampler:
         return GeneratedToken(token_id, float(logprobs[token_id]), top)
 
 
-def choose_batch(samplers: Sequence[TokenSampler], logits: np.ndarray) -> list[GeneratedToken]:
+def choose_batch(samplers: Sequence[TokenSampler], logits: np.ndarray,
+                 pool: ThreadPoolExecutor | None = None) -> list[GeneratedToken]:
     """One token per row of `logits` [rows, vocab], row r drawn by samplers[r].
 
     Plain greedy rows (the common serving case) share one vectorized argmax; the rest run
     their own sampler, which keeps per-row seeds, penalties and logprobs independent of
-    whatever else is in the batch.
+    whatever else is in the batch. Those rows run on `pool` when given: numpy releases the
+    GIL, and the cores are idle between forwards anyway.
     """
     greedy_rows = [row for row, sampler in enumerate(samplers) if sampler.plain_greedy]
     tokens: list[GeneratedToken | None] = [None] * len(samplers)
     if greedy_rows:
-        picks = np.argmax(logits[greedy_rows], axis=1)
+        greedy = logits if len(greedy_rows) == len(samplers) else logits[greedy_rows]
+        picks = np.argmax(greedy, axis=1)
         for row, token_id in zip(greedy_rows, picks.tolist(), strict=True):
             tokens[row] = GeneratedToken(int(token_id))
-    for row, sampler in enumerate(samplers):
-        if tokens[row] is None:
-            tokens[row] = sampler.choose(logits[row])
+    other_rows = [row for row, token in enumerate(tokens) if token is None]
+    if pool is not None and len(other_rows) > 1:
+        for row, token in zip(other_rows, pool.map(lambda r: samplers[r].choose(logits[r]), other_rows),
+                              strict=True):
+            tokens[row] = token
+    else:
+        for row in other_rows:
+            tokens[row] = samplers[row].choose(logits[row])
     return tokens  # type: ignore[return-value]

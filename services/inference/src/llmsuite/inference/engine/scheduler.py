@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -184,7 +185,7 @@ class Scheduler:
 
     def __init__(self, name: str, decoder: OnnxDecoder, settings: EngineSettings, *,
                  kv_ops: KvOps, kv_budget_bytes: int, prefill_estimate: PrefillEstimate | None = None,
-                 step_observer: StepObserver | None = None) -> None:
+                 step_observer: StepObserver | None = None, sampling_threads: int = 1) -> None:
         self.name = name
         self.decoder = decoder
         self.settings = settings
@@ -194,6 +195,8 @@ class Scheduler:
         self.prefill_chunk_tokens = settings.prefill_chunk_tokens
         self._ops = kv_ops
         self._observer = step_observer
+        self._sampling_pool = (ThreadPoolExecutor(sampling_threads, thread_name_prefix=f"sampling-{name}")
+                               if sampling_threads > 1 else None)
         self._bytes_per_token = decoder.kv_bytes_per_token
         self._vocab_size = decoder.signature.vocab_size
         self._context_length = decoder.context_length
@@ -227,6 +230,8 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self._sampling_pool is not None:
+            self._sampling_pool.shutdown()
         with self._cond:
             for turn in [*self._decoding(), *self._prefilling, *self._waiting]:
                 turn.cache, turn.batch = None, None
@@ -553,7 +558,8 @@ class Scheduler:
             rows += len(turns)
             forwards += 1
             endings = [e for e in (self._emit(t, token) for t, token in
-                                   zip(turns, choose_batch([t.sampler for t in turns], logits), strict=True))
+                                   zip(turns, choose_batch([t.sampler for t in turns], logits, self._sampling_pool),
+                                       strict=True))
                        if e is not None]
             self._retire(endings)
         return rows, forwards
