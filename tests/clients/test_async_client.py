@@ -77,6 +77,17 @@ def test_errors_models_tokenize_count_health(gateway):
     run(scenario())
 
 
+def test_async_with_api_key(gateway):
+    async def scenario():
+        async with AsyncLlmsuiteClient(gateway.address) as anonymous:
+            keyed = anonymous.with_api_key(gateway.api_key)
+            assert [m.name for m in await keyed.list_models()] == ["tiny", "tiny-gpt2"]
+            with pytest.raises(Unauthenticated):
+                await anonymous.list_models()
+
+    run(scenario())
+
+
 def test_async_chat_session(gateway):
     async def scenario():
         async with AsyncLlmsuiteClient(gateway.address, api_key=gateway.api_key) as client:
@@ -85,13 +96,14 @@ def test_async_chat_session(gateway):
                 assert texts == ["hello", " async", " world"]
                 assert chat.last.usage.cached_tokens == 0 and chat.last.usage.prompt_tokens == 5
                 # Two sends before reading: they run in order on the one stream.
-                second, third = chat.send("two words"), chat.send("three", top_k=3)
+                second, third = chat.send("two words", name="ann"), chat.send("three", top_k=3)
                 third_done = await third
                 assert second.completion.text == "two words" and third_done.text == "three"
                 assert third_done.usage.cached_tokens == (5 + 3) + (2 + 2) and third_done.turn == 2
                 assert chat.request_id == "chat-a"
         kinds = [r.WhichOneof("kind") for r in gateway.app.chat_requests]
         assert kinds == ["start", "turn", "turn"]
+        assert [(m.content, m.name) for m in gateway.app.chat_requests[1].turn.messages] == [("two words", "ann")]
         assert gateway.app.chat_requests[2].turn.sampling.top_k == 3
         assert gateway.app.chat_requests[2].turn.sampling.max_new_tokens == 6
         assert sum(1 for c in gateway.app.calls if c.method == "Chat") == 1

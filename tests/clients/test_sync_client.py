@@ -151,6 +151,18 @@ def test_authentication(gateway):
             assert c.health() == "SERVING"  # health is exempt from auth
 
 
+def test_with_api_key_shares_the_channel_and_sends_its_own_key(gateway):
+    with LlmsuiteClient(gateway.address, timeout_s=5) as anonymous:
+        keyed = anonymous.with_api_key(gateway.api_key)
+        assert keyed._channel is anonymous._channel
+        assert [m.name for m in keyed.list_models()] == ["tiny", "tiny-gpt2"]
+        assert gateway.app.last("ListModels").metadata["authorization"] == f"Bearer {gateway.api_key}"
+        with pytest.raises(Unauthenticated):
+            anonymous.list_models()  # the original keeps its own (absent) key
+        with pytest.raises(Unauthenticated):
+            keyed.with_api_key(None).list_models()
+
+
 def test_models_tokenize_count(client, gateway):
     models = client.list_models()
     assert [m.name for m in models] == ["tiny", "tiny-gpt2"]

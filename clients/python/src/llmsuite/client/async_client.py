@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
+import dataclasses
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
@@ -59,6 +61,14 @@ class AsyncLlmsuiteClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    def with_api_key(self, api_key: str | None) -> AsyncLlmsuiteClient:
+        """A client that shares this one's channel but authenticates as
+        `api_key` (None: no key), for servers that forward their callers'
+        keys without opening a channel per key. Close only the original."""
+        view = copy.copy(self)
+        view.settings = dataclasses.replace(self.settings, api_key=api_key)
+        return view
 
     async def __aenter__(self) -> AsyncLlmsuiteClient:
         return self
@@ -278,11 +288,12 @@ class AsyncChatSession:
         self._turns = 0
         self._closed = False
 
-    def send(self, text: str, *, role: str = "user", **sampling: Unpack[SamplingOptions]) -> AsyncChatReply:
+    def send(self, text: str, *, role: str = "user", name: str = "",
+             **sampling: Unpack[SamplingOptions]) -> AsyncChatReply:
         if self._closed:
             raise RuntimeError("this chat session is closed")
         conv.sampling_params(sampling)
-        reply = AsyncChatReply(self, self._turns, ChatMessage(role, text), dict(sampling))
+        reply = AsyncChatReply(self, self._turns, ChatMessage(role, text, name), dict(sampling))
         self._turns += 1
         self._unsent.append(reply)
         return reply

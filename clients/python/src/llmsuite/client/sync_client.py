@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import queue
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -63,6 +65,14 @@ class LlmsuiteClient:
 
     def close(self) -> None:
         self._channel.close()
+
+    def with_api_key(self, api_key: str | None) -> LlmsuiteClient:
+        """A client that shares this one's channel but authenticates as
+        `api_key` (None: no key), for servers that forward their callers'
+        keys without opening a channel per key. Close only the original."""
+        view = copy.copy(self)
+        view.settings = dataclasses.replace(self.settings, api_key=api_key)
+        return view
 
     def __enter__(self) -> LlmsuiteClient:
         return self
@@ -302,14 +312,14 @@ class ChatSession:
         self._turns = 0
         self._closed = False
 
-    def send(self, text: str, *, role: str = "user", **sampling: Unpack[SamplingOptions]) -> ChatReply:
+    def send(self, text: str, *, role: str = "user", name: str = "", **sampling: Unpack[SamplingOptions]) -> ChatReply:
         """Add a message and ask for the next reply. Sampling given here
         applies to this reply only, on top of the session's."""
         if self._closed:
             raise RuntimeError("this chat session is closed")
         if self._reply is not None and self._reply.completion is None:
             self._reply.wait()
-        message = ChatMessage(role, text)
+        message = ChatMessage(role, text, name)
         if self._call is None:
             start = gateway_pb2.ChatStart(
                 model=self.model, messages=conv.message_protos([*self.messages, message]),
