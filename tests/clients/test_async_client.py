@@ -88,6 +88,19 @@ def test_async_with_api_key(gateway):
     run(scenario())
 
 
+def test_async_chat_refused_before_start_reports_the_servers_status(gateway):
+    # The start write races the server's refusal; grpc.aio would report INTERNAL for the
+    # writes that lose (grpc/grpc#36066), so repeat enough for some to lose.
+    async def scenario():
+        async with AsyncLlmsuiteClient(gateway.address, api_key="wrong") as client:
+            for _ in range(40):
+                async with client.chat("tiny") as chat:
+                    with pytest.raises(Unauthenticated):
+                        await chat.send("hi")
+
+    run(scenario())
+
+
 def test_async_chat_session(gateway):
     async def scenario():
         async with AsyncLlmsuiteClient(gateway.address, api_key=gateway.api_key) as client:

@@ -19,7 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmsuite.client import conversions as conv
 from llmsuite.client.connection import ConnectionSettings
-from llmsuite.client.errors import REQUEST_ID_HEADER, InternalError, NotFound, header_value, rpc_errors
+from llmsuite.client.errors import (
+    REQUEST_ID_HEADER,
+    InternalError,
+    LlmsuiteError,
+    NotFound,
+    header_value,
+    rpc_errors,
+)
 from llmsuite.client.results import (
     ChatMessage,
     Completion,
@@ -320,9 +327,29 @@ class AsyncChatSession:
             if reply.sampling:  # a turn's sampling replaces the start's whole, so send the merged set
                 turn.sampling.CopyFrom(conv.sampling_params(self._sampling | reply.sampling))
             request = gateway_pb2.ChatRequest(turn=turn)
-        with rpc_errors():
-            await self._call.write(request)
+        try:
+            with rpc_errors():
+                await self._call.write(request)
+        except InternalError as exc:
+            if request.WhichOneof("kind") != "start" or not self._call.done():
+                raise
+            raise await self._status_behind_failed_start(exc) from None
         self.messages.append(reply.message)
+
+    async def _status_behind_failed_start(self, failure: InternalError) -> LlmsuiteError:
+        """The server's own error for a Chat it refused before reading `start`.
+
+        grpc.aio reports a write that races the server's refusal (a bad API key,
+        a server still loading) as INTERNAL and drops the server's status
+        (grpc/grpc#36066). The same metadata on a unary call goes through the same
+        checks and brings back the real error; if it passes, the INTERNAL stands."""
+        options = {**self._call_options, "timeout": 10.0}
+        try:
+            with rpc_errors():
+                await self._stub.ListModels(gateway_pb2.ListModelsRequest(), **options)
+        except LlmsuiteError as probed:
+            return probed
+        return failure
 
     async def _next_message(self) -> gateway_pb2.ChatResponse | None:
         with rpc_errors():
