@@ -348,11 +348,11 @@ class _ChatSession:
                 async for item in relay_turn(self._stream.call, first, detok, stops, started_at=started_at,
                                              prompt_tokens=len(sent)):
                     if isinstance(item, Delta):
-                        if not item.text:
+                        if not item.text and not item.logprobs:
                             continue
                         reply.append(item.text)
                         yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence, turn=turn,
-                                              delta=pb.TextDelta(text=item.text))
+                                              delta=pb.TextDelta(text=item.text, logprobs=item.logprobs))
                     else:
                         completion = item.summary.usage.completion_tokens
                         self._history_ids = context_ids + item.generated_ids
