@@ -36,7 +36,11 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "llmsuite.client": (*HEAVY, "llmsuite.runtime", "opentelemetry", "prometheus_client"),
     "llmsuite.client.bench": (*HEAVY, "llmsuite.runtime", "opentelemetry", "prometheus_client"),
     "llmsuite.gateway.__main__": (*HEAVY, "llmsuite.builder", "llmsuite.inference.engine",
-                                  "llmsuite.inference.service", "llmsuite.tokenizer.engine"),
+                                  "llmsuite.inference.service", "llmsuite.tokenizer.engine",
+                                  "starlette", "uvicorn", "pydantic"),
+    # The HTTP API talks to the gateway over gRPC only: none of the gateway's internals.
+    "llmsuite.gateway.openai.__main__": (*HEAVY, "llmsuite.builder", "llmsuite.inference", "llmsuite.tokenizer",
+                                         "llmsuite.gateway.service", "llmsuite.gateway.upstreams"),
     "llmsuite.tokenizer.__main__": ("onnxruntime", "numpy", "onnx", "llmsuite.builder", "llmsuite.inference.engine",
                                     "llmsuite.gateway.service"),
     # onnx is allowed: the engine builds its KV-reshaping graphs with it.

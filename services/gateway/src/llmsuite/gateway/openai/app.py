@@ -1,0 +1,332 @@
+"""The Starlette application: OpenAI's HTTP routes onto the gateway's gRPC API.
+
+Each request is parsed and checked here, then becomes one gateway call made
+with the caller's own API key (`Generate` / `GenerateStream` for
+/v1/completions, a one-turn `Chat` for /v1/chat/completions), so
+authentication, rate limits, validation and metrics stay the gateway's. A
+caller that disconnects cancels its gateway call, and with it the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from llmsuite.client import AsyncLlmsuiteClient, ChatMessage, Completion, LlmsuiteError, TextChunk
+from llmsuite.gateway.openai import errors, responses
+from llmsuite.gateway.openai.errors import ApiError
+from llmsuite.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("llmsuite.openai")
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+REQUEST_ID_HEADER = "x-request-id"
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What the HTTP API needs besides where it listens."""
+
+    gateway: str = "localhost:50050"
+    gateway_tls_ca: Path | None = None
+    request_timeout_s: float = 600.0
+    default_max_tokens: int | None = None  # None: the gateway's default (16)
+    max_body_bytes: int = 8 * 1024 * 1024
+    sse_ping_s: float = 15.0
+
+
+class ClientDisconnected(Exception):
+    """The caller went away before its response was ready."""
+
+
+def _is_header_token(value: str) -> bool:
+    return 0 < len(value) <= 1024 and value.isascii() and value.isprintable() and " " not in value
+
+
+def api_key(request: Request) -> str | None:
+    """The caller's bearer key, passed on to the gateway untouched (None: no key)."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "The Authorization header must be 'Bearer <api key>'.", "authentication_error",
+                       None, "malformed_authorization")
+    if not _is_header_token(token):
+        raise ApiError(401, "Invalid API key.", "authentication_error", None, "invalid_api_key")
+    return token
+
+
+def request_id(request: Request) -> str:
+    """The caller's x-request-id when it is usable as gRPC metadata, else a new one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _is_header_token(given) and len(given) <= 128 else uuid.uuid4().hex
+
+
+async def _disconnected(request: Request) -> None:
+    # Only after the body was read: from then on, receive() yields nothing but the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so its gateway call) if the caller disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LlmsuiteError):
+                await task
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class OpenAiApi:
+    """The routes and the one gateway client they share."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self.created = int(time.time())
+        self._client: AsyncLlmsuiteClient | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        # The channel belongs to the server's event loop, so it is made here, not in __init__.
+        # wait_for_ready=False: with the gateway down, callers get a 503 at once rather than
+        # hanging until their deadline (the channel still retries brief connection failures).
+        self._client = AsyncLlmsuiteClient(self.settings.gateway, ca_file=self.settings.gateway_tls_ca,
+                                           timeout_s=self.settings.request_timeout_s, wait_for_ready=False)
+        try:
+            yield
+        finally:
+            await self._client.close()
+
+    def client_for(self, request: Request) -> AsyncLlmsuiteClient:
+        assert self._client is not None, "used outside the app's lifespan"
+        return self._client.with_api_key(api_key(request))
+
+    async def _body(self, request: Request, schema: type[M]) -> M:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raise self._too_large()
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > self.settings.max_body_bytes:
+                raise self._too_large()
+        try:
+            parsed = schema.model_validate_json(bytes(body))
+        except ValidationError as exc:
+            raise errors.from_validation(exc) from None
+        refused = parsed.unsupported_fields()  # type: ignore[attr-defined]
+        if refused:
+            raise errors.unsupported(refused)
+        return parsed
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"The request body is larger than {self.settings.max_body_bytes} bytes.",
+                        code="request_too_large")
+
+    def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int | None,
+                  logprobs: bool, top_logprobs: int | None) -> dict[str, Any]:
+        return dict(
+            max_new_tokens=max_new_tokens or self.settings.default_max_tokens, temperature=req.temperature,
+            top_p=req.top_p, seed=req.seed, stop=req.stop, top_k=req.top_k,
+            repetition_penalty=req.repetition_penalty, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+            top_logprobs=top_logprobs or None,
+        )
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        assert self._client is not None
+        try:
+            status = await self._client.health(timeout_s=5)
+        except LlmsuiteError:
+            status = "UNREACHABLE"
+        return JSONResponse({"gateway": status}, status_code=200 if status == "SERVING" else 503)
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "llmsuite"}
+
+    async def list_models(self, request: Request) -> Response:
+        client = self.client_for(request)
+        models = await until_disconnected(request, client.list_models(timeout_s=self.settings.request_timeout_s))
+        return JSONResponse({"object": "list", "data": [self._model(m.name) for m in models]})
+
+    async def retrieve_model(self, request: Request) -> Response:
+        client = self.client_for(request)
+        name = request.path_params["model"]
+        models = await until_disconnected(request, client.list_models(timeout_s=self.settings.request_timeout_s))
+        if name not in {m.name for m in models}:
+            raise ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        return JSONResponse(self._model(name))
+
+    async def completions(self, request: Request) -> Response:
+        rid = request.state.request_id
+        req = await self._body(request, CompletionRequest)
+        client = self.client_for(request)
+        logprobs = req.logprobs is not None
+        sampling = self._sampling(req, req.max_tokens, logprobs, req.logprobs)
+        builder = responses.ResponseBuilder(chat=False, request_id=rid, created=int(time.time()), model=req.model,
+                                            logprobs=logprobs, include_usage=req.include_usage)
+        renames = request.state.renames = {"top_logprobs": "logprobs"}
+        options = dict(model=req.model, request_id=rid, timeout_s=self.settings.request_timeout_s, **sampling)
+        if not req.stream:
+            completion = await until_disconnected(request, client.generate(req.prompt, **options))
+            return JSONResponse(builder.completion(completion), headers={REQUEST_ID_HEADER: rid})
+        stream = client.generate_stream(req.prompt, **options)
+
+        async def completed() -> Completion:
+            assert stream.completion is not None
+            return stream.completion
+
+        async def close() -> None:
+            stream.close()
+
+        return await self._stream(request, builder, aiter(stream), completed, close, renames)
+
+    async def chat_completions(self, request: Request) -> Response:
+        rid = request.state.request_id
+        req = await self._body(request, ChatCompletionRequest)
+        client = self.client_for(request)
+        sampling = self._sampling(req, req.max_new_tokens, bool(req.logprobs), req.top_logprobs)
+        builder = responses.ResponseBuilder(chat=True, request_id=rid, created=int(time.time()), model=req.model,
+                                            logprobs=bool(req.logprobs), include_usage=req.include_usage)
+        renames = request.state.renames = {"prompt": "messages", "max_tokens": req.max_tokens_param}
+        # A stateless request carries the whole conversation: the history opens the
+        # Chat stream and the last message asks for the one reply.
+        *history, last = req.messages
+        session = client.chat(req.model, [ChatMessage(m.template_role, m.content, m.name or "") for m in history],
+                              request_id=rid, timeout_s=self.settings.request_timeout_s, **sampling)
+        reply = session.send(last.content, role=last.template_role, name=last.name or "")
+        if not req.stream:
+            try:
+                completion = await until_disconnected(request, reply.wait())
+            finally:
+                await session.close()
+            return JSONResponse(builder.completion(completion), headers={REQUEST_ID_HEADER: rid})
+
+        async def completed() -> Completion:
+            assert reply.completion is not None
+            return reply.completion
+
+        return await self._stream(request, builder, aiter(reply), completed, session.close, renames)
+
+    async def _stream(self, request: Request, builder: responses.ResponseBuilder, chunks: AsyncIterator[TextChunk],
+                      completed: Callable[[], Awaitable[Completion]], close: Callable[[], Awaitable[None]],
+                      renames: Mapping[str, str]) -> Response:
+        """Server-sent events: the role chunk (chat), one chunk per delta, the
+        finish chunk, the usage chunk when asked for, then `[DONE]`.
+
+        The first delta is awaited before the response starts, so a request
+        the gateway refuses still gets its HTTP status; a failure after that
+        becomes an `error` event and the stream ends without `[DONE]`."""
+        try:
+            first = await until_disconnected(request, anext(chunks, None))
+        except BaseException:
+            await close()
+            raise
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                opening = builder.first_chunk()
+                if opening is not None:
+                    yield _json(opening)
+                chunk = first
+                while chunk is not None:
+                    data = builder.text_chunk(chunk)
+                    if data is not None:
+                        yield _json(data)
+                    chunk = await anext(chunks, None)
+                for data in builder.final_chunks(await completed()):
+                    yield _json(data)
+                yield "[DONE]"
+            except LlmsuiteError as exc:
+                yield _json(errors.from_gateway(exc, renames).body())
+            except ApiError as exc:
+                yield _json(exc.body())
+            finally:
+                # Also reached when the caller disconnects (the task is cancelled): cancels the gateway call.
+                await close()
+
+        return EventSourceResponse(events(), headers={REQUEST_ID_HEADER: request.state.request_id}, sep="\n",
+                                   ping=self.settings.sse_ping_s)
+
+
+def _with_request_id(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        request.state.request_id = request_id(request)
+        request.state.renames = {}
+        try:
+            return await handler(request)
+        except LlmsuiteError as exc:  # from the gateway, or from the SDK's own checks of a value
+            raise errors.from_gateway(exc, request.state.renames) from None
+    return handle
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response(getattr(request.state, "request_id", None))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return ApiError(exc.status_code, message, code=kind, headers=dict(exc.headers or {})).response()
+
+
+async def _disconnected_response(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody reads it; the status names the case in access logs
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    rid = getattr(request.state, "request_id", None)
+    log.exception("unexpected error", extra={"request_id": rid, "path": request.url.path})
+    return ApiError(500, f"internal error; see server logs for request id {rid}", "server_error").response(rid)
+
+
+def build_app(settings: ApiSettings) -> Starlette:
+    api = OpenAiApi(settings)
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/v1/models", _with_request_id(api.list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", _with_request_id(api.retrieve_model), methods=["GET"]),
+        Route("/v1/completions", _with_request_id(api.completions), methods=["POST"]),
+        Route("/v1/chat/completions", _with_request_id(api.chat_completions), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=api.lifespan, exception_handlers={
+        ApiError: _api_error,
+        HTTPException: _http_error,
+        ClientDisconnected: _disconnected_response,
+        ClientDisconnect: _disconnected_response,  # gone while sending its body
+        Exception: _unexpected,
+    })

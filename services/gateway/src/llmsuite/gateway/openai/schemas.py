@@ -1,0 +1,177 @@
+"""The request bodies the HTTP API accepts, as strict pydantic models.
+
+Strict on purpose: a wrong type (`"temperature": "hot"`, `"stream": 1`) or a
+field nobody here knows is a 400 naming it, never silently coerced or
+ignored. Fields that OpenAI defines but llmsuite cannot honour (tools,
+penalties, `n > 1`) are declared so that their neutral value passes and
+anything else is refused by name (`unsupported_fields`). Value ranges the
+gateway already checks (temperature, top_p, stop strings, caps) are left to
+it, so the limits live in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _Sampling(_Strict):
+    """What both endpoints share."""
+
+    model: str = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    user: str | None = None  # an end-user id for the caller's own bookkeeping; accepted and not used
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # llmsuite extensions, named as vLLM names them (send them with the openai client's extra_body).
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stop(cls, value: Any) -> str | list[str] | None:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return value
+        raise ValueError("must be a string or a list of strings")
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        """(field, why) for every OpenAI field set to something llmsuite cannot do."""
+        refused = []
+        if self.n not in (None, 1):
+            refused.append(("n", "only n=1 is supported: one choice per request"))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                refused.append((name, f"{name} is not supported (use repetition_penalty)"))
+        if self.logit_bias:
+            refused.append(("logit_bias", "logit_bias is not supported"))
+        if self.stream_options is not None and not self.stream:
+            refused.append(("stream_options", "stream_options is only allowed when stream is true"))
+        return refused
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str  # also a one-item list, unwrapped by the validator
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, value: Any) -> str:
+        # One text prompt per request: token-id prompts need a tokenizer the
+        # adapter does not have, and a batch would be several choices.
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+            value = value[0]
+        if not isinstance(value, str):
+            raise ValueError("must be one string (or a list holding exactly one string); token-id and "
+                             "batched prompts are not supported")
+        return value
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        refused = super().unsupported_fields()
+        if self.echo:
+            refused.append(("echo", "echo is not supported"))
+        if self.best_of not in (None, 1):
+            refused.append(("best_of", "only best_of=1 is supported"))
+        if self.suffix:
+            refused.append(("suffix", "suffix (insertion) is not supported"))
+        return refused
+
+
+class ChatMessage(_Strict):
+    # "developer" is what newer OpenAI models call the system message.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str = ""  # also a list of text parts, joined by the validator
+    name: str | None = None
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        if value is None or isinstance(value, str):
+            return value or ""
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                        and set(part) == {"type", "text"}):
+                    raise ValueError("content parts must be {\"type\": \"text\", \"text\": ...}; "
+                                     "images, audio and files are not supported")
+                texts.append(part["text"])
+            return "\n".join(texts)
+        raise ValueError("must be a string or a list of text parts")
+
+    @property
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        refused = super().unsupported_fields()
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                refused.append((name, "tool and function calling are not supported"))
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                refused.append((name, "tool and function calling are not supported"))
+        if self.response_format is not None and self.response_format.type != "text":
+            refused.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
+        if self.top_logprobs and not self.logprobs:
+            refused.append(("top_logprobs", "top_logprobs requires logprobs: true"))
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            refused.append(("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"))
+        return refused
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The name the caller used for the token cap (error messages say it back)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"

@@ -1,0 +1,266 @@
+"""Raw HTTP against `llmsuite-openai`: every bad input is a 4xx in OpenAI's
+error shape (never a 500 or a dropped connection), statuses follow the
+gateway's (401, 404, 429 with Retry-After, 503), and a caller that goes away
+cancels its generation upstream."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+COMPLETION = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def http(cluster):
+    with httpx.Client(base_url=cluster.base_url, headers={"Authorization": f"Bearer {cluster.api_key}"},
+                      timeout=60) as c:
+        yield c
+
+
+def assert_openai_error(response: httpx.Response, status: int, *, param: str | None = None,
+                        code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def with_(base: dict, **changes) -> dict:
+    body = {**base, **changes}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+BAD_BODIES = [
+    # (path, raw body or JSON value, expected param, expected code)
+    ("/completions", b"{not json", None, "invalid_json"),
+    ("/completions", b"", None, "invalid_json"),
+    ("/chat/completions", b"[1, 2]", None, "invalid_json"),
+    ("/chat/completions", b'"a string"', None, "invalid_json"),
+    ("/chat/completions", b"\xff\xfe", None, "invalid_json"),
+    ("/completions", with_(COMPLETION, model=...), "model", "missing_required_parameter"),
+    ("/completions", with_(COMPLETION, model=""), "model", "invalid_value"),
+    ("/completions", with_(COMPLETION, model=7), "model", "invalid_value"),
+    ("/completions", with_(COMPLETION, prompt=...), "prompt", "missing_required_parameter"),
+    ("/completions", with_(COMPLETION, prompt=[1, 2, 3]), "prompt", "invalid_value"),
+    ("/completions", with_(COMPLETION, prompt=["a", "b"]), "prompt", "invalid_value"),
+    ("/completions", with_(COMPLETION, temperature="hot"), "temperature", "invalid_value"),
+    ("/completions", with_(COMPLETION, temperature=-1), "temperature", "invalid_field"),
+    ("/completions", with_(COMPLETION, top_p=0), "top_p", "invalid_field"),
+    ("/completions", with_(COMPLETION, max_tokens=0), "max_tokens", "invalid_value"),
+    ("/completions", with_(COMPLETION, max_tokens=1.5), "max_tokens", "invalid_value"),
+    ("/completions", with_(COMPLETION, max_tokens=2**40), "max_tokens", None),
+    ("/completions", with_(COMPLETION, max_tokens=100_000), "max_tokens", "max_new_tokens_too_large"),
+    ("/completions", with_(COMPLETION, seed=-1), "seed", None),
+    ("/completions", with_(COMPLETION, stream=1), "stream", "invalid_value"),
+    ("/completions", with_(COMPLETION, stop=[1]), "stop", "invalid_value"),
+    ("/completions", with_(COMPLETION, stop=["x" * 300]), "stop", None),
+    ("/completions", with_(COMPLETION, logprobs=True), "logprobs", "invalid_value"),
+    ("/completions", with_(COMPLETION, logprobs=50), "logprobs", None),
+    ("/completions", with_(COMPLETION, echo=True), "echo", "unsupported_parameter"),
+    ("/completions", with_(COMPLETION, best_of=3), "best_of", "unsupported_parameter"),
+    ("/completions", with_(COMPLETION, unknown_field=1), "unknown_field", "unknown_parameter"),
+    ("/completions", with_(COMPLETION, n=2), "n", "unsupported_parameter"),
+    ("/completions", with_(COMPLETION, stream_options={"include_usage": True}), "stream_options",
+     "unsupported_parameter"),
+    ("/completions", with_(COMPLETION, stream=True, stream_options={"bogus": 1}), "stream_options.bogus",
+     "unknown_parameter"),
+    ("/completions", with_(COMPLETION, presence_penalty=0.5), "presence_penalty", "unsupported_parameter"),
+    ("/completions", with_(COMPLETION, logit_bias={"1": 5}), "logit_bias", "unsupported_parameter"),
+    ("/completions", with_(COMPLETION, prompt="word " * 9000), "prompt", "context_length_exceeded"),
+    ("/chat/completions", with_(CHAT, messages=...), "messages", "missing_required_parameter"),
+    ("/chat/completions", with_(CHAT, messages=[]), "messages", "invalid_value"),
+    ("/chat/completions", with_(CHAT, messages="Hi"), "messages", "invalid_value"),
+    ("/chat/completions", with_(CHAT, messages=[{"role": "wizard", "content": "x"}]), "messages[0].role",
+     "invalid_value"),
+    ("/chat/completions", with_(CHAT, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]),
+     "messages[0].role", "invalid_value"),
+    ("/chat/completions", with_(CHAT, messages=[{"content": "x"}]), "messages[0].role",
+     "missing_required_parameter"),
+    ("/chat/completions", with_(CHAT, messages=[{"role": "user", "content": 5}]), "messages[0].content",
+     "invalid_value"),
+    ("/chat/completions", with_(CHAT, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), "messages[0].content", "invalid_value"),
+    ("/chat/completions", with_(CHAT, messages=[{"role": "user", "content": "x", "tool_calls": []}]),
+     "messages[0].tool_calls", "unknown_parameter"),
+    ("/chat/completions", with_(CHAT, n=2), "n", "unsupported_parameter"),
+    ("/chat/completions", with_(CHAT, n="1"), "n", "invalid_value"),
+    ("/chat/completions", with_(CHAT, logprobs=3), "logprobs", "invalid_value"),
+    ("/chat/completions", with_(CHAT, top_logprobs=2), "top_logprobs", "unsupported_parameter"),
+    ("/chat/completions", with_(CHAT, logprobs=True, top_logprobs=99), "top_logprobs", None),
+    ("/chat/completions", with_(CHAT, max_completion_tokens=100_000), "max_completion_tokens", None),
+    ("/chat/completions", with_(CHAT, max_tokens=3, max_completion_tokens=4), "max_completion_tokens",
+     "unsupported_parameter"),
+    ("/chat/completions", with_(CHAT, tools=[{"type": "function", "function": {"name": "f"}}]), "tools",
+     "unsupported_parameter"),
+    ("/chat/completions", with_(CHAT, response_format={"type": "json_object"}), "response_format",
+     "unsupported_parameter"),
+    ("/chat/completions", with_(CHAT, messages=[{"role": "user", "content": "word " * 9000}]), "messages",
+     "context_length_exceeded"),
+]
+
+
+# A refused stream is refused before its first event, with the same status.
+BAD_STREAMS = [(path, {"stream": True, **body}, param, code) for path, body, param, code in BAD_BODIES
+               if isinstance(body, dict) and not {"stream", "stream_options"} & set(body)]
+
+
+@pytest.mark.parametrize(("path", "body", "param", "code"), BAD_BODIES + BAD_STREAMS,
+                         ids=[f"{i}{path}-{param or code}{'-stream' if i >= len(BAD_BODIES) else ''}"
+                              for i, (path, _b, param, code) in enumerate(BAD_BODIES + BAD_STREAMS)])
+def test_bad_bodies_get_a_400_naming_the_parameter(http, path, body, param, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = http.post(path, content=content, headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, param=param, code=code)
+
+
+def test_the_service_keeps_serving_after_bad_input(http):
+    assert http.post("/completions", content=b"{").status_code == 400
+    assert http.post("/completions", json=COMPLETION).status_code == 200
+    assert http.post("/chat/completions", json=CHAT).json()["usage"]["completion_tokens"] <= 2
+
+
+def test_body_is_parsed_whatever_its_content_type(http):
+    # `curl -d` sends application/x-www-form-urlencoded; the body is JSON all the same.
+    response = http.post("/completions", content=json.dumps(COMPLETION),
+                         headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(("headers", "code"), [
+    ({}, "missing_api_key"),
+    ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
+    ({"Authorization": "Basic dXNlcjpwYXNz"}, "malformed_authorization"),
+    ({"Authorization": "Bearer"}, "malformed_authorization"),
+    ({"Authorization": "Bearer k\u00e9y".encode("latin-1")}, "invalid_api_key"),
+])
+@pytest.mark.parametrize("path", ["/models", "/completions", "/chat/completions"])
+def test_missing_or_wrong_keys_are_401(cluster, headers, code, path):
+    with httpx.Client(base_url=cluster.base_url, timeout=30) as anonymous:
+        if path == "/models":
+            response = anonymous.get(path, headers=headers)
+        else:
+            response = anonymous.post(path, json=CHAT if "chat" in path else COMPLETION, headers=headers)
+    error = assert_openai_error(response, 401, code=code)
+    assert error["type"] == "authentication_error" and "wrong" not in error["message"]
+
+
+def test_every_key_the_gateway_knows_works(cluster):
+    with httpx.Client(base_url=cluster.base_url, timeout=30) as c:
+        response = c.post("/completions", json=COMPLETION, headers={"Authorization": f"bearer {cluster.other_key}"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_unknown_models_are_404_even_when_streaming(http, path, stream):
+    body = {**(CHAT if "chat" in path else COMPLETION), "model": "gpt-4o", "stream": stream}
+    error = assert_openai_error(http.post(path, json=body), 404, param="model", code="model_not_found")
+    assert "tiny" in error["message"]  # the message lists what is served
+    assert_openai_error(http.get("/models/gpt-4o"), 404, param="model", code="model_not_found")
+
+
+def test_unknown_routes_and_methods(http):
+    assert_openai_error(http.get("/nowhere"), 404, code="not_found")
+    assert_openai_error(http.get("/completions"), 405, code="method_not_allowed")
+    assert_openai_error(http.delete("/chat/completions"), 405, code="method_not_allowed")
+
+
+def test_oversized_bodies_are_413(http):
+    assert_openai_error(http.post("/completions", content=b"x" * (9 * 1024 * 1024)), 413, code="request_too_large")
+
+
+def test_request_ids_travel_both_ways(http):
+    response = http.post("/completions", json=COMPLETION, headers={"x-request-id": "trace-me-42"})
+    assert response.headers["x-request-id"] == "trace-me-42" and response.json()["id"] == "cmpl-trace-me-42"
+    failed = http.post("/completions", json={**COMPLETION, "model": "nope"}, headers={"x-request-id": "bad-1"})
+    assert failed.headers["x-request-id"] == "bad-1"
+    generated = http.post("/chat/completions", json=CHAT, headers={"x-request-id": "spaces are not ids"})
+    assert generated.json()["id"] == f"chatcmpl-{generated.headers['x-request-id']}"
+    assert " " not in generated.headers["x-request-id"]
+
+
+def test_sse_framing(http):
+    with http.stream("POST", "/chat/completions", json={**CHAT, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and "usage" not in events[-1]
+
+
+def test_rate_limited_keys_get_429_with_retry_after(cluster):
+    with cluster.another_gateway("--rate-limit-rps", "0.01", "--rate-limit-burst", "1") as gw, \
+            cluster.openai_in_front_of(gw.address) as base, \
+            httpx.Client(base_url=f"{base}/v1", headers={"Authorization": f"Bearer {cluster.api_key}"},
+                         timeout=30) as c:
+        assert c.post("/completions", json=COMPLETION).status_code == 200
+        for path, body in (("/completions", COMPLETION), ("/chat/completions", {**CHAT, "stream": True})):
+            response = c.post(path, json=body)
+            assert_openai_error(response, 429, code="rate_limit_exceeded")
+            assert response.json()["error"]["type"] == "rate_limit_error"
+            # RetryInfo of ~100 s (one request per 100 s refills the bucket) as whole seconds.
+            assert 1 <= int(response.headers["retry-after"]) <= 101
+            assert int(response.headers["retry-after-ms"]) > 1000
+        other = httpx.post(f"{base}/v1/completions", json=COMPLETION, timeout=30,
+                           headers={"Authorization": f"Bearer {cluster.other_key}"})
+        assert other.status_code == 200  # buckets are per key
+
+
+def test_a_down_gateway_is_503(cluster):
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))  # a port nothing listens on while the test runs
+        nowhere = f"127.0.0.1:{placeholder.getsockname()[1]}"
+        with cluster.openai_in_front_of(nowhere) as base, httpx.Client(base_url=base, timeout=30) as c:
+            assert c.get("/health").status_code == 503
+            assert_openai_error(c.get("/v1/models"), 503)
+            assert_openai_error(c.post("/v1/chat/completions", json={**CHAT, "stream": True}), 503)
+
+
+LONG = {"model": "tiny", "max_tokens": 8000, "temperature": 0, "ignore_eos": True}
+
+
+def _raw_request(base_url: str, api_key: str, path: str, body: dict) -> socket.socket:
+    """An HTTP request on a plain socket, so the test controls exactly when the connection drops."""
+    host, port = base_url.removeprefix("http://").split("/")[0].split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(f"POST /v1{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {api_key}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_disconnecting_mid_stream_cancels_the_generation_upstream(cluster, path):
+    body = {**LONG, "stream": True, **({"messages": CHAT["messages"]} if "chat" in path else {"prompt": "Hi"})}
+    before = cluster.inference_stats().cancelled_total
+    sock = _raw_request(cluster.base_url, cluster.api_key, path, body)
+    received = b""
+    while received.count(b"data: ") < 2:  # headers and the first events: the generation is running
+        piece = sock.recv(65536)
+        assert piece, "the server closed the stream"
+        received += piece
+    assert b" 200 OK" in received.split(b"\r\n")[0]
+    sock.close()
+    assert cluster.wait_until(lambda: cluster.inference_stats().cancelled_total == before + 1)
+    assert cluster.wait_until(lambda: cluster.inference_stats().running == 0)
+
+
+def test_disconnecting_while_waiting_for_a_whole_completion_cancels_it(cluster):
+    before = cluster.inference_stats().cancelled_total
+    sock = _raw_request(cluster.base_url, cluster.api_key, "/completions", {**LONG, "prompt": "Hi"})
+    assert cluster.wait_until(lambda: cluster.inference_stats().running == 1)
+    sock.close()
+    assert cluster.wait_until(lambda: cluster.inference_stats().cancelled_total == before + 1)
+    assert cluster.wait_until(lambda: cluster.inference_stats().running == 0)
