@@ -140,7 +140,7 @@ def test_gpu_inference_exists_only_under_the_gpu_profile(services: dict[str, dic
 
 def test_default_profile_is_the_cpu_cluster(services: dict[str, dict[str, Any]]) -> None:
     default = {name for name, s in services.items() if not s.get("profiles")}
-    assert default == {"tokenizer", "inference", "gateway"}
+    assert default == {"tokenizer", "inference", "gateway", "openai"}
 
 
 def test_no_service_downloads_a_model(services: dict[str, dict[str, Any]]) -> None:
@@ -200,14 +200,14 @@ def test_collector_config_is_mounted_and_wired_to_jaeger(services: dict[str, dic
 
 # --- compose_local ---------------------------------------------------------------------
 
-PORTS = {50050: 41000, 50051: 41001, 50052: 41002}
+PORTS = {50050: 41000, 50051: 41001, 50052: 41002, 8000: 41003}
 
 
 def test_local_processes_mirror_compose(tmp_path: Path) -> None:
     procs = compose_services_as_local_processes(COMPOSE, PORTS, tmp_path / "tiny")
     by_name = {p.name: p for p in procs}
-    assert [p.name for p in procs][-1] == "gateway", "upstreams start first"
-    assert set(by_name) == {"tokenizer", "inference", "gateway"}
+    assert [p.name for p in procs][-2:] == ["gateway", "openai"], "upstreams start first"
+    assert set(by_name) == {"tokenizer", "inference", "gateway", "openai"}
     assert by_name["tokenizer"] == LocalProcess("tokenizer", ["llmsuite-tokenizer"], {
         "LLMSUITE_LISTEN": "127.0.0.1:41001",
         "LLMSUITE_MODEL": f"tiny={tmp_path / 'tiny'}",
@@ -220,6 +220,7 @@ def test_local_processes_mirror_compose(tmp_path: Path) -> None:
     assert gateway["LLMSUITE_TOKENIZER"] == "127.0.0.1:41001"
     assert gateway["LLMSUITE_INFERENCE"] == "127.0.0.1:41002"
     assert "LLMSUITE_API_KEYS" not in gateway
+    assert by_name["openai"].env == {"LLMSUITE_LISTEN": "127.0.0.1:41003", "LLMSUITE_GATEWAY": "127.0.0.1:41000"}
 
 
 def test_local_processes_take_variables_like_compose(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from compose_local import compose_services_as_local_processes
 from support import REPO, ServiceProcess, processes
@@ -33,6 +34,14 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def assert_nothing_listens_on(port: int) -> None:
+    with socket.socket() as s:
+        # SO_REUSEADDR: connections the gateway closed (the HTTP API's, in TIME_WAIT) do not
+        # count; a socket still listening on the port does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
 def streamed_text(address: str) -> tuple[str, int]:
     with grpc.insecure_channel(address) as ch:
         responses = list(gateway_pb2_grpc.GatewayServiceStub(ch).GenerateStream(pb.GenerateStreamRequest(
@@ -42,28 +51,46 @@ def streamed_text(address: str) -> tuple[str, int]:
     return text, responses[-1].final.usage.completion_tokens
 
 
+def openai_completion_tokens(address: str) -> int:
+    """Completion tokens of one request to the OpenAI-compatible API, once it is ready."""
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"http://{address}/health", timeout=5).status_code == 200:
+                break
+        assert time.monotonic() < deadline, "the OpenAI-compatible API never became ready"
+        time.sleep(0.1)
+    response = httpx.post(f"http://{address}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["completion_tokens"]
+
+
 def test_compose_services_run_as_local_processes_and_stream(tiny_model_dir):
-    gw, tok, inf = free_ports(3)
-    specs = compose_services_as_local_processes(REPO / "docker-compose.yml", {50050: gw, 50051: tok, 50052: inf},
-                                                tiny_model_dir)
-    assert [s.name for s in specs][-1] == "gateway"
+    gw, tok, inf, http = free_ports(4)
+    specs = compose_services_as_local_processes(REPO / "docker-compose.yml",
+                                                {50050: gw, 50051: tok, 50052: inf, 8000: http}, tiny_model_dir)
+    assert [s.name for s in specs][-2:] == ["gateway", "openai"]
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSUITE_")}
-    started = [ServiceProcess(s.argv, env={**clean_env, **s.env}) for s in specs]
+    # The HTTP API has no gRPC health to wait on; openai_completion_tokens waits on its /health.
+    started = [ServiceProcess(s.argv, env={**clean_env, **s.env}, wait=s.name != "openai") for s in specs]
     with processes(*started):
         _, completion = streamed_text(f"127.0.0.1:{gw}")
         assert completion == 8
+        assert openai_completion_tokens(f"127.0.0.1:{http}") == 8
 
 
 class Launcher:
     """`python -m llmsuite.cluster` with its output drained by a thread for its
-    whole life: the three children write their logs to the same pipe, and a
+    whole life: the children write their logs to the same pipe, and a
     pipe nobody reads would block them (and their graceful exit) once full."""
 
     def __init__(self, model_dir, ports: list[int]) -> None:
-        gw, tok, inf = ports
+        gw, tok, inf, http = ports
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmsuite.cluster", "--model", f"tiny={model_dir}", "--device", "cpu",
-             "--gateway-port", str(gw), "--tokenizer-port", str(tok), "--inference-port", str(inf)],
+             "--gateway-port", str(gw), "--tokenizer-port", str(tok), "--inference-port", str(inf),
+             "--openai-port", str(http)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -102,19 +129,20 @@ class Launcher:
 
 
 def test_make_run_launcher_serves_and_stops_gracefully_on_ctrl_c(tiny_model_dir):
-    ports = free_ports(3)
-    gw = ports[0]
+    ports = free_ports(4)
+    gw, http = ports[0], ports[3]
     launcher = Launcher(tiny_model_dir, ports)
     try:
-        out = launcher.wait_for_line("Ctrl-C stops all three")
+        out = launcher.wait_for_line("Ctrl-C stops them all")
         assert "llmsuite is up" in out, out
         assert 'llmsuite generate --stream "Hello"' in out
         _, completion = streamed_text(f"127.0.0.1:{gw}")
         assert completion == 8
+        assert f"http://127.0.0.1:{http}/v1" in out
+        assert openai_completion_tokens(f"127.0.0.1:{http}") == 8
         os.killpg(launcher.proc.pid, signal.SIGINT)
         assert launcher.proc.wait(60) == 0, launcher.output()
-        with socket.socket() as s:  # every child is gone: the gateway port is free again
-            s.bind(("127.0.0.1", gw))
+        assert_nothing_listens_on(gw)  # every child is gone
     finally:
         launcher.kill()
 
@@ -145,19 +173,18 @@ def launcher_children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children follow a killed launcher on Linux only")
 def test_launcher_children_exit_when_the_launcher_is_killed(tiny_model_dir):
-    ports = free_ports(3)
+    ports = free_ports(4)
     gw = ports[0]
     launcher = Launcher(tiny_model_dir, ports)
     children: list[int] = []
     try:
-        launcher.wait_for_line("Ctrl-C stops all three")
+        launcher.wait_for_line("Ctrl-C stops them all")
         children = launcher_children(launcher.proc.pid)
-        assert len(children) == 3
+        assert len(children) == 4
         os.kill(launcher.proc.pid, signal.SIGKILL)  # the launcher alone: its children have sessions of their own
         launcher.proc.wait(30)
         assert wait_until_exited(children) == [], launcher.output()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", gw))
+        assert_nothing_listens_on(gw)
     finally:
         launcher.kill()
         kill_all(children)
@@ -165,19 +192,20 @@ def test_launcher_children_exit_when_the_launcher_is_killed(tiny_model_dir):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe hang-up detection uses Linux poll semantics")
 def test_launcher_stops_its_children_when_its_output_pipe_closes(tiny_model_dir):
-    gw, tok, inf = free_ports(3)
+    gw, tok, inf, http = free_ports(4)
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmsuite.cluster", "--model", f"tiny={tiny_model_dir}", "--device", "cpu",
-         "--gateway-port", str(gw), "--tokenizer-port", str(tok), "--inference-port", str(inf)],
+         "--gateway-port", str(gw), "--tokenizer-port", str(tok), "--inference-port", str(inf),
+         "--openai-port", str(http)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     children: list[int] = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # the children log here too: keep reading until the banner
-            if "Ctrl-C stops all three" in line:
+            if "Ctrl-C stops them all" in line:
                 break
         children = launcher_children(proc.pid)
-        assert len(children) == 3
+        assert len(children) == 4
         proc.stdout.close()  # e.g. `make run | tee log` and tee went away
         assert proc.wait(60) != 0
         assert wait_until_exited(children) == []

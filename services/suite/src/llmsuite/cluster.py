@@ -1,7 +1,8 @@
 """`python -m llmsuite.cluster`: the local cluster behind `make run`.
 
-Starts tokenizer, inference and gateway as child processes on localhost,
-waits until each reports SERVING on gRPC health, prints how to call it, and
+Starts tokenizer, inference, gateway and the OpenAI-compatible HTTP API as
+child processes on localhost, waits until each is ready (SERVING on gRPC
+health; 200 on /health for the HTTP API), prints how to call it, and
 on Ctrl-C (or SIGTERM, SIGHUP) stops them gracefully in reverse order. It
 also stops them when one of them exits or when its own output pipe is closed
 (`make run | tee log` after tee went away). Should the launcher die without
@@ -20,6 +21,8 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,6 +113,20 @@ def _wait_serving(name: str, address: str, proc: subprocess.Popen[bytes], timeou
     raise SystemExit(f"{name} at {address} did not become SERVING within {timeout_s:.0f}s")
 
 
+def _wait_http_ready(name: str, address: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with code {proc.returncode}; see its log above")
+        try:
+            with urllib.request.urlopen(f"http://{address}/health", timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{name} at {address} did not answer /health within {timeout_s:.0f}s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmsuite.cluster", description=__doc__)
     parser.add_argument("--model", default="tiny=models/tiny", help="NAME=DIR served by tokenizer and inference")
@@ -117,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-port", type=int, default=50050)
     parser.add_argument("--tokenizer-port", type=int, default=50051)
     parser.add_argument("--inference-port", type=int, default=50052)
+    parser.add_argument("--openai-port", type=int, default=8000, help="OpenAI-compatible HTTP API port")
     parser.add_argument("--device", default="auto", help="inference device: auto, cpu, cuda[:N]")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
@@ -125,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     tok_addr = f"{args.host}:{args.tokenizer_port}"
     inf_addr = f"{args.host}:{args.inference_port}"
     gw_addr = f"{args.host}:{args.gateway_port}"
+    http_addr = f"{args.host}:{args.openai_port}"
     env = {**os.environ, "LLMSUITE_LOG_FORMAT": os.environ.get("LLMSUITE_LOG_FORMAT", "text")}
     specs = [
         ("tokenizer", tok_addr, ["llmsuite-tokenizer", "--listen", tok_addr, "--model", args.model]),
@@ -132,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "--device", args.device]),
         ("gateway", gw_addr, ["llmsuite-gateway", "--listen", gw_addr, "--tokenizer", tok_addr,
                               "--inference", inf_addr]),
+        ("openai", http_addr, ["llmsuite-openai", "--listen", http_addr, "--gateway", gw_addr]),
     ]
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -159,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.Popen(_child_argv([str(BIN / argv_[0]), *argv_[1:]]), env=env,
                                     start_new_session=True)
             procs.append((service, proc))
-            _wait_serving(service, address, proc, args.startup_timeout)
+            wait = _wait_http_ready if service == "openai" else _wait_serving
+            wait(service, address, proc, args.startup_timeout)
             print(f"  {service:<9} SERVING on {address}", file=sys.stderr, flush=True)
         print(f"""
-llmsuite is up: gateway {gw_addr} (tokenizer {tok_addr}, inference {inf_addr}), model '{name}'.
+llmsuite is up: gateway {gw_addr} (tokenizer {tok_addr}, inference {inf_addr}), model '{name}',
+OpenAI-compatible API on http://{http_addr}/v1.
 The default model has random weights: its text is not meaningful (see README).
 
 Try, in another terminal (after `source .venv/bin/activate`):
@@ -171,8 +193,10 @@ Try, in another terminal (after `source .venv/bin/activate`):
   llmsuite models
   grpcurl -plaintext {gw_addr} list
   grpcurl -plaintext -d '{{"model": "{name}", "prompt": "Hello"}}' {gw_addr} llmsuite.gateway.v1.GatewayService/Generate
+  curl http://{http_addr}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}'
 
-Ctrl-C stops all three.""", flush=True)
+Ctrl-C stops them all.""", flush=True)
         trouble = _wait_for_trouble([proc for _n, proc in procs])
         dead = [n for n, proc in procs if proc.poll() is not None]
         _say(f"{', '.join(dead)} exited; stopping the rest" if dead else f"{trouble}; stopping")
