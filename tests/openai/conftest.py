@@ -62,6 +62,7 @@ class Cluster:
     inference: ServiceProcess
     gateway: ServiceProcess
     base_url: str  # the OpenAI API root, e.g. http://127.0.0.1:PORT/v1
+    model_dir: Path
     model: str = MODEL
     api_key: str = API_KEY
     other_key: str = OTHER_KEY
@@ -76,6 +77,14 @@ class Cluster:
         """A second gateway over the same upstreams, with its own flags (and auth off without `keys`)."""
         with processes(gateway(self.tokenizer, self.inference, *extra, keys=keys)) as (gw,):
             yield gw
+
+    @contextlib.contextmanager
+    def own_inference(self) -> Iterator[tuple[ServiceProcess, str]]:
+        """An inference replica of its own, with a gateway and an HTTP API in front: a test
+        may kill it. Yields the replica and the API root (with /v1)."""
+        with processes(upstream("inference", self.model_dir)) as (inf,), \
+                processes(gateway(self.tokenizer, inf)) as (gw,), running_openai(gw.address) as base:
+            yield inf, f"{base}/v1"
 
     @staticmethod
     def openai_in_front_of(gateway_address: str, *extra: str) -> contextlib.AbstractContextManager[str]:
@@ -121,5 +130,5 @@ def cluster(long_context_model_dir: Path) -> Iterator[Cluster]:
     with processes(tok, inf):
         gw = gateway(tok, inf)
         with processes(gw), running_openai(gw.address) as base:
-            yield Cluster(tok, inf, gw, f"{base}/v1")
+            yield Cluster(tok, inf, gw, f"{base}/v1", long_context_model_dir)
 

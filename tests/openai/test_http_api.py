@@ -264,3 +264,18 @@ def test_disconnecting_while_waiting_for_a_whole_completion_cancels_it(cluster):
     sock.close()
     assert cluster.wait_until(lambda: cluster.inference_stats().cancelled_total == before + 1)
     assert cluster.wait_until(lambda: cluster.inference_stats().running == 0)
+
+
+def test_a_failure_mid_stream_ends_it_with_an_error_event(cluster):
+    with cluster.own_inference() as (inference, base_url), \
+            httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {cluster.api_key}"},
+                         timeout=60) as c, \
+            c.stream("POST", "/chat/completions", json={**LONG, **CHAT, "max_tokens": 8000, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # streaming has begun
+        inference.kill()  # the replica dies mid-generation
+        rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert rest[-1] != "[DONE]", "a broken stream must not look complete"
+    error = json.loads(rest[-1])["error"]
+    assert error["type"] == "server_error" and error["message"]
