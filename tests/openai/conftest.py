@@ -87,6 +87,13 @@ class Cluster:
             yield inf, f"{base}/v1"
 
     @staticmethod
+    @contextlib.contextmanager
+    def openai_process_in_front_of(gateway_address: str, *extra: str) -> Iterator[tuple[ServiceProcess, str]]:
+        """Another llmsuite-openai, for tests that signal it; yields it and its base URL."""
+        with processes(openai_process(gateway_address, *extra)) as (proc,):
+            yield proc, wait_http_ready(proc)
+
+    @staticmethod
     def openai_in_front_of(gateway_address: str, *extra: str) -> contextlib.AbstractContextManager[str]:
         """Another llmsuite-openai; yields its base URL (without /v1)."""
         return running_openai(gateway_address, *extra)

@@ -6,6 +6,7 @@ cancels its generation upstream."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 
 import httpx
@@ -279,3 +280,18 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event(cluster):
     assert rest[-1] != "[DONE]", "a broken stream must not look complete"
     error = json.loads(rest[-1])["error"]
     assert error["type"] == "server_error" and error["message"]
+
+
+def test_sigterm_lets_running_streams_finish_within_the_grace_period(cluster):
+    body = {**LONG, **CHAT, "max_tokens": 1500, "stream": True}
+    with cluster.openai_process_in_front_of(cluster.gateway.address, "--grace-period", "120") as (api, base), \
+            httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120,
+                         headers={"Authorization": f"Bearer {cluster.api_key}"}) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        api.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+        # uvicorn re-raises the signal once it has shut down, so the exit status names it.
+        assert api.proc.wait(60) in (0, -signal.SIGTERM)

@@ -29,8 +29,9 @@ def build_parser() -> EnvArgumentParser:
                         help="max_tokens for requests that set none (0: the gateway's default, 16)")
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                         help="largest request body accepted (larger: 413)")
-    parser.add_argument("--grace-period", type=float, default=10.0,
-                        help="seconds to let in-flight requests finish after SIGTERM/SIGINT")
+    parser.add_argument("--grace-period", type=float, default=defaults.shutdown_grace_s,
+                        help="seconds in-flight requests (streams included) may take to finish after "
+                             "SIGTERM/SIGINT; new connections are refused meanwhile")
     parser.add_argument("--access-log", action="store_true", default=False, help="log one line per request")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument("--log-format", choices=["json", "text"], default="json", help="log line format")
@@ -40,12 +41,13 @@ def build_parser() -> EnvArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.default_max_tokens < 0 or args.request_timeout <= 0 or args.max_body_bytes <= 0:
-        parser.error("--default-max-tokens must be >= 0; --request-timeout and --max-body-bytes > 0")
+    if args.default_max_tokens < 0 or args.grace_period < 0 or args.request_timeout <= 0 or args.max_body_bytes <= 0:
+        parser.error("--default-max-tokens and --grace-period must be >= 0; --request-timeout and "
+                     "--max-body-bytes > 0")
     configure_logging(args.log_level, args.log_format)
     api = ApiSettings(gateway=args.gateway, gateway_tls_ca=args.gateway_tls_ca,
                       request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens or None,
-                      max_body_bytes=args.max_body_bytes)
+                      max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.grace_period)
     server = HttpServerSettings(listen=args.listen, grace_period_s=args.grace_period, access_log=args.access_log)
     try:
         asyncio.run(serve(server, api))

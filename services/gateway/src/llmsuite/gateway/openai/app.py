@@ -50,6 +50,7 @@ class ApiSettings:
     default_max_tokens: int | None = None  # None: the gateway's default (16)
     max_body_bytes: int = 8 * 1024 * 1024
     sse_ping_s: float = 15.0
+    shutdown_grace_s: float = 10.0  # how long running streams may go on once shutdown begins
 
 
 class ClientDisconnected(Exception):
@@ -277,8 +278,9 @@ class OpenAiApi:
                 # Also reached when the caller disconnects (the task is cancelled): cancels the gateway call.
                 await close()
 
+        # On SIGTERM a stream may finish within the grace period; then it is cut (and its generation cancelled).
         return EventSourceResponse(events(), headers={REQUEST_ID_HEADER: request.state.request_id}, sep="\n",
-                                   ping=self.settings.sse_ping_s)
+                                   ping=self.settings.sse_ping_s, shutdown_grace_period=self.settings.shutdown_grace_s)
 
 
 def _with_request_id(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

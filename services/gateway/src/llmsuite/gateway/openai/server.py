@@ -4,6 +4,7 @@ SIGTERM/SIGINT, then drain in-flight requests."""
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from dataclasses import dataclass
 
@@ -45,12 +46,12 @@ async def serve(server_settings: HttpServerSettings, api_settings: ApiSettings) 
         build_app(api_settings),
         log_config=None,  # keep the JSON/text log format set up in main
         access_log=server_settings.access_log,
-        timeout_graceful_shutdown=max(1, round(server_settings.grace_period_s)),
+        # A second longer than the streams' own grace (ApiSettings.shutdown_grace_s), so they end first.
+        timeout_graceful_shutdown=math.ceil(server_settings.grace_period_s) + 1,
         server_header=False,
     )
     log.info("listening", extra={"listen": server_settings.listen, "port": port, "gateway": api_settings.gateway})
-    try:
+    # After a graceful shutdown uvicorn re-raises the signal that started it, so the process
+    # ends with that signal's status (as an unhandled SIGTERM would).
+    with sock:
         await uvicorn.Server(config).serve(sockets=[sock])
-    finally:
-        sock.close()
-    log.info("stopped")
