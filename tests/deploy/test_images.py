@@ -48,10 +48,11 @@ SERVER = frozenset({"llmsuite-client", "llmsuite-runtime"})
 IMAGES = {
     "tokenizer": Image("tokenizer", "tokenizer", SERVER | {"llmsuite-tokenizer"},
                        frozenset({*ONNXRUNTIMES, "numpy", "onnx"})),
+    # onnx stays: the engine builds its KV gather/pad/concat graphs with it.
     "inference": Image("inference", "inference-cpu", SERVER | {"llmsuite-inference"},
-                       frozenset({"onnxruntime-gpu", "onnx", "tokenizers", "jinja2"})),
+                       frozenset({"onnxruntime-gpu", "tokenizers", "jinja2"})),
     "inference-gpu": Image("inference", "inference-gpu", SERVER | {"llmsuite-inference"},
-                           frozenset({"onnxruntime", "onnx", "tokenizers", "jinja2"})),
+                           frozenset({"onnxruntime", "tokenizers", "jinja2"})),
     "gateway": Image("gateway", "gateway", SERVER | {"llmsuite-gateway"},
                      frozenset({*ONNXRUNTIMES, "numpy", "onnx", "tokenizers", "jinja2"})),
 }
