@@ -20,6 +20,7 @@ from support import BIN, ServerThread, ServiceProcess
 from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
 from llmsuite.inference.engine import EngineSettings
+from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.inference.service import SERVICE_NAME, InferenceApp
 from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc
@@ -171,6 +172,22 @@ def test_deadline_mid_stream_ends_with_time_limit(stub):
     if finals:
         assert finals[0].finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT
     assert wait_for(lambda: stats(stub).running == 0 and stats(stub).cached_tokens == 0)
+
+
+def test_deadline_ends_with_a_time_limit_final_carrying_the_tokens_so_far(stub, monkeypatch):
+    """The engine stops a margin before the deadline, so the final message (not DEADLINE_EXCEEDED)
+    reaches the client with every token generated so far."""
+    original = OnnxDecoder.run
+
+    def slow_run(self, *args):
+        time.sleep(0.02)
+        return original(self, *args)
+
+    monkeypatch.setattr(OnnxDecoder, "run", slow_run)
+    responses = list(stub.Generate(iter([start(max_new_tokens=500)]), timeout=1.0))  # 500 x 20 ms would be 10 s
+    tokens, finals = collect(responses)
+    assert [f.finish_reason for f in finals] == [common_pb2.FINISH_REASON_TIME_LIMIT]
+    assert 1 <= len(tokens) < 500 and finals[0].usage.completion_tokens == len(tokens)
 
 
 def test_deadline_too_short_for_prefill_is_refused_up_front(stub):

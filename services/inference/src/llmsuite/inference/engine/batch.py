@@ -16,6 +16,7 @@ no row is ever padded (the scheduler keeps one such batch per length).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -24,6 +25,15 @@ from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
 
 RowKey = TypeVar("RowKey")
+
+
+@dataclass(frozen=True)
+class BatchLayout(Generic[RowKey]):
+    """Which rows a batch holds, their true lengths, and the (padded) cache holding them."""
+
+    keys: list[RowKey]
+    lengths: list[int]
+    cache: KvCache | None
 
 
 class DecodeBatch(Generic[RowKey]):
@@ -53,17 +63,40 @@ class DecodeBatch(Generic[RowKey]):
 
     def add(self, key: RowKey, cache: KvCache) -> None:
         """Joins one row whose own (unpadded, single-row) cache is `cache`."""
+        self.apply(self.with_row(key, cache))
+
+    def remove(self, keys: Sequence[RowKey]) -> None:
+        """Drops rows and any leading columns that are padding in every remaining row."""
+        self.apply(self.without_rows(keys))
+
+    def with_row(self, key: RowKey, cache: KvCache) -> BatchLayout[RowKey]:
+        """The batch with one more row (computed on the device; the batch itself is unchanged
+        until `apply`, so the caller can publish the change atomically)."""
         if not self.accepts(cache.length):
             raise ValueError(f"an unpadded batch of length {self.padded_length} cannot take a row of {cache.length}")
+        keys, lengths = [*self.keys, key], [*self.lengths, cache.length]
         if self.cache is None:
-            self.cache = cache
-        else:
-            target = max(self.cache.length, cache.length)
-            tensors = self._ops.join(self.cache.tensors, cache.tensors,
-                                     target - self.cache.length, target - cache.length)
-            self.cache = KvCache(tensors, target, cache.bytes_per_token, self.cache.rows + 1)
-        self.keys.append(key)
-        self.lengths.append(cache.length)
+            return BatchLayout(keys, lengths, cache)
+        target = max(self.cache.length, cache.length)
+        tensors = self._ops.join(self.cache.tensors, cache.tensors, target - self.cache.length, target - cache.length)
+        return BatchLayout(keys, lengths, KvCache(tensors, target, cache.bytes_per_token, self.cache.rows + 1))
+
+    def without_rows(self, keys: Sequence[RowKey]) -> BatchLayout[RowKey]:
+        """The batch without `keys`, compacted (see `with_row` for why it is not applied here)."""
+        leaving = set(keys)
+        kept = [row for row, key in enumerate(self.keys) if key not in leaving]
+        if len(kept) == len(self.keys):
+            return BatchLayout(self.keys, self.lengths, self.cache)
+        kept_keys = [self.keys[row] for row in kept]
+        lengths = [self.lengths[row] for row in kept]
+        if not kept or self.cache is None:
+            return BatchLayout(kept_keys, lengths, None)
+        longest = max(lengths)
+        tensors = self._ops.reshape(self.cache.tensors, kept, drop_front=self.cache.length - longest)
+        return BatchLayout(kept_keys, lengths, KvCache(tensors, longest, self.cache.bytes_per_token, len(kept)))
+
+    def apply(self, layout: BatchLayout[RowKey]) -> None:
+        self.keys, self.lengths, self.cache = layout.keys, layout.lengths, layout.cache
 
     def extract(self, key: RowKey) -> KvCache:
         """A copy of one row's cache without its padding (the batch keeps the row)."""
@@ -71,21 +104,6 @@ class DecodeBatch(Generic[RowKey]):
         row = self.keys.index(key)
         tensors = self._ops.reshape(self.cache.tensors, [row], drop_front=self.cache.length - self.lengths[row])
         return KvCache(tensors, self.lengths[row], self.cache.bytes_per_token, 1)
-
-    def remove(self, keys: Sequence[RowKey]) -> None:
-        """Drops rows and any leading columns that are padding in every remaining row."""
-        leaving = set(keys)
-        kept = [row for row, key in enumerate(self.keys) if key not in leaving]
-        if len(kept) == len(self.keys):
-            return
-        self.keys = [self.keys[row] for row in kept]
-        self.lengths = [self.lengths[row] for row in kept]
-        if not kept or self.cache is None:
-            self.cache = None
-            return
-        longest = max(self.lengths)
-        tensors = self._ops.reshape(self.cache.tensors, kept, drop_front=self.cache.length - longest)
-        self.cache = KvCache(tensors, longest, self.cache.bytes_per_token, len(kept))
 
     def forward(self, last_tokens: Sequence[int]) -> np.ndarray:
         """Feeds each row's newest token (in row order); returns logits [rows, vocab]."""

@@ -461,7 +461,11 @@ class Scheduler:
             self._prefilling.append(turn)
 
     def _retire(self, endings: Sequence[_Ending]) -> None:
-        """Releases the KV of ending rows (kept for retained sessions), then delivers their results."""
+        """Releases the KV of ending rows (kept for retained sessions), then delivers their results.
+
+        KV work happens first, outside the lock; the new batch layouts and the finished turns
+        are then published together, so stats never see a row in no state or in two.
+        """
         if not endings:
             return
         kept: dict[int, KvCache | None] = {}
@@ -474,14 +478,13 @@ class Scheduler:
                 by_batch.setdefault(id(turn.batch), (turn.batch, []))[1].append(turn)
             else:
                 kept[id(turn)] = turn.cache if keep else None
-            turn.cache = None
-        for batch, leaving in by_batch.values():
-            batch.remove(leaving)
-            for turn in leaving:
-                turn.batch = None
+        layouts = [(batch, batch.without_rows(leaving)) for batch, leaving in by_batch.values()]
         with self._cond:
+            for batch, layout in layouts:
+                batch.apply(layout)
             self._batches = [b for b in self._batches if len(b)]
             for ending in endings:
+                ending.turn.cache, ending.turn.batch = None, None
                 self._finish(ending, kv=kept[id(ending.turn)])
 
     def _prefill(self) -> int:
@@ -513,8 +516,6 @@ class Scheduler:
             budget -= len(chunk)
             if turn.pending:
                 continue
-            with self._cond:
-                self._prefilling.remove(turn)
             token = turn.sampler.choose(result.logits[-1])
             ending = self._emit(turn, token)
             if ending is not None:
@@ -524,22 +525,24 @@ class Scheduler:
         return fed
 
     def _join(self, turn: Turn) -> None:
+        """Moves a prefilled turn into a batch (KV work outside the lock, bookkeeping inside)."""
         cache = turn.cache
         assert cache is not None
         batch = next((b for b in self._batches if b.accepts(cache.length)), None)
         if batch is None:
             batch = DecodeBatch(self.decoder, self._ops, padded=self._padded)
         try:
-            batch.add(turn, cache)
+            layout = batch.with_row(turn, cache)
         except Exception as exc:
             logger.exception("model %s: joining the batch failed", self.name)
             self._fail([turn], exc)
             return
-        turn.cache = None
-        turn.batch = batch
         with self._cond:
+            batch.apply(layout)
             if batch not in self._batches:
                 self._batches.append(batch)
+            self._prefilling.remove(turn)
+            turn.cache, turn.batch = None, batch
 
     def _decode(self) -> tuple[int, int]:
         """One forward per batch over all its rows; returns (rows, forwards)."""
@@ -550,9 +553,8 @@ class Scheduler:
                 logits = batch.forward([t.session.history[-1] for t in turns])
             except Exception as exc:
                 logger.exception("model %s: decode forward failed", self.name)
-                batch.remove(turns)
-                for turn in turns:
-                    turn.batch = None
+                with self._cond:
+                    batch.apply(batch.without_rows(turns))  # every row leaves: no KV work
                 self._fail(turns, exc)
                 continue
             rows += len(turns)
