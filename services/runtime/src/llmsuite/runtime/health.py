@@ -63,6 +63,7 @@ class DrainingHealthServicer(health.aio.HealthServicer):
             if status != last:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 last = status
+                continue  # the drain may have begun while the write was in flight
             if self._draining:
                 return
             async with self._condition():
