@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmsuite.builder import tokenizer as builder
 from llmsuite.runtime.errors import InvalidArgument
-from llmsuite.tokenizer.detokenizer import CONTEXT_IDS, IncrementalDetokenizer
+from llmsuite.tokenizer.detokenizer import CONTEXT_IDS, MAX_PENDING_IDS, IncrementalDetokenizer
 from llmsuite.tokenizer.engine import LoadedTokenizer
 
 try:
@@ -229,6 +229,22 @@ def test_window_stays_short_on_long_streams(built: LoadedTokenizer) -> None:
     assert text == built.decode([ids])[0]
     assert len(ids) > 300
     assert max(window_sizes) <= CONTEXT_IDS + 4
+
+
+def test_a_stream_of_stray_bytes_costs_bounded_work_per_id(built: LoadedTokenizer) -> None:
+    # Lone continuation bytes never complete a character: without a bound, every push
+    # would decode the whole stream so far.
+    stray = byte_ids(built, b"\x80" * (4 * MAX_PENDING_IDS)) + built.encode(["done"], add_special_tokens=False)[0].ids
+    window_sizes: list[int] = []
+
+    def spy(window: Sequence[int]) -> str:
+        window_sizes.append(len(window))
+        return built.decode([list(window)])[0]
+
+    detokenizer = IncrementalDetokenizer(spy)
+    text = "".join(detokenizer.push([token_id]) for token_id in stray) + detokenizer.finish()
+    assert max(window_sizes) <= CONTEXT_IDS + MAX_PENDING_IDS + 1
+    assert text == built.decode([stray])[0]  # stray bytes decode locally, so nothing is lost here
 
 
 def test_pushed_and_prefix_ids_are_validated(built: LoadedTokenizer) -> None:

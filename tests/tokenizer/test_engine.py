@@ -495,6 +495,35 @@ def test_sequence_over_the_token_limit(built_dir: pathlib.Path) -> None:
     assert caught.value.violations[0].field == "sequences[1].token_ids"
 
 
+def test_requests_are_bounded_as_a_whole(built_dir: pathlib.Path) -> None:
+    # Every text and every sequence within its own limit; the request as a whole is not.
+    loaded = LoadedTokenizer.load("x", built_dir, TokenizerLimits(
+        max_input_chars=100, max_request_chars=250, max_request_tokens=100, max_response_bytes=600))
+    text = "the cat sat on a mat " * 4  # 84 characters
+    assert len(loaded.encode([text] * 2)) == 2
+    cases = [
+        (lambda: loaded.count([text] * 3), "REQUEST_TOO_LARGE", "texts", "250"),
+        (lambda: loaded.encode(["東京" * 50, "🙂" * 50]), "TOO_MANY_TOKENS", "texts", "100"),
+        (lambda: loaded.encode([text, "abc"], return_offsets=True), "RESPONSE_TOO_LARGE", "return_offsets", "600"),
+        (lambda: loaded.decode([[10] * 60, [10] * 60]), "TOO_MANY_TOKENS", "sequences", "100"),
+    ]
+    for call, reason, field, limit in cases:
+        with pytest.raises(InvalidArgument) as caught:
+            call()
+        error = caught.value
+        assert (error.reason, error.violations[0].field, error.metadata["limit"]) == (reason, field, limit)
+        assert limit in error.message
+
+
+def test_decoded_text_is_kept_under_the_response_limit(built: LoadedTokenizer, built_dir: pathlib.Path) -> None:
+    ids = built.encode(["東京タワー"], add_special_tokens=False)[0].ids
+    small = LoadedTokenizer.load("x", built_dir, TokenizerLimits(max_response_bytes=20))
+    assert small.decode([ids]) == ["東京タワー"]  # 15 bytes
+    with pytest.raises(InvalidArgument) as caught:
+        small.decode([ids, ids])
+    assert caught.value.reason == "RESPONSE_TOO_LARGE"
+
+
 @pytest.mark.parametrize("bad_id", [1024, 99999, -1])
 def test_out_of_range_ids_name_sequence_and_position(built: LoadedTokenizer, bad_id: int) -> None:
     assert built.decode([[1023, 0]])  # the edges of the vocabulary are fine

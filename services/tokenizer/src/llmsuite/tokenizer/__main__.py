@@ -17,7 +17,7 @@ from llmsuite.runtime.settings import (
 )
 from llmsuite.runtime.tracing import build_tracer_provider
 from llmsuite.tokenizer.engine import TokenizerLimits
-from llmsuite.tokenizer.service import TokenizerApp
+from llmsuite.tokenizer.service import TokenizerApp, WorkSettings
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
 
@@ -33,8 +33,21 @@ def build_parser() -> EnvArgumentParser:
     limits.add_argument("--max-input-chars", type=int, default=TokenizerLimits.max_input_chars,
                         help="longest text accepted, in characters")
     limits.add_argument("--max-tokens-per-sequence", type=int, default=TokenizerLimits.max_tokens_per_sequence,
-                        help="longest token sequence accepted by Decode")
-    parser.add_argument("--worker-threads", type=int, default=4, help="threads for tokenizer work")
+                        help="longest token sequence accepted by Decode and DecodeStream")
+    limits.add_argument("--max-request-chars", type=int, default=TokenizerLimits.max_request_chars,
+                        help="most characters one request may carry in all its texts or messages together")
+    limits.add_argument("--max-request-tokens", type=int, default=TokenizerLimits.max_request_tokens,
+                        help="most token ids one request may produce (Encode) or decode (Decode), all texts "
+                             "together; responses are also kept under --max-message-bytes")
+    work = parser.add_argument_group("work")
+    work.add_argument("--worker-threads", type=int, default=WorkSettings.worker_threads,
+                      help="threads for tokenizer work")
+    work.add_argument("--max-queued-requests", type=int, default=WorkSettings.max_queued,
+                      help="requests that may wait for a worker thread; beyond that RESOURCE_EXHAUSTED with a "
+                           "retry delay")
+    work.add_argument("--stall-after", type=float, default=WorkSettings.stall_after_s,
+                      help="seconds a request may wait for a worker before health reports NOT_SERVING (every "
+                           "worker busy and none finishing); SERVING again once waits fall under half of it")
     parser.add_argument("--reload-root", action="append", type=Path, default=None, metavar="DIR",
                         help="a directory Reload may load tokenizers from, itself or below it (repeatable; the env "
                              "var takes a comma-separated list); default: the --model directories. Reload needs an "
@@ -48,9 +61,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = server_settings_from_args(args, service_name="llmsuite-tokenizer")
     configure_logging(settings.log_level, settings.log_format)
     limits = TokenizerLimits(max_batch_size=args.max_batch_size, max_input_chars=args.max_input_chars,
-                             max_tokens_per_sequence=args.max_tokens_per_sequence)
-    app = TokenizerApp(model_specs(args.model), limits, worker_threads=args.worker_threads,
-                       reload_roots=args.reload_root)
+                             max_tokens_per_sequence=args.max_tokens_per_sequence,
+                             max_request_chars=args.max_request_chars, max_request_tokens=args.max_request_tokens,
+                             max_response_bytes=settings.max_message_bytes)
+    work = WorkSettings(worker_threads=args.worker_threads, max_queued=args.max_queued_requests,
+                        stall_after_s=args.stall_after)
+    app = TokenizerApp(model_specs(args.model), limits, work=work, reload_roots=args.reload_root)
     try:
         asyncio.run(serve(settings, app, tracer_provider=build_tracer_provider(settings.telemetry)))
     except KeyboardInterrupt:

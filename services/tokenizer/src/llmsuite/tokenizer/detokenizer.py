@@ -16,6 +16,11 @@ REPLACEMENT_CHARACTER = "\ufffd"
 # previous token (a word-start space, a byte run that completes a character) need at
 # most a character's worth of byte tokens, which is 4.
 CONTEXT_IDS = 4
+# Ids that may pile up without completing a character before the window is flushed
+# as it is. Real text completes a character within a few ids; only a stream of stray
+# bytes gets here, and without the bound every push would decode the whole, ever
+# longer, window (quadratic work on the event loop).
+MAX_PENDING_IDS = 256
 
 DecodeFn = Callable[[Sequence[int]], str]
 
@@ -44,8 +49,11 @@ class IncrementalDetokenizer:
     flushes it. Not thread-safe: one per stream.
 
     Each push decodes the ids since the last fully settled point plus the context, so
-    cost stays constant per id; only a long run of text that is nothing but U+FFFD
-    (a model emitting stray bytes) grows the window until real text follows.
+    cost stays constant per id. A run of text that is nothing but U+FFFD (stray bytes)
+    grows the window until real text follows, up to MAX_PENDING_IDS ids: then what is
+    held back is emitted as it is and the window restarts, so such a stream costs
+    bounded work per id; only there may the deltas differ from a one-shot decode (a
+    character completed right after the flush is lost rather than duplicated).
     """
 
     def __init__(
@@ -87,6 +95,11 @@ class IncrementalDetokenizer:
         delta = text[self._emitted_chars : stable] if stable > self._emitted_chars else ""
         self._emitted_chars = max(self._emitted_chars, stable)
         if stable == len(text):
+            self._slide()
+        elif len(self._window) > CONTEXT_IDS + MAX_PENDING_IDS:
+            delta += text[self._emitted_chars :]
+            self._unresolved_prefix = None
+            self._emitted_chars = len(text)
             self._slide()
         return delta
 

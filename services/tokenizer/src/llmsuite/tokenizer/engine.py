@@ -59,16 +59,33 @@ class EncodedText:
     truncated: bool
 
 
+# Upper bounds of what one token costs in an EncodeResponse: a uint32 id is at most a
+# 5-byte varint; an offset is a CharSpan sub-message (tag, length, two varints of at
+# most 5 bytes each, with their tags).
+_ID_BYTES = 5
+_OFFSET_BYTES = 14
+
+
 @dataclass(frozen=True)
 class TokenizerLimits:
-    """Per-request bounds; anything above is rejected as INVALID_ARGUMENT."""
+    """Per-request bounds; anything above is rejected as INVALID_ARGUMENT.
+
+    Each text and each sequence is bounded, and so is each request as a whole: the
+    characters it asks to process (what costs CPU), the token ids it asks to return or
+    decode (what costs memory), and the size of the response it would produce.
+    """
 
     max_batch_size: int = 256
     max_input_chars: int = 1_000_000
     max_tokens_per_sequence: int = 1_000_000
+    max_request_chars: int = 1_000_000
+    max_request_tokens: int = 1_000_000
+    max_response_bytes: int = 64 * 1024 * 1024
+    max_chat_messages: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_input_chars", "max_tokens_per_sequence"):
+        for name in ("max_batch_size", "max_input_chars", "max_tokens_per_sequence", "max_request_chars",
+                     "max_request_tokens", "max_response_bytes", "max_chat_messages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
 
@@ -245,22 +262,40 @@ class LoadedTokenizer:
         if truncation_side not in ("left", "right"):
             raise InvalidArgument.for_field("truncation.side", f"must be 'left' or 'right', got {truncation_side!r}")
         if max_length is None:
-            return [
-                EncodedText(encoding.ids, encoding.offsets if return_offsets else None, truncated=False)
-                for encoding in self._encode_batch(texts, add_special_tokens, return_offsets)
-            ]
+            encodings = self._encode_batch(texts, add_special_tokens, return_offsets)
+            self._check_output(encodings, return_offsets)
+            return [EncodedText(encoding.ids, encoding.offsets if return_offsets else None, truncated=False)
+                    for encoding in encodings]
         content_budget = self._content_budget(max_length, add_special_tokens)
-        results = []
+        finished: list[tuple[Encoding, bool]] = []
         # Truncate before post-processing, as transformers does: the special tokens
         # always survive and the result is at most max_length long.
         for encoding in self._encode_batch(texts, False, return_offsets):
-            truncated = len(encoding.ids) > content_budget
+            truncated = len(encoding) > content_budget
             if truncated:
                 encoding.truncate(content_budget, direction=truncation_side)
             if add_special_tokens:
                 encoding = self._tokenizer.post_process(encoding, None, True)
-            results.append(EncodedText(encoding.ids, encoding.offsets if return_offsets else None, truncated))
-        return results
+            finished.append((encoding, truncated))
+        self._check_output([encoding for encoding, _ in finished], return_offsets)
+        return [EncodedText(encoding.ids, encoding.offsets if return_offsets else None, truncated)
+                for encoding, truncated in finished]
+
+    def _check_output(self, encodings: Sequence[Encoding], with_offsets: bool) -> None:
+        """Bounds what the response would hold, before any of it is built in Python."""
+        total = sum(len(encoding) for encoding in encodings)
+        limit = self.limits.max_request_tokens
+        if total > limit:
+            raise InvalidArgument.for_field(
+                "texts", f"{total} tokens in all exceeds limit {limit} per request; send fewer or shorter texts",
+                reason="TOO_MANY_TOKENS", limit=str(limit))
+        estimate = total * (_ID_BYTES + (_OFFSET_BYTES if with_offsets else 0))
+        if estimate > self.limits.max_response_bytes:
+            field_path = "return_offsets" if with_offsets else "texts"
+            raise InvalidArgument.for_field(
+                field_path, f"the response would take up to {estimate} bytes, over the limit of "
+                f"{self.limits.max_response_bytes}; send fewer texts" + (" or no offsets" if with_offsets else ""),
+                reason="RESPONSE_TOO_LARGE", limit=str(self.limits.max_response_bytes))
 
     def count(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[int]:
         self._check_texts(texts)
@@ -295,6 +330,14 @@ class LoadedTokenizer:
                     reason="INPUT_TOO_LONG",
                     limit=str(limit),
                 )
+        self._check_request_chars("texts", sum(len(text) for text in texts))
+
+    def _check_request_chars(self, field_path: str, total: int) -> None:
+        limit = self.limits.max_request_chars
+        if total > limit:
+            raise InvalidArgument.for_field(
+                field_path, f"{total} characters in all exceeds limit {limit} per request",
+                reason="REQUEST_TOO_LARGE", limit=str(limit))
 
     def _check_batch_size(self, field_path: str, size: int) -> None:
         if size == 0:
@@ -312,9 +355,25 @@ class LoadedTokenizer:
 
     def decode(self, sequences: Sequence[Sequence[int]], *, skip_special_tokens: bool = False) -> list[str]:
         self._check_batch_size("sequences", len(sequences))
+        total = 0
         for index, ids in enumerate(sequences):
             self._check_ids(ids, f"sequences[{index}].token_ids")
-        return self._tokenizer.decode_batch([list(ids) for ids in sequences], skip_special_tokens=skip_special_tokens)
+            total += len(ids)
+        limit = self.limits.max_request_tokens
+        if total > limit:
+            raise InvalidArgument.for_field(
+                "sequences", f"{total} token ids in all exceeds limit {limit} per request",
+                reason="TOO_MANY_TOKENS", limit=str(limit))
+        texts = self._tokenizer.decode_batch([list(ids) for ids in sequences], skip_special_tokens=skip_special_tokens)
+        # UTF-8 is at most 4 bytes a character; the bound only costs a scan when it is near.
+        if 4 * sum(len(text) for text in texts) > self.limits.max_response_bytes:
+            size = sum(len(text.encode("utf-8")) for text in texts)
+            if size > self.limits.max_response_bytes:
+                raise InvalidArgument.for_field(
+                    "sequences", f"the decoded texts take {size} bytes, over the limit of "
+                    f"{self.limits.max_response_bytes}; decode fewer ids per request",
+                    reason="RESPONSE_TOO_LARGE", limit=str(self.limits.max_response_bytes))
+        return texts
 
     def new_decode_stream(
         self, *, skip_special_tokens: bool = False, prefix_ids: Sequence[int] = ()

@@ -1,35 +1,50 @@
 """gRPC servicer for llmsuite.tokenizer.v1.TokenizerService.
 
 Thin by design: each handler converts protobuf to domain values, calls the
-registry's tokenizer snapshot, converts back. Tokenizer work is CPU-bound
-(the Rust library releases the GIL), so it runs in a thread pool and never
-blocks the event loop.
+registry's tokenizer snapshot, converts back (`convert`). Tokenizer work and
+response building are CPU-bound, so both run on the bounded work queue and
+never on the event loop; only tiny DecodeStream pushes run inline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 
-from llmsuite.common.v1 import common_pb2
 from llmsuite.runtime.errors import InvalidArgument
+from llmsuite.runtime.health import HealthReporter
 from llmsuite.runtime.logs import new_request_id
+from llmsuite.tokenizer import convert
 from llmsuite.tokenizer.chat_template import ChatMessage
-from llmsuite.tokenizer.engine import LoadedTokenizer, TokenizerLimits, TokenizerRegistry
+from llmsuite.tokenizer.engine import TokenizerLimits, TokenizerRegistry
 from llmsuite.tokenizer.reload_roots import ReloadRoots
 from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from llmsuite.tokenizer.work_queue import BoundedWorkQueue
 
 log = logging.getLogger("llmsuite.tokenizer")
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
-T = TypeVar("T")
+# A DecodeStream push of at most this many ids decodes inline: a thread hop would
+# cost more. Bigger ones (up to --max-tokens-per-sequence) go to the work queue.
+INLINE_DECODE_IDS = 64
+
+
+@dataclass(frozen=True)
+class WorkSettings:
+    """How tokenizer work is scheduled, and when being behind means not serving."""
+
+    worker_threads: int = 4
+    max_queued: int = 32
+    # Health turns NOT_SERVING once a request has waited this long for a worker (every
+    # worker busy and none finishing), and SERVING again once waits fall under half.
+    stall_after_s: float = 10.0
 
 
 def _require_model(model: str) -> str:
@@ -39,77 +54,30 @@ def _require_model(model: str) -> str:
     return model
 
 
-def _info_proto(tok: LoadedTokenizer) -> tokenizer_pb2.TokenizerInfo:
-    sp = tok.special_tokens
-
-    def special(content: str | None, token_id: int | None) -> tokenizer_pb2.SpecialToken | None:
-        if content is None or token_id is None:
-            return None
-        return tokenizer_pb2.SpecialToken(content=content, id=token_id)
-
-    loaded_at = timestamp_pb2.Timestamp()
-    loaded_at.FromSeconds(int(tok.loaded_at))
-    return tokenizer_pb2.TokenizerInfo(
-        name=tok.name,
-        vocab_size=tok.vocab_size,
-        special_tokens=tokenizer_pb2.SpecialTokens(
-            bos=special(sp.bos, sp.bos_id),
-            eos=special(sp.eos, sp.eos_id),
-            pad=special(sp.pad, sp.pad_id),
-            unk=special(sp.unk, sp.unk_id),
-            additional=[tokenizer_pb2.SpecialToken(content=c, id=i) for c, i in sp.additional_with_ids()],
-        ),
-        model_max_length=tok.model_max_length or 0,
-        has_chat_template=tok.chat_template is not None,
-        content_hash=tok.content_hash,
-        directory=str(tok.directory),
-        loaded_at=loaded_at,
-    )
-
-
-def _truncation(request: tokenizer_pb2.EncodeRequest) -> tuple[int | None, str]:
-    if not request.HasField("truncation") or request.truncation.max_length == 0:
-        return None, "right"
-    side = "left" if request.truncation.side == common_pb2.TRUNCATION_SIDE_LEFT else "right"
-    return request.truncation.max_length, side
-
-
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self, registry: TokenizerRegistry, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, registry: TokenizerRegistry, work: BoundedWorkQueue) -> None:
         self._registry = registry
-        self._executor = executor
-
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._work = work
 
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext
                      ) -> tokenizer_pb2.EncodeResponse:
         tok = self._registry.get(_require_model(request.model))
-        max_length, side = _truncation(request)
-        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        encoded = await self._run(lambda: tok.encode(
-            list(request.texts), add_special_tokens=add_special, return_offsets=request.return_offsets,
-            max_length=max_length, truncation_side=side))
-        return tokenizer_pb2.EncodeResponse(encodings=[
-            common_pb2.Encoding(
-                token_ids=e.ids,
-                offsets=[common_pb2.CharSpan(start=s, end=t) for s, t in e.offsets or ()],
-                truncated=e.truncated,
-            ) for e in encoded
-        ])
+        max_length, side = convert.truncation(request)
+        return await self._work.run(lambda: convert.encode_response(tok.encode(
+            request.texts, add_special_tokens=convert.add_special_tokens(request),
+            return_offsets=request.return_offsets, max_length=max_length, truncation_side=side)))
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext
                      ) -> tokenizer_pb2.DecodeResponse:
         tok = self._registry.get(_require_model(request.model))
-        sequences = [list(s.token_ids) for s in request.sequences]
-        texts = await self._run(lambda: tok.decode(sequences, skip_special_tokens=request.skip_special_tokens))
-        return tokenizer_pb2.DecodeResponse(texts=texts)
+        return await self._work.run(lambda: tokenizer_pb2.DecodeResponse(texts=tok.decode(
+            [s.token_ids for s in request.sequences], skip_special_tokens=request.skip_special_tokens)))
 
     async def CountTokens(self, request: tokenizer_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
                           ) -> tokenizer_pb2.CountTokensResponse:
         tok = self._registry.get(_require_model(request.model))
-        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        counts = await self._run(lambda: tok.count(list(request.texts), add_special_tokens=add_special))
+        counts = await self._work.run(
+            lambda: tok.count(request.texts, add_special_tokens=convert.add_special_tokens(request)))
         return tokenizer_pb2.CountTokensResponse(counts=counts, total=sum(counts))
 
     async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
@@ -118,7 +86,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         messages = [ChatMessage(role=m.role, content=m.content, name=m.name or None) for m in request.messages]
         extra = json_format.MessageToDict(request.template_variables) if request.HasField(
             "template_variables") else None
-        rendered = await self._run(lambda: tok.apply_chat_template(
+        rendered = await self._work.run(lambda: tok.apply_chat_template(
             messages, add_generation_prompt=request.add_generation_prompt, tokenize=request.tokenize,
             template_override=request.chat_template or None, extra_context=extra))
         return tokenizer_pb2.ApplyChatTemplateResponse(text=rendered.text, token_ids=rendered.ids or ())
@@ -134,16 +102,21 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         start = first.start
         tok = self._registry.get(_require_model(start.model))
         request_id = start.request_id or new_request_id()
-        detok = tok.new_decode_stream(skip_special_tokens=start.skip_special_tokens,
-                                      prefix_ids=list(start.prefix_token_ids))
+        prefix = start.prefix_token_ids
+        if len(prefix) <= INLINE_DECODE_IDS:
+            detok = tok.new_decode_stream(skip_special_tokens=start.skip_special_tokens, prefix_ids=prefix)
+        else:
+            detok = await self._work.run(lambda: tok.new_decode_stream(
+                skip_special_tokens=start.skip_special_tokens, prefix_ids=prefix))
         sequence = 0
         consumed = 0
         async for message in request_iterator:
             if message.WhichOneof("kind") != "token_ids":
                 raise InvalidArgument.for_field("start", "`start` may only be sent once",
                                                 reason="STREAM_ALREADY_STARTED")
-            ids = list(message.token_ids.token_ids)
-            text = detok.push(ids)  # microseconds per token: cheaper inline than a thread hop
+            ids = message.token_ids.token_ids
+            # Microseconds for a few ids: cheaper inline than a thread hop.
+            text = detok.push(ids) if len(ids) <= INLINE_DECODE_IDS else await self._work.run(detok.push, ids)
             consumed += len(ids)
             yield tokenizer_pb2.DecodeStreamResponse(
                 request_id=request_id, sequence_number=sequence, text=text, consumed_tokens=consumed)
@@ -155,20 +128,22 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def ListModels(self, request: tokenizer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> tokenizer_pb2.ListModelsResponse:
         return tokenizer_pb2.ListModelsResponse(
-            models=[_info_proto(t) for t in sorted(self._registry.all(), key=lambda t: t.name)])
+            models=[convert.info_proto(t) for t in sorted(self._registry.all(), key=lambda t: t.name)])
 
     async def GetModelInfo(self, request: tokenizer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
                            ) -> tokenizer_pb2.GetModelInfoResponse:
-        return tokenizer_pb2.GetModelInfoResponse(info=_info_proto(self._registry.get(_require_model(request.model))))
+        return tokenizer_pb2.GetModelInfoResponse(
+            info=convert.info_proto(self._registry.get(_require_model(request.model))))
 
     async def Reload(self, request: tokenizer_pb2.ReloadRequest, context: grpc.aio.ServicerContext
                      ) -> tokenizer_pb2.ReloadResponse:
         name = _require_model(request.model)
         previous = self._registry.get(name)
-        reloaded = await self._run(lambda: self._registry.reload(name, request.directory or None))
+        reloaded = await self._work.run(lambda: self._registry.reload(name, request.directory or None))
         log.info("tokenizer reloaded", extra={"model": name, "previous": previous.content_hash,
                                               "current": reloaded.content_hash})
-        return tokenizer_pb2.ReloadResponse(info=_info_proto(reloaded), previous_content_hash=previous.content_hash)
+        return tokenizer_pb2.ReloadResponse(info=convert.info_proto(reloaded),
+                                            previous_content_hash=previous.content_hash)
 
 
 class TokenizerApp:
@@ -178,27 +153,57 @@ class TokenizerApp:
     # Reload can take a model offline for everyone or change what every Chat renders.
     admin_methods: Sequence[str] = (f"/{SERVICE_NAME}/Reload",)
 
-    def __init__(self, models: dict[str, Path], limits: TokenizerLimits, *, worker_threads: int = 4,
+    def __init__(self, models: dict[str, Path], limits: TokenizerLimits, *, work: WorkSettings | None = None,
                  reload_roots: Sequence[Path] | None = None) -> None:
         """`reload_roots`: where Reload may read; None means the model directories."""
         self._models = models
         self.registry = TokenizerRegistry(
             limits, reload_roots=None if reload_roots is None else ReloadRoots(reload_roots))
-        self._executor = ThreadPoolExecutor(max_workers=worker_threads, thread_name_prefix="tokenizer")
+        self.work_settings = work or WorkSettings()
+        self.work = BoundedWorkQueue(self.work_settings.worker_threads, self.work_settings.max_queued)
+        self._health: HealthReporter | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
-            TokenizerServicer(self.registry, self._executor), server)
+        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(TokenizerServicer(self.registry, self.work), server)
+
+    def attach_health(self, reporter: HealthReporter) -> None:
+        self._health = reporter
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for name, directory in self._models.items():
-            tok = await loop.run_in_executor(self._executor, self.registry.load, name, directory)
+            # Not through the work queue: loading is ours, not a request to refuse.
+            tok = await loop.run_in_executor(None, self.registry.load, name, directory)
             log.info("tokenizer loaded", extra={"model": name, "directory": str(directory),
                                                 "vocab_size": tok.vocab_size, "content_hash": tok.content_hash})
+        if self._health is not None:
+            self._watchdog = asyncio.create_task(self._watch_for_stalls(self._health))
+
+    async def _watch_for_stalls(self, health: HealthReporter) -> None:
+        """NOT_SERVING while requests wait longer than `stall_after_s` for a worker; a
+        single slow call leaves the other workers free, so it never trips this."""
+        stall_after = self.work_settings.stall_after_s
+        stalled = False
+        while True:
+            await asyncio.sleep(stall_after / 4)
+            waited = self.work.oldest_wait_s()
+            if not stalled and waited > stall_after:
+                stalled = True
+                log.warning("tokenizer workers stalled; reporting NOT_SERVING",
+                            extra={"oldest_wait_s": round(waited, 3), "queued": self.work.queued})
+                await health.report(False)
+            elif stalled and waited < stall_after / 2:
+                stalled = False
+                log.info("tokenizer workers caught up; reporting SERVING")
+                await health.report(True)
 
     def health_names(self) -> Sequence[str]:
         return tuple(f"model:{name}" for name in self.registry.names())
 
     async def stop(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        self.work.shutdown()

@@ -1,0 +1,64 @@
+"""Protobuf <-> domain values for the tokenizer service, in one place.
+
+Building a response is per-token Python work (a million offsets are a million
+CharSpan messages), so the servicer runs these on the work queue's threads, never
+on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf import timestamp_pb2
+
+from llmsuite.common.v1 import common_pb2
+from llmsuite.tokenizer.engine import EncodedText, LoadedTokenizer, TruncationSide
+from llmsuite.tokenizer.v1 import tokenizer_pb2
+
+
+def truncation(request: tokenizer_pb2.EncodeRequest) -> tuple[int | None, TruncationSide]:
+    if not request.HasField("truncation") or request.truncation.max_length == 0:
+        return None, "right"
+    side: TruncationSide = "left" if request.truncation.side == common_pb2.TRUNCATION_SIDE_LEFT else "right"
+    return request.truncation.max_length, side
+
+
+def add_special_tokens(request: tokenizer_pb2.EncodeRequest | tokenizer_pb2.CountTokensRequest) -> bool:
+    return request.add_special_tokens if request.HasField("add_special_tokens") else True
+
+
+def encode_response(encoded: Sequence[EncodedText]) -> tokenizer_pb2.EncodeResponse:
+    response = tokenizer_pb2.EncodeResponse()
+    for item in encoded:
+        encoding = response.encodings.add(token_ids=item.ids, truncated=item.truncated)
+        for start, end in item.offsets or ():
+            encoding.offsets.add(start=start, end=end)
+    return response
+
+
+def info_proto(tok: LoadedTokenizer) -> tokenizer_pb2.TokenizerInfo:
+    sp = tok.special_tokens
+
+    def special(content: str | None, token_id: int | None) -> tokenizer_pb2.SpecialToken | None:
+        if content is None or token_id is None:
+            return None
+        return tokenizer_pb2.SpecialToken(content=content, id=token_id)
+
+    loaded_at = timestamp_pb2.Timestamp()
+    loaded_at.FromSeconds(int(tok.loaded_at))
+    return tokenizer_pb2.TokenizerInfo(
+        name=tok.name,
+        vocab_size=tok.vocab_size,
+        special_tokens=tokenizer_pb2.SpecialTokens(
+            bos=special(sp.bos, sp.bos_id),
+            eos=special(sp.eos, sp.eos_id),
+            pad=special(sp.pad, sp.pad_id),
+            unk=special(sp.unk, sp.unk_id),
+            additional=[tokenizer_pb2.SpecialToken(content=c, id=i) for c, i in sp.additional_with_ids()],
+        ),
+        model_max_length=tok.model_max_length or 0,
+        has_chat_template=tok.chat_template is not None,
+        content_hash=tok.content_hash,
+        directory=str(tok.directory),
+        loaded_at=loaded_at,
+    )
