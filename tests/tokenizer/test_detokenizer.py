@@ -10,8 +10,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmsuite.builder import tokenizer as builder
+from llmsuite.runtime.detokenizer import CONTEXT_IDS, MAX_PENDING_IDS, IncrementalDetokenizer
 from llmsuite.runtime.errors import InvalidArgument
-from llmsuite.tokenizer.detokenizer import CONTEXT_IDS, MAX_PENDING_IDS, IncrementalDetokenizer
 from llmsuite.tokenizer.engine import LoadedTokenizer
 
 try:

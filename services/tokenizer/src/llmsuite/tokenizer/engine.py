@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from tokenizers import Encoding, Tokenizer
 
+from llmsuite.runtime.detokenizer import IncrementalDetokenizer
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, LlmsuiteError, NotFound
 from llmsuite.tokenizer.chat_template import ChatMessage, ChatTemplate, RenderedChat
-from llmsuite.tokenizer.detokenizer import IncrementalDetokenizer
 from llmsuite.tokenizer.files import TokenizerFiles, read_tokenizer_files
 from llmsuite.tokenizer.reload_roots import ReloadRoots
 
@@ -201,6 +201,7 @@ class LoadedTokenizer:
         self.name = name
         self.directory = files.directory
         self.content_hash = files.content_hash
+        self.hashed_files = files.hashed_files
         self.limits = limits
         self.loaded_at: float = time.time()  # wall clock, seconds since the epoch
         self._tokenizer = tokenizer

@@ -35,6 +35,9 @@ class TokenizerFiles:
     special_tokens_map: dict[str, Any]
     chat_template_file: str | None
     content_hash: str
+    # The bytes `content_hash` covers, by file name in hash order: what
+    # GetTokenizerFiles hands out, so a client can check them against the hash.
+    hashed_files: tuple[tuple[str, bytes], ...] = ()
 
 
 def _is_directory(directory: pathlib.Path) -> bool:
@@ -118,6 +121,7 @@ def read_tokenizer_files(directory: pathlib.Path) -> TokenizerFiles:
             else _decode_text(directory, CHAT_TEMPLATE_JINJA, chat_template_bytes)
         ),
         content_hash=content_hash_of(contents),
+        hashed_files=tuple((name, contents[name]) for name in TOKENIZER_FILES if name in contents),
     )
 
 

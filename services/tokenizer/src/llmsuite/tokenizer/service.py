@@ -63,22 +63,25 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                      ) -> tokenizer_pb2.EncodeResponse:
         tok = self._registry.get(_require_model(request.model))
         max_length, side = convert.truncation(request)
-        return await self._work.run(lambda: convert.encode_response(tok.encode(
+        response = await self._work.run(lambda: convert.encode_response(tok.encode(
             request.texts, add_special_tokens=convert.add_special_tokens(request),
             return_offsets=request.return_offsets, max_length=max_length, truncation_side=side)))
+        response.content_hash = tok.content_hash
+        return response
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext
                      ) -> tokenizer_pb2.DecodeResponse:
         tok = self._registry.get(_require_model(request.model))
         return await self._work.run(lambda: tokenizer_pb2.DecodeResponse(texts=tok.decode(
-            [s.token_ids for s in request.sequences], skip_special_tokens=request.skip_special_tokens)))
+            [s.token_ids for s in request.sequences], skip_special_tokens=request.skip_special_tokens),
+            content_hash=tok.content_hash))
 
     async def CountTokens(self, request: tokenizer_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
                           ) -> tokenizer_pb2.CountTokensResponse:
         tok = self._registry.get(_require_model(request.model))
         counts = await self._work.run(
             lambda: tok.count(request.texts, add_special_tokens=convert.add_special_tokens(request)))
-        return tokenizer_pb2.CountTokensResponse(counts=counts, total=sum(counts))
+        return tokenizer_pb2.CountTokensResponse(counts=counts, total=sum(counts), content_hash=tok.content_hash)
 
     async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
                                 context: grpc.aio.ServicerContext) -> tokenizer_pb2.ApplyChatTemplateResponse:
@@ -89,7 +92,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         rendered = await self._work.run(lambda: tok.apply_chat_template(
             messages, add_generation_prompt=request.add_generation_prompt, tokenize=request.tokenize,
             template_override=request.chat_template or None, extra_context=extra))
-        return tokenizer_pb2.ApplyChatTemplateResponse(text=rendered.text, token_ids=rendered.ids or ())
+        return tokenizer_pb2.ApplyChatTemplateResponse(text=rendered.text, token_ids=rendered.ids or (),
+                                                       content_hash=tok.content_hash)
 
     async def DecodeStream(self, request_iterator: AsyncIterator[tokenizer_pb2.DecodeStreamRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[tokenizer_pb2.DecodeStreamResponse]:
@@ -134,6 +138,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                            ) -> tokenizer_pb2.GetModelInfoResponse:
         return tokenizer_pb2.GetModelInfoResponse(
             info=convert.info_proto(self._registry.get(_require_model(request.model))))
+
+    async def GetTokenizerFiles(self, request: tokenizer_pb2.GetTokenizerFilesRequest,
+                                context: grpc.aio.ServicerContext) -> tokenizer_pb2.GetTokenizerFilesResponse:
+        tok = self._registry.get(_require_model(request.model))
+        if request.known_content_hash == tok.content_hash:
+            return tokenizer_pb2.GetTokenizerFilesResponse(content_hash=tok.content_hash)
+        return tokenizer_pb2.GetTokenizerFilesResponse(content_hash=tok.content_hash, files=[
+            tokenizer_pb2.TokenizerFile(name=name, content=content) for name, content in tok.hashed_files])
 
     async def Reload(self, request: tokenizer_pb2.ReloadRequest, context: grpc.aio.ServicerContext
                      ) -> tokenizer_pb2.ReloadResponse:

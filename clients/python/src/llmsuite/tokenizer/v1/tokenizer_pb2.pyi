@@ -34,10 +34,12 @@ class EncodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., add_special_tokens: _Optional[bool] = ..., return_offsets: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, _Mapping]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("encodings",)
+    __slots__ = ("encodings", "content_hash")
     ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     encodings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Encoding]
-    def __init__(self, encodings: _Optional[_Iterable[_Union[_common_pb2.Encoding, _Mapping]]] = ...) -> None: ...
+    content_hash: str
+    def __init__(self, encodings: _Optional[_Iterable[_Union[_common_pb2.Encoding, _Mapping]]] = ..., content_hash: _Optional[str] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("token_ids",)
@@ -56,10 +58,12 @@ class DecodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("texts",)
+    __slots__ = ("texts", "content_hash")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    content_hash: str
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., content_hash: _Optional[str] = ...) -> None: ...
 
 class CountTokensRequest(_message.Message):
     __slots__ = ("model", "texts", "add_special_tokens")
@@ -72,12 +76,14 @@ class CountTokensRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class CountTokensResponse(_message.Message):
-    __slots__ = ("counts", "total")
+    __slots__ = ("counts", "total", "content_hash")
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     counts: _containers.RepeatedScalarFieldContainer[int]
     total: int
-    def __init__(self, counts: _Optional[_Iterable[int]] = ..., total: _Optional[int] = ...) -> None: ...
+    content_hash: str
+    def __init__(self, counts: _Optional[_Iterable[int]] = ..., total: _Optional[int] = ..., content_hash: _Optional[str] = ...) -> None: ...
 
 class ApplyChatTemplateRequest(_message.Message):
     __slots__ = ("model", "messages", "add_generation_prompt", "tokenize", "chat_template", "template_variables")
@@ -96,12 +102,14 @@ class ApplyChatTemplateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., tokenize: _Optional[bool] = ..., chat_template: _Optional[str] = ..., template_variables: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ApplyChatTemplateResponse(_message.Message):
-    __slots__ = ("text", "token_ids")
+    __slots__ = ("text", "token_ids", "content_hash")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    content_hash: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., content_hash: _Optional[str] = ...) -> None: ...
 
 class DecodeStreamStart(_message.Message):
     __slots__ = ("model", "request_id", "skip_special_tokens", "prefix_token_ids")
@@ -174,6 +182,30 @@ class ReloadResponse(_message.Message):
     info: TokenizerInfo
     previous_content_hash: str
     def __init__(self, info: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., previous_content_hash: _Optional[str] = ...) -> None: ...
+
+class GetTokenizerFilesRequest(_message.Message):
+    __slots__ = ("model", "known_content_hash")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    known_content_hash: str
+    def __init__(self, model: _Optional[str] = ..., known_content_hash: _Optional[str] = ...) -> None: ...
+
+class TokenizerFile(_message.Message):
+    __slots__ = ("name", "content")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    content: bytes
+    def __init__(self, name: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
+
+class GetTokenizerFilesResponse(_message.Message):
+    __slots__ = ("content_hash", "files")
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    content_hash: str
+    files: _containers.RepeatedCompositeFieldContainer[TokenizerFile]
+    def __init__(self, content_hash: _Optional[str] = ..., files: _Optional[_Iterable[_Union[TokenizerFile, _Mapping]]] = ...) -> None: ...
 
 class SpecialToken(_message.Message):
     __slots__ = ("content", "id")

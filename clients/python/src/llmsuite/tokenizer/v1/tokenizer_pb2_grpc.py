@@ -77,6 +77,11 @@ class TokenizerServiceStub:
                 request_serializer=llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.GetTokenizerFiles = channel.unary_unary(
+                '/llmsuite.tokenizer.v1.TokenizerService/GetTokenizerFiles',
+                request_serializer=llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerFilesRequest.SerializeToString,
+                response_deserializer=llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerFilesResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServiceServicer:
@@ -148,6 +153,18 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTokenizerFiles(self, request, context):
+        """The tokenizer files behind content_hash, byte for byte, so a client (the
+        gateway) can detokenize streamed ids in process with the same library and
+        files, and check them against the hash. Only the files the hash covers are
+        returned, never paths or anything else from the model directory. Cheap:
+        served from memory; a caller that already holds the current hash gets an
+        answer without files.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +207,11 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.ReloadRequest.FromString,
                     response_serializer=llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.ReloadResponse.SerializeToString,
+            ),
+            'GetTokenizerFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenizerFiles,
+                    request_deserializer=llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerFilesRequest.FromString,
+                    response_serializer=llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerFilesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -411,6 +433,33 @@ class TokenizerService:
             '/llmsuite.tokenizer.v1.TokenizerService/Reload',
             llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.ReloadRequest.SerializeToString,
             llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenizerFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmsuite.tokenizer.v1.TokenizerService/GetTokenizerFiles',
+            llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerFilesRequest.SerializeToString,
+            llmsuite_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,
