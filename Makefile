@@ -10,7 +10,7 @@ MODEL  ?= models/tiny
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
-BREAKING_AGAINST ?= .git#branch=main
+BREAKING_AGAINST ?= .git\#branch=main
 
 .DEFAULT_GOAL := help
 .PHONY: help setup proto proto-check lint format test bench bench-engine model run stubs breaking lock clean
