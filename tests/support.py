@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -112,11 +113,13 @@ class ServiceProcess:
     """A console script in its own process group; port read from its log."""
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, *,
-                 health_timeout: float = 90.0, wait: bool = True) -> None:
+                 health_timeout: float = 90.0, wait: bool = True,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.argv = [str(BIN / argv[0]), *map(str, argv[1:])] if not os.path.isabs(argv[0]) else list(argv)
         self.env = {**os.environ, "LLMSUITE_LOG_FORMAT": "json", **(env or {})}
         self.health_timeout = health_timeout
         self.wait = wait
+        self.credentials = credentials  # for health checks on a TLS listener
         self.lines: list[str] = []
         self.port: int | None = None
         self._port_seen = threading.Event()
@@ -135,16 +138,27 @@ class ServiceProcess:
         self._port_seen.set()
 
     def __enter__(self) -> ServiceProcess:
+        self.launch()
+        return self.ready()
+
+    def launch(self) -> ServiceProcess:
+        """Starts the process without waiting for it (see `ready`)."""
         self._stdout = tempfile.TemporaryFile(mode="w+")  # e.g. console span exporter output
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._stdout, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         threading.Thread(target=self._drain, daemon=True).start()
+        return self
+
+    def ready(self) -> ServiceProcess:
+        """Waits for the bound port and (with `wait`) for health SERVING."""
+        assert self.proc is not None
         if not self._port_seen.wait(self.health_timeout) or self.port is None:
             self.kill()
             raise RuntimeError(f"{self.argv[0]} did not report a port:\n{self.log()}")
         if self.wait:
             try:
-                wait_for_serving(self.address, timeout=self.health_timeout, alive=self.alive)
+                wait_for_serving(self.address, timeout=self.health_timeout, alive=self.alive,
+                                 credentials=self.credentials)
             except ProcessDied:
                 self.kill()
                 raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode} before SERVING:\n"
@@ -190,11 +204,48 @@ class ServiceProcess:
 
 @contextlib.contextmanager
 def processes(*procs: ServiceProcess) -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
+    """Starts them all at once, then waits until each is ready; kills them all at the end."""
     try:
         for p in procs:
-            started.append(p.__enter__())
-        yield started
+            p.launch()
+        for p in procs:
+            p.ready()
+        yield list(procs)
+    except BaseException:
+        for p in procs:  # pytest shows this with the failure: what each process logged
+            print(f"--- {' '.join(p.argv[:1])} ({'running' if p.alive() else 'exited'}) ---\n{p.log()}")
+        raise
     finally:
-        for p in reversed(started):
+        for p in reversed(procs):
             p.kill()
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports free right now, for a process that must come back on the same port."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def watch_health(address: str, want: int, service: str = "", timeout: float = 60.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Follows health Watch until `service` reports `want` (a HealthCheckResponse
+    status): the server pushes each change, so this waits for the event itself."""
+    with (grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)) as ch:
+        stream = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=service),
+                                                       timeout=timeout)
+        seen = []
+        try:
+            for response in stream:
+                seen.append(response.status)
+                if response.status == want:
+                    return
+        except grpc.RpcError as exc:
+            raise TimeoutError(f"{address} {service!r} never reported {want} (saw {seen}): {exc.code()}") from None
+        finally:
+            stream.cancel()
+    raise TimeoutError(f"{address} {service!r} stream ended before reporting {want} (saw {seen})")

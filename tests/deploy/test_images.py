@@ -53,8 +53,9 @@ IMAGES = {
                        frozenset({"onnxruntime-gpu", "tokenizers", "jinja2"})),
     "inference-gpu": Image("inference", "inference-gpu", SERVER | {"llmsuite-inference"},
                            frozenset({"onnxruntime", "tokenizers", "jinja2"})),
+    # tokenizers is in: the gateway detokenizes streamed ids in process (docs/design.md, Streams).
     "gateway": Image("gateway", "gateway", SERVER | {"llmsuite-gateway"},
-                     frozenset({*ONNXRUNTIMES, "numpy", "onnx", "tokenizers", "jinja2"})),
+                     frozenset({*ONNXRUNTIMES, "numpy", "onnx", "jinja2"})),
 }
 MODEL_IMAGES = {"tokenizer", "inference", "inference-gpu"}
 

@@ -134,6 +134,10 @@ def test_late_results_while_open_change_nothing(clock: FakeClock) -> None:
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
+    # The gateway calls upstreams with its own credentials, never the caller's: a
+    # refusal means the upstream is unusable until an operator fixes the config.
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
 ])
 def test_upstream_down_codes_count(code: grpc.StatusCode) -> None:
     assert counts_as_failure(code)
@@ -145,8 +149,6 @@ def test_upstream_down_codes_count(code: grpc.StatusCode) -> None:
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.OUT_OF_RANGE,
 ])
@@ -199,3 +201,12 @@ def test_concurrent_callers_get_a_single_probe(clock: FakeClock) -> None:
     for t in threads:
         t.join()
     assert len(allowed) == 1
+
+
+def test_a_health_probe_that_is_answered_closes_an_open_circuit_at_once(clock: FakeClock) -> None:
+    breaker = open_breaker(clock)
+    with pytest.raises(Unavailable):
+        breaker.before_call()  # requests still fail fast: the reset time has not passed
+    breaker.record_probe_success()
+    assert breaker.state is CircuitState.CLOSED and breaker.is_closed
+    breaker.before_call()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llmsuite.gateway.rate_limit import KeyedRateLimiter
 from llmsuite.gateway.service import GatewayApp, GatewayLimits
-from llmsuite.gateway.upstreams import Upstreams
+from llmsuite.gateway.upstreams import Upstreams, parse_inference_targets
 from llmsuite.runtime.channels import ChannelSettings
 from llmsuite.runtime.logs import configure_logging
 from llmsuite.runtime.server import serve
@@ -26,19 +26,33 @@ def build_parser() -> EnvArgumentParser:
     u = parser.add_argument_group("upstreams")
     u.add_argument("--tokenizer", default="localhost:50051", help="tokenizer service address")
     u.add_argument("--inference", default="localhost:50052",
-                   help="inference replicas: ADDR[,ADDR...] (round-robin, per-replica circuit breakers, "
-                        "spill-over) or one dns:///NAME:PORT (gRPC round_robin over its addresses)")
+                   help="inference replicas: HOST:PORT[,HOST:PORT...] (round-robin, per-replica circuit "
+                        "breakers, spill-over), or one gRPC target URI such as dns:///NAME:PORT or "
+                        "ipv4:A:PORT,B:PORT (one channel; gRPC round_robin over its addresses)")
     u.add_argument("--upstream-api-key", default="", help="API key the gateway presents to its upstreams")
-    u.add_argument("--upstream-tls-ca", default=None, help="PEM CA to verify upstream TLS certificates")
+    u.add_argument("--upstream-tls-ca", type=Path, default=None,
+                   help="PEM CA bundle to verify upstream TLS certificates; enables TLS to upstreams")
+    u.add_argument("--upstream-tls-cert", type=Path, default=None,
+                   help="PEM client certificate presented to upstreams that require mTLS (with --upstream-tls-key)")
+    u.add_argument("--upstream-tls-key", type=Path, default=None, help="PEM private key for --upstream-tls-cert")
     u.add_argument("--breaker-failures", type=int, default=5,
-                   help="consecutive upstream failures that open a replica's circuit")
+                   help="consecutive failures (requests or probes) after which an upstream counts as down: "
+                        "its circuit opens and health stops counting it")
     u.add_argument("--breaker-reset", type=float, default=5.0,
                    help="seconds an open circuit waits before one probe request")
-    u.add_argument("--startup-timeout", type=float, default=300.0,
-                   help="seconds to wait for upstreams at start (health stays NOT_SERVING meanwhile)")
+    u.add_argument("--refresh-interval", type=float, default=2.0,
+                   help="seconds between asking every upstream for its models (discovery, tokenizer pairing, "
+                        "health)")
+    u.add_argument("--startup-timeout", type=float, default=0.0,
+                   help="seconds to wait at start for a servable model before exiting with status 1; 0 waits "
+                        "for ever. Meanwhile the port answers, health is NOT_SERVING and calls get UNAVAILABLE")
     lim = parser.add_argument_group("limits")
     lim.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens, help="cap on prompt tokens")
     lim.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens, help="cap on max_new_tokens")
+    lim.add_argument("--deadline-margin", type=float, default=limits.deadline_margin_s,
+                     help="seconds before a request's deadline at which the gateway ends a generation itself "
+                          "(final message with finish_reason TIME_LIMIT and the text so far); inference gets a "
+                          "deadline twice this much earlier. At most a tenth of the request's time is used")
     lim.add_argument("--rate-limit-rps", type=float, default=0.0,
                      help="requests per second per API key (0 = unlimited)")
     lim.add_argument("--rate-limit-burst", type=float, default=20.0, help="request bucket size per API key")
@@ -54,15 +68,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = server_settings_from_args(args, service_name="llmsuite-gateway")
     configure_logging(settings.log_level, settings.log_format)
     tracer_provider = build_tracer_provider(settings.telemetry)
+    if (args.upstream_tls_cert is None) != (args.upstream_tls_key is None):
+        raise SystemExit("--upstream-tls-cert and --upstream-tls-key must be given together")
     channel = ChannelSettings(compression=settings.compression, max_message_bytes=settings.max_message_bytes,
-                              tls_ca_file=Path(args.upstream_tls_ca) if args.upstream_tls_ca else None,
-                              api_key=args.upstream_api_key or None)
-    inference = [t.strip() for t in args.inference.split(",") if t.strip()]
-    factory = partial(Upstreams.connect, args.tokenizer, inference, channel, tracer_provider=tracer_provider,
-                      breaker_threshold=args.breaker_failures, breaker_reset_s=args.breaker_reset)
+                              tls_ca_file=args.upstream_tls_ca, tls_cert_file=args.upstream_tls_cert,
+                              tls_key_file=args.upstream_tls_key, api_key=args.upstream_api_key or None)
+    factory = partial(Upstreams.connect, args.tokenizer, parse_inference_targets(args.inference), channel,
+                      tracer_provider=tracer_provider, breaker_threshold=args.breaker_failures,
+                      breaker_reset_s=args.breaker_reset)
     limiter = KeyedRateLimiter(args.rate_limit_rps, args.rate_limit_burst, args.token_rate_limit, args.token_burst)
-    app = GatewayApp(factory, GatewayLimits(args.max_prompt_tokens, args.max_new_tokens), limiter,
-                     startup_timeout_s=args.startup_timeout)
+    limits = GatewayLimits(args.max_prompt_tokens, args.max_new_tokens, deadline_margin_s=args.deadline_margin)
+    app = GatewayApp(factory, limits, limiter, startup_timeout_s=args.startup_timeout,
+                     refresh_interval_s=args.refresh_interval)
     try:
         asyncio.run(serve(settings, app, tracer_provider=tracer_provider))
     except KeyboardInterrupt:

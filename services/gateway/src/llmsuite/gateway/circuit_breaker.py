@@ -31,6 +31,10 @@ _UPSTREAM_DOWN = frozenset({
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
+    # The upstream refuses the gateway's own credentials: unusable until an
+    # operator fixes the configuration, whatever the request.
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
 })
 
 
@@ -62,12 +66,15 @@ class CircuitBreaker:
     """
 
     def __init__(self, name: str, failure_threshold: int = 5, reset_timeout_s: float = 5.0,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, *, public_name: str | None = None) -> None:
+        """`name` is for logs (an address is fine); `public_name`, when given, is
+        what callers see in errors instead, so internal addresses never leak."""
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be >= 1")
         if reset_timeout_s <= 0:
             raise ValueError("reset_timeout_s must be > 0")
         self.name = name
+        self.public_name = public_name or name
         self.failure_threshold = failure_threshold
         self.reset_timeout_s = reset_timeout_s
         self._clock = clock
@@ -81,6 +88,13 @@ class CircuitBreaker:
     def state(self) -> CircuitState:
         with self._lock:
             return self._state
+
+    @property
+    def is_closed(self) -> bool:
+        """Calls flow normally: fewer than `failure_threshold` consecutive failures
+        since the last success (a probe in HALF_OPEN has not succeeded yet)."""
+        with self._lock:
+            return self._state is CircuitState.CLOSED
 
     @property
     def consecutive_failures(self) -> int:
@@ -129,6 +143,17 @@ class CircuitBreaker:
                 self._probe_started_at = None
                 self._transition(CircuitState.OPEN)
 
+    def record_probe_success(self) -> None:
+        """An out-of-band health probe (the gateway's periodic model listing)
+        got an answer: the upstream is back, whatever the state. Unlike a
+        request's success this also closes an OPEN circuit before its reset
+        time, so recovery is seen at the next probe."""
+        with self._lock:
+            self._failures = 0
+            self._probe_started_at = None
+            if self._state is not CircuitState.CLOSED:
+                self._transition(CircuitState.CLOSED)
+
     def record_abandoned(self) -> None:
         """The call ended without saying anything about the upstream (the caller
         cancelled it): free the probe slot so the next caller probes at once."""
@@ -156,9 +181,9 @@ class CircuitBreaker:
 
     def _unavailable(self, retry_after_s: float) -> Unavailable:
         return Unavailable(
-            message=(f"upstream {self.name} is unavailable (circuit open after {self._failures} "
+            message=(f"upstream {self.public_name} is unavailable (circuit open after {self._failures} "
                      f"consecutive failures); retry in {retry_after_s:.2f}s"),
             reason="UPSTREAM_CIRCUIT_OPEN",
             retry_after_s=retry_after_s,
-            metadata={"upstream": self.name},
+            metadata={"upstream": self.public_name},
         )

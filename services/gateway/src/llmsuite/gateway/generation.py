@@ -1,29 +1,42 @@
-"""Text generation over the upstreams: ids from inference become text through
-the tokenizer's DecodeStream, and text-level stop strings cut it.
+"""Text generation over the upstreams: ids from an inference replica become
+text through the gateway's local detokenizer (see local_tokenizers.py), and
+text-level stop strings cut it.
 
 `relay_turn` is shared by Generate, GenerateStream and every Chat turn, so
 all three detokenize and stop identically: the concatenation of deltas
 equals the unary text, never splits a character, and never contains text at
 or past a stop string.
+
+Two things keep it cheap and honest under load and at a deadline:
+
+- Read-ahead: a task reads the replica's stream while the caller is being
+  written to; every message that arrived meanwhile is relayed as ONE delta
+  (tokens coalesce when the caller, or the gateway, is the slower side).
+- Deadline: the replica gets the request's deadline minus twice a margin and
+  is expected to end with a TIME_LIMIT final; if it has not by the deadline
+  minus one margin, the gateway ends the turn itself with a TIME_LIMIT final
+  and the text produced so far, early enough for it to reach the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import grpc
-
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.stop_strings import StopStringMatcher
-from llmsuite.gateway.upstreams import DecodeStreamClient
+from llmsuite.gateway.upstream_errors import ended_early
+from llmsuite.gateway.upstreams import InferenceStream
 from llmsuite.gateway.v1 import gateway_pb2
 from llmsuite.inference.v1 import inference_pb2
-from llmsuite.runtime.errors import Unavailable
+from llmsuite.runtime.detokenizer import IncrementalDetokenizer
+from llmsuite.runtime.errors import DeadlineExceeded, LlmsuiteError
 from llmsuite.runtime.messages import duration
+
+READ_AHEAD_MESSAGES = 64  # beyond this the replica's stream waits (HTTP/2 flow control)
 
 
 @dataclass
@@ -38,12 +51,85 @@ class TurnOutcome:
     summary: gateway_pb2.GenerationSummary
     generated_ids: list[int] = field(default_factory=list)
     stopped_by_string: bool = False
-    upstream_final: inference_pb2.GenerateFinal | None = None
+    time_limited: bool = False
 
 
-async def relay_turn(call: grpc.aio.StreamStreamCall, first: inference_pb2.GenerateResponse | None,
-                     detok: DecodeStreamClient, stop_strings: tuple[str, ...], *, started_at: float,
-                     prompt_tokens: int) -> AsyncIterator[Delta | TurnOutcome]:
+@dataclass(frozen=True)
+class Deadline:
+    """A request's deadline, split so that its TIME_LIMIT final arrives in time."""
+
+    final_at: float | None  # event-loop time by which the gateway sends its own final
+    upstream_timeout_s: float | None  # the deadline the replica gets, from now
+
+    @classmethod
+    def split(cls, remaining_s: float | None, margin_s: float) -> Deadline:
+        """`margin_s` is capped at a tenth of the time left, so short deadlines keep most of it."""
+        if remaining_s is None:
+            return cls(None, None)
+        margin = min(margin_s, remaining_s / 10)
+        return cls(asyncio.get_running_loop().time() + remaining_s - margin, max(0.0, remaining_s - 2 * margin))
+
+
+class _Expired(Exception):
+    """The gateway's own time for this turn is up."""
+
+
+class _ReadAhead:
+    """Reads one turn of a replica's stream ahead of the relay, up to its final."""
+
+    def __init__(self, stream: InferenceStream, final_at: float | None) -> None:
+        self._stream = stream
+        self._items: collections.deque[inference_pb2.GenerateResponse | LlmsuiteError | None] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._expired = False
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(final_at, self._expire) if final_at is not None else None
+        self._task = loop.create_task(self._pump())
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._arrived.set()
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                message = await self._stream.read()
+            except LlmsuiteError as exc:
+                self._push(exc)
+                return
+            self._push(message)
+            if message is None or message.WhichOneof("kind") == "final":
+                return
+            while len(self._items) >= READ_AHEAD_MESSAGES:
+                self._drained.clear()
+                await self._drained.wait()
+
+    def _push(self, item: inference_pb2.GenerateResponse | LlmsuiteError | None) -> None:
+        self._items.append(item)
+        self._arrived.set()
+
+    async def take(self) -> list[inference_pb2.GenerateResponse | LlmsuiteError | None]:
+        """Everything that has arrived (at least one item); _Expired once time is up."""
+        while not self._items and not self._expired:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self._expired:
+            raise _Expired
+        items = list(self._items)
+        self._items.clear()
+        self._drained.set()
+        return items
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._task.cancel()
+
+
+async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, stop_strings: tuple[str, ...], *,
+                     started_at: float, prompt_tokens: int, deadline: Deadline
+                     ) -> AsyncIterator[Delta | TurnOutcome]:
     """Relays one upstream turn (until its final message) as text deltas, then
     one TurnOutcome. On a stop string it sends Cancel upstream and waits for
     the turn's final message so usage and timings stay exact."""
@@ -51,56 +137,73 @@ async def relay_turn(call: grpc.aio.StreamStreamCall, first: inference_pb2.Gener
     generated: list[int] = []
     first_text_at: float | None = None
     matched: str | None = None
-    message = first
-    while True:
-        if message is None:
+    feed = _ReadAhead(stream, deadline.final_at)
+    final: inference_pb2.GenerateFinal | None = None
+    time_limited = False
+    try:
+        while final is None and not time_limited:
             try:
-                message = await call.read()
-            except grpc.aio.AioRpcError:
+                batch = await feed.take()
+            except _Expired:
+                time_limited = True
+                break
+            ids: list[int] = []
+            logprobs: list[common_pb2.PositionLogprobs] = []
+            for item in batch:
+                if isinstance(item, DeadlineExceeded):  # the replica's deadline ran out before its final
+                    time_limited = True
+                    break
+                if isinstance(item, LlmsuiteError):
+                    if matched is None:
+                        raise item
+                    item = None  # the text is complete; the upstream ended as we cancelled it
+                if item is None:
+                    if matched is None:
+                        raise ended_early("inference")
+                    # The cancelled turn ended without its final message: summarize what we counted.
+                    final = inference_pb2.GenerateFinal(
+                        finish_reason=common_pb2.FINISH_REASON_CANCELLED,
+                        usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(generated)))
+                    break
+                if item.WhichOneof("kind") == "final":
+                    final = item.final
+                    break
                 if matched is None:
-                    raise
-                message = grpc.aio.EOF  # text is complete; the upstream ended as we cancelled it
-        if message is grpc.aio.EOF and matched is not None:
-            # The cancelled upstream turn ended without its final message: summarize what we counted.
-            message = inference_pb2.GenerateResponse(final=inference_pb2.GenerateFinal(
-                finish_reason=common_pb2.FINISH_REASON_CANCELLED,
-                usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(generated))))
-        if message is grpc.aio.EOF:
-            raise Unavailable("the inference replica ended the stream without a final message",
-                              reason="UPSTREAM_PROTOCOL_ERROR")
-        if message.WhichOneof("kind") == "tokens":
-            ids = list(message.tokens.token_ids)
-            if matched is None:
-                generated.extend(ids)
-                text = await detok.push(ids)
-                if matcher is not None:
-                    scan = matcher.feed(text)
-                    text = scan.emit
-                    if scan.stopped:
-                        matched = scan.matched
-                        # The turn may already have ended upstream (stop in its last tokens).
-                        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                            await call.write(inference_pb2.GenerateRequest(
-                                cancel=inference_pb2.GenerateCancel(reason="stop string")))
-                if text and first_text_at is None:
-                    first_text_at = time.monotonic()
-                yield Delta(text, ids, list(message.tokens.logprobs))
-            message = None
-            continue
-        final = message.final
-        if matched is None:
-            tail = await detok.finish()
+                    ids.extend(item.tokens.token_ids)
+                    logprobs.extend(item.tokens.logprobs)
+            if not ids:
+                continue
+            generated.extend(ids)
+            text = detok.push(ids)
             if matcher is not None:
-                scan = matcher.feed(tail)
-                tail = scan.emit if scan.stopped else scan.emit + matcher.flush()
-                matched = scan.matched if scan.stopped else None
-            if tail:
-                first_text_at = first_text_at or time.monotonic()
-                yield Delta(tail, [], [])
-        else:
-            detok.cancel()
-        yield TurnOutcome(_summary(final, matched, started_at, first_text_at), generated, matched is not None, final)
-        return
+                scan = matcher.feed(text)
+                text = scan.emit
+                if scan.stopped:
+                    matched = scan.matched
+                    # The turn may already have ended upstream (stop in its last tokens).
+                    await stream.stop_generating("stop string")
+            if text and first_text_at is None:
+                first_text_at = time.monotonic()
+            yield Delta(text, ids, logprobs)
+    finally:
+        feed.close()
+    if time_limited:
+        stream.cancel()  # the replica may still be generating: free its slot now
+        final = inference_pb2.GenerateFinal(
+            finish_reason=common_pb2.FINISH_REASON_TIME_LIMIT,
+            usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(generated)))
+    assert final is not None
+    if matched is None:
+        tail = detok.finish()
+        if matcher is not None:
+            scan = matcher.feed(tail)
+            tail = scan.emit if scan.stopped else scan.emit + matcher.flush()
+            matched = scan.matched if scan.stopped else None
+        if tail:
+            first_text_at = first_text_at or time.monotonic()
+            yield Delta(tail, [], [])
+    yield TurnOutcome(_summary(final, matched, started_at, first_text_at), generated, matched is not None,
+                      time_limited)
 
 
 def _summary(final: inference_pb2.GenerateFinal, matched: str | None, started_at: float,

@@ -1,11 +1,16 @@
-"""The gateway's view of its upstreams: one tokenizer, N inference replicas.
+"""The gateway's upstreams: one tokenizer service and N inference replicas.
 
-Each inference address gets its own channel and circuit breaker, so the
-gateway can spread requests round-robin, fail fast on a replica that is down
-and spill a request over to another replica when one answers
-RESOURCE_EXHAUSTED (or is unreachable) before streaming anything. A single
-`dns:///name` target is one channel whose `round_robin` policy spreads calls
-over every address the name resolves to.
+This module is the only one that calls them, and every failure of such a call
+leaves it translated by `llmsuite.gateway.upstream_errors` (never as a raw
+`AioRpcError`). Each upstream has its own channel and circuit breaker, so the
+gateway fails fast on one that is down, and the breakers' state is what the
+gateway's health reports (see catalogue.py).
+
+A replica is one gRPC target. `--inference a:1,b:2` names two (round-robin,
+per-replica breakers, spill-over); a target with a URI scheme
+(`dns:///inference:50052`, `ipv4:10.0.0.1:50052,10.0.0.2:50052`) is one
+channel whose `round_robin` policy spreads calls over every address it
+resolves to.
 """
 
 from __future__ import annotations
@@ -13,16 +18,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
 from llmsuite.client.connection import auth_metadata
 from llmsuite.gateway.circuit_breaker import CircuitBreaker
+from llmsuite.gateway.upstream_errors import ended_early, from_upstream, unavailable
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmsuite.runtime.channels import ChannelSettings, create_channel
-from llmsuite.runtime.errors import FailedPrecondition, NotFound, Unavailable
+from llmsuite.runtime.errors import LlmsuiteError, Unavailable
+from llmsuite.runtime.logs import current_request_id
 from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 log = logging.getLogger("llmsuite.gateway.upstreams")
@@ -30,184 +39,253 @@ log = logging.getLogger("llmsuite.gateway.upstreams")
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 TOKENIZER_SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
 SPILL_OVER_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+REQUEST_ID_HEADER = "x-request-id"
+# A gRPC target URI (dns:///name:port, ipv4:a:1,b:2, unix:/path, ...) rather than host:port.
+_URI_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:(?!\d+$)(?!\d+,)")
+Response = TypeVar("Response")
+
+
+def parse_inference_targets(value: str) -> list[str]:
+    """`host:port[,host:port...]` -> one replica per address; a value with a
+    URI scheme (`dns:///name:port`, `ipv4:a:1,b:2`) -> one target, balanced by
+    gRPC itself."""
+    value = value.strip()
+    if _URI_SCHEME.match(value):
+        return [value]
+    return [t.strip() for t in value.split(",") if t.strip()]
 
 
 @dataclass
-class Replica:
-    address: str
+class Upstream:
+    """One upstream target: its channel and its circuit breaker."""
+
+    label: str  # what callers may see ("tokenizer", "inference replica 2")
+    target: str  # for logs only
     channel: grpc.aio.Channel
-    stub: inference_pb2_grpc.InferenceServiceStub
     breaker: CircuitBreaker
 
+    @property
+    def usable(self) -> bool:
+        return self.breaker.is_closed
 
-@dataclass(frozen=True)
-class ServedModel:
-    """A model both upstreams serve, with tokenizer and model proven to match."""
-
-    name: str
-    architecture: str
-    context_length: int
-    has_chat_template: bool
-    execution_provider: str
-    eos_token_ids: tuple[int, ...]
+    def record(self, code: grpc.StatusCode, *, callers_deadline: bool) -> None:
+        """Feeds a failed call's code to the breaker. The caller's own deadline
+        running out says nothing about the upstream."""
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED and callers_deadline:
+            self.breaker.record_abandoned()
+        else:
+            self.breaker.record_status(code)
 
 
 @dataclass
-class OpenedStream:
+class Replica(Upstream):
+    stub: inference_pb2_grpc.InferenceServiceStub
+
+
+@dataclass
+class TokenizerUpstream(Upstream):
+    stub: tokenizer_pb2_grpc.TokenizerServiceStub
+
+
+class InferenceStream:
     """An inference Generate stream that has produced its first message."""
 
-    replica: Replica
-    call: grpc.aio.StreamStreamCall
-    first: inference_pb2.GenerateResponse
+    def __init__(self, replica: Replica, call: grpc.aio.StreamStreamCall,
+                 first: inference_pb2.GenerateResponse) -> None:
+        self.replica = replica
+        self._call = call
+        self.first: inference_pb2.GenerateResponse | None = first
+
+    async def read(self) -> inference_pb2.GenerateResponse | None:
+        """The next message (the first one first), or None once the stream has
+        ended; LlmsuiteError when it failed."""
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.CANCELLED:
+                self.replica.record(exc.code(), callers_deadline=True)
+            raise from_upstream(exc, "inference") from None
+        return None if message is grpc.aio.EOF else message
+
+    async def send_turn(self, token_ids: Sequence[int], sampling: object) -> None:
+        try:
+            await self._call.write(inference_pb2.GenerateRequest(
+                turn=inference_pb2.GenerateTurn(token_ids=token_ids, sampling=sampling)))  # type: ignore[arg-type]
+        except grpc.aio.AioRpcError as exc:
+            raise from_upstream(exc, "inference") from None
+        except asyncio.InvalidStateError:  # the stream already ended
+            raise ended_early("inference") from None
+
+    async def stop_generating(self, reason: str) -> None:
+        """Asks the replica to end the turn (it answers with a CANCELLED final);
+        a stream that already ended is fine."""
+        try:
+            await self._call.write(inference_pb2.GenerateRequest(cancel=inference_pb2.GenerateCancel(reason=reason)))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+
+    def cancel(self) -> None:
+        """Ends the RPC at once (a no-op once it has finished); frees the replica's slot."""
+        self._call.cancel()
 
 
-@dataclass
 class Upstreams:
-    tokenizer_channel: grpc.aio.Channel
-    tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub
-    replicas: list[Replica]
-    api_key: str | None
-    models: dict[str, ServedModel] = field(default_factory=dict)
-    _next: itertools.count = field(default_factory=itertools.count)
+    """Channels, stubs and breakers for the tokenizer and every replica, and
+    the calls the gateway makes on them."""
+
+    def __init__(self, tokenizer: TokenizerUpstream, replicas: list[Replica], api_key: str | None) -> None:
+        self.tokenizer = tokenizer
+        self.replicas = replicas
+        self._auth = auth_metadata(api_key)
+        self._next = itertools.count()
 
     @classmethod
     def connect(cls, tokenizer_target: str, inference_targets: Sequence[str], settings: ChannelSettings, *,
                 tracer_provider: object | None, breaker_threshold: int, breaker_reset_s: float) -> Upstreams:
+        def breaker(label: str, target: str) -> CircuitBreaker:
+            return CircuitBreaker(f"{label} ({target})", breaker_threshold, breaker_reset_s, public_name=label)
+
         tok_channel = create_channel(tokenizer_target, settings, services=[TOKENIZER_SERVICE],
                                      tracer_provider=tracer_provider)
+        tokenizer = TokenizerUpstream("tokenizer", tokenizer_target, tok_channel,
+                                      breaker("tokenizer", tokenizer_target),
+                                      tokenizer_pb2_grpc.TokenizerServiceStub(tok_channel))
         replicas = []
-        for address in inference_targets:
-            channel = create_channel(address, settings, services=[INFERENCE_SERVICE], tracer_provider=tracer_provider)
-            replicas.append(Replica(address, channel, inference_pb2_grpc.InferenceServiceStub(channel),
-                                    CircuitBreaker(address, breaker_threshold, breaker_reset_s)))
-        return cls(tok_channel, tokenizer_pb2_grpc.TokenizerServiceStub(tok_channel), replicas, settings.api_key)
+        for index, target in enumerate(inference_targets):
+            label = f"inference replica {index}" if len(inference_targets) > 1 else "inference"
+            channel = create_channel(target, settings, services=[INFERENCE_SERVICE], tracer_provider=tracer_provider)
+            replicas.append(Replica(label, target, channel, breaker(label, target),
+                                    inference_pb2_grpc.InferenceServiceStub(channel)))
+        return cls(tokenizer, replicas, settings.api_key)
 
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return auth_metadata(self.api_key)
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        request_id = current_request_id()
+        return (*self._auth, (REQUEST_ID_HEADER, request_id)) if request_id else self._auth
 
-    async def refresh_models(self, *, wait_for_ready: bool = False, timeout_s: float = 10.0) -> None:
-        """Pairs each inference model with the tokenizer of the same name and
-        serves it only if their tokenizer content hashes agree."""
-        tokenizers = await self.tokenizer.ListModels(tokenizer_pb2.ListModelsRequest(), metadata=self.metadata,
-                                                     timeout=timeout_s, wait_for_ready=wait_for_ready)
-        infos = await self.replicas[0].stub.ListModels(inference_pb2.ListModelsRequest(), metadata=self.metadata,
-                                                       timeout=timeout_s, wait_for_ready=wait_for_ready)
-        by_name = {t.name: t for t in tokenizers.models}
-        served: dict[str, ServedModel] = {}
-        for info in infos.models:
-            tok = by_name.get(info.name)
-            if tok is None:
-                log.error("no tokenizer for model; not serving it", extra={"model": info.name})
-                continue
-            if tok.content_hash != info.tokenizer_content_hash:
-                log.error("tokenizer does not belong to model; not serving it",
-                          extra={"model": info.name, "tokenizer_hash": tok.content_hash,
-                                 "model_tokenizer_hash": info.tokenizer_content_hash})
-                continue
-            served[info.name] = ServedModel(info.name, info.architecture, info.context_length,
-                                            tok.has_chat_template, info.execution_provider, tuple(info.eos_token_ids))
-        self.models = served
-
-    async def model(self, name: str) -> ServedModel:
-        if name not in self.models:
-            await self.refresh_models()
+    async def _call(self, upstream: Upstream, kind: str, call: Callable[..., Awaitable[Response]], request: object,
+                    *, time_limit_s: float | None, probe: bool = False) -> Response:
+        """One unary call: breaker first, translated failure after. `probe`
+        marks the gateway's own background calls (discovery, health): they go
+        out even while the circuit is open, since they are how the gateway
+        learns that the upstream is back, and their timeouts are the gateway's."""
+        if not probe:
+            upstream.breaker.before_call()
         try:
-            return self.models[name]
-        except KeyError:
-            raise NotFound(f"model {name!r} is not served (available: {', '.join(sorted(self.models)) or 'none'})",
-                           reason="MODEL_NOT_FOUND", metadata={"model": name}) from None
+            response = await call(request, timeout=time_limit_s, metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            upstream.record(exc.code(), callers_deadline=not probe)
+            raise from_upstream(exc, kind) from None
+        except asyncio.CancelledError:
+            upstream.breaker.record_abandoned()
+            raise
+        if probe:
+            upstream.breaker.record_probe_success()
+        else:
+            upstream.breaker.record_success()
+        return response
 
-    def _candidates(self) -> list[Replica]:
-        start = next(self._next)
-        n = len(self.replicas)
-        return [self.replicas[(start + i) % n] for i in range(n)]
+    # -- tokenizer --------------------------------------------------------------------------------------------
 
-    async def open_generate(self, start: inference_pb2.GenerateRequest, *,
-                            time_limit_s: float | None, metadata: Sequence[tuple[str, str]]) -> OpenedStream:
-        """Starts the stream on the next replica in round-robin order. A replica
-        whose circuit is open is skipped; one that refuses before streaming
-        anything (RESOURCE_EXHAUSTED, UNAVAILABLE) is spilled over once to the
-        next. Caller mistakes (INVALID_ARGUMENT, ...) are raised at once."""
-        last_error: grpc.aio.AioRpcError | Unavailable | None = None
+    async def encode(self, request: tokenizer_pb2.EncodeRequest, *, time_limit_s: float | None
+                     ) -> tokenizer_pb2.EncodeResponse:
+        return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.Encode, request,
+                                time_limit_s=time_limit_s)
+
+    async def count_tokens(self, request: tokenizer_pb2.CountTokensRequest, *, time_limit_s: float | None
+                           ) -> tokenizer_pb2.CountTokensResponse:
+        return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.CountTokens, request,
+                                time_limit_s=time_limit_s)
+
+    async def apply_chat_template(self, request: tokenizer_pb2.ApplyChatTemplateRequest, *, time_limit_s: float | None
+                                  ) -> tokenizer_pb2.ApplyChatTemplateResponse:
+        return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.ApplyChatTemplate, request,
+                                time_limit_s=time_limit_s)
+
+    async def tokenizer_models(self, *, time_limit_s: float) -> tokenizer_pb2.ListModelsResponse:
+        return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.ListModels,
+                                tokenizer_pb2.ListModelsRequest(), time_limit_s=time_limit_s, probe=True)
+
+    async def tokenizer_files(self, model: str, *, time_limit_s: float) -> tokenizer_pb2.GetTokenizerFilesResponse:
+        return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.GetTokenizerFiles,
+                                tokenizer_pb2.GetTokenizerFilesRequest(model=model), time_limit_s=time_limit_s,
+                                probe=True)
+
+    # -- inference --------------------------------------------------------------------------------------------
+
+    async def replica_models(self, replica: Replica, *, time_limit_s: float) -> inference_pb2.ListModelsResponse:
+        return await self._call(replica, "inference", replica.stub.ListModels, inference_pb2.ListModelsRequest(),
+                                time_limit_s=time_limit_s, probe=True)
+
+    def round_robin(self, replicas: Sequence[Replica]) -> list[Replica]:
+        """`replicas` rotated by one more each call, so requests spread."""
+        if not replicas:
+            return []
+        start = next(self._next) % len(replicas)
+        return [*replicas[start:], *replicas[:start]]
+
+    def dial(self, replica: Replica, *, time_limit_s: float | None) -> grpc.aio.StreamStreamCall:
+        """Starts a Generate call (HTTP/2 stream and headers) before the request
+        is known, so opening it overlaps the caller's other setup (encoding)."""
+        return replica.stub.Generate(timeout=time_limit_s, metadata=self._metadata())
+
+    async def open_generate(self, start: inference_pb2.GenerateStart, candidates: Sequence[Replica], *,
+                            time_limit_s: float | None, dialed: grpc.aio.StreamStreamCall | None = None
+                            ) -> InferenceStream:
+        """Starts the stream on the first usable candidate (`dialed` is a call
+        already started on candidates[0]). A replica whose circuit is open is
+        skipped; one that refuses before streaming anything (RESOURCE_EXHAUSTED,
+        UNAVAILABLE) is spilled over once to the next. Caller mistakes
+        (INVALID_ARGUMENT, ...) are raised at once."""
+        last_error: LlmsuiteError | None = None
         tries = 0
-        for replica in self._candidates():
+        for position, replica in enumerate(candidates):
+            call = dialed if position == 0 else None
             if tries == 2:  # the first choice and one spill-over
+                if call is not None:
+                    call.cancel()
                 break
             try:
                 replica.breaker.before_call()
             except Unavailable as exc:
                 last_error = exc
+                if call is not None:
+                    call.cancel()
                 continue
             tries += 1
-            call = replica.stub.Generate(timeout=time_limit_s, metadata=(*self.metadata, *metadata))
+            call = call or self.dial(replica, time_limit_s=time_limit_s)
             try:
-                await call.write(start)
+                await call.write(inference_pb2.GenerateRequest(start=start))
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
-                replica.breaker.record_status(exc.code())
+                replica.record(exc.code(), callers_deadline=True)
+                error = from_upstream(exc, "inference")
                 if exc.code() in SPILL_OVER_CODES:
-                    log.info("replica refused; spilling over",
-                             extra={"replica": replica.address, "code": exc.code().name})
-                    last_error = exc
+                    log.info("replica refused; spilling over", extra={"replica": replica.target,
+                                                                       "code": exc.code().name})
+                    last_error = error
                     continue
-                raise
+                raise error from None
+            except asyncio.InvalidStateError:  # the call ended before the start could be written
+                replica.breaker.record_failure()
+                last_error = ended_early("inference")
+                continue
             except asyncio.CancelledError:
                 call.cancel()
                 replica.breaker.record_abandoned()
                 raise
             if first is grpc.aio.EOF:
-                replica.breaker.record_status(grpc.StatusCode.INTERNAL)
-                raise Unavailable(f"inference replica {replica.address} closed the stream without a reply",
-                                  reason="UPSTREAM_PROTOCOL_ERROR")
+                replica.breaker.record_failure()
+                raise ended_early("inference")
             replica.breaker.record_success()
-            return OpenedStream(replica, call, first)
+            return InferenceStream(replica, call, first)
         if last_error is not None:
             raise last_error
-        raise Unavailable("no inference replica is available", reason="NO_UPSTREAM", retry_after_s=1.0)
-
-    async def decode_stream(self, model: str, prefix_ids: Sequence[int], *, skip_special_tokens: bool,
-                            request_id: str, time_limit_s: float | None) -> DecodeStreamClient:
-        call = self.tokenizer.DecodeStream(timeout=time_limit_s, metadata=self.metadata)
-        await call.write(tokenizer_pb2.DecodeStreamRequest(start=tokenizer_pb2.DecodeStreamStart(
-            model=model, request_id=request_id, skip_special_tokens=skip_special_tokens,
-            prefix_token_ids=list(prefix_ids))))
-        return DecodeStreamClient(call)
+        raise unavailable("inference", reason="NO_UPSTREAM")
 
     async def close(self) -> None:
-        await self.tokenizer_channel.close()
+        await self.tokenizer.channel.close()
         for replica in self.replicas:
             await replica.channel.close()
-
-
-class DecodeStreamClient:
-    """Incremental detokenization through the tokenizer service's DecodeStream."""
-
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
-        self._call = call
-
-    async def push(self, ids: Sequence[int]) -> str:
-        await self._call.write(tokenizer_pb2.DecodeStreamRequest(token_ids=tokenizer_pb2.TokenIds(token_ids=ids)))
-        response = await self._call.read()
-        if response is grpc.aio.EOF:
-            raise FailedPrecondition("tokenizer closed the decode stream early", reason="UPSTREAM_PROTOCOL_ERROR")
-        return response.text
-
-    async def finish(self) -> str:
-        await self._call.done_writing()
-        text = ""
-        async for response in _responses(self._call):
-            text += response.text
-        return text
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
-async def _responses(call: grpc.aio.StreamStreamCall) -> AsyncIterator[tokenizer_pb2.DecodeStreamResponse]:
-    while True:
-        response = await call.read()
-        if response is grpc.aio.EOF:
-            return
-        yield response
-

@@ -11,7 +11,7 @@ any later report.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from grpc_health.v1 import health, health_pb2
@@ -91,6 +91,12 @@ class HealthReporter:
             return
         self.serving = serving
         for name in self._names():
+            await self._servicer.set(name, SERVING if serving else NOT_SERVING)
+
+    async def report_each(self, statuses: Mapping[str, bool]) -> None:
+        """Per-name statuses, for apps whose parts come and go separately (the
+        gateway's `model:NAME`, one per model); names not given keep theirs."""
+        for name, serving in statuses.items():
             await self._servicer.set(name, SERVING if serving else NOT_SERVING)
 
 

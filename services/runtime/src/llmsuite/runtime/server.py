@@ -307,8 +307,21 @@ async def serve(settings: ServerSettings, app: ServiceApp, *, tracer_provider: A
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
+    # Start-up may wait a long time (models loading, a gateway's upstreams
+    # absent): a stop request must end it rather than wait for it.
+    starting = asyncio.ensure_future(start_server(settings, app, tracer_provider=tracer_provider))
+    stopping = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("shutdown requested while starting")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await app.stop()
+        return
+    stopping.cancel()
     try:
-        running = await start_server(settings, app, tracer_provider=tracer_provider)
+        running = starting.result()
     except Exception as exc:  # a clear one-line reason beats a traceback for bad config or files
         log.error("failed to start", extra={"error": f"{type(exc).__name__}: {exc}"})
         raise SystemExit(1) from exc

@@ -1,0 +1,237 @@
+"""What the gateway can serve right now, kept fresh in the background.
+
+Every `refresh_interval_s` (and at once when a request saw something change)
+the catalogue asks the tokenizer and every inference replica for their
+models, concurrently. A model is served when the tokenizer has it, at least
+one usable replica has it with the same tokenizer content hash, and the
+gateway holds that tokenizer's files (fetched once per hash, checked against
+it). Replicas may differ: each model is routed only to the replicas whose
+hash matches. A replica that was down, restarted or newly reachable is picked
+up on the next refresh, and so is a reloaded tokenizer; each request also
+checks the hash on its tokenizer answer, so a pairing that broke between two
+refreshes is never served (see `check_pairing`).
+
+"Usable" is the upstream's circuit breaker being closed: probes and requests
+feed the same breaker, so one failed call does not flip anything, while
+`failure_threshold` consecutive failures do. Health follows: the gateway is
+SERVING while any model is served, and `model:NAME` while that model is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from llmsuite.gateway.local_tokenizers import LocalTokenizer, LocalTokenizers, TokenizerFilesRejected
+from llmsuite.gateway.upstreams import Replica, Upstreams
+from llmsuite.inference.v1 import inference_pb2
+from llmsuite.runtime.errors import LlmsuiteError, NotFound, Unavailable
+from llmsuite.tokenizer.v1 import tokenizer_pb2
+
+log = logging.getLogger("llmsuite.gateway.catalogue")
+
+HealthStatuses = Mapping[str, bool]  # health service name -> SERVING?
+RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the gateway serves: tokenizer and replicas proven to match."""
+
+    name: str
+    architecture: str
+    context_length: int
+    has_chat_template: bool
+    execution_provider: str
+    content_hash: str
+    tokenizer: LocalTokenizer
+    replicas: tuple[Replica, ...]  # those serving it with this content hash
+
+
+def health_name(model: str) -> str:
+    return f"model:{model}"
+
+
+class Catalogue:
+    def __init__(self, upstreams: Upstreams, *, refresh_interval_s: float, probe_timeout_s: float = 5.0,
+                 service_names: Sequence[str] = (),
+                 on_health: Callable[[HealthStatuses], Awaitable[None]] | None = None) -> None:
+        self._up = upstreams
+        self._interval = refresh_interval_s
+        self._probe_timeout = probe_timeout_s
+        self._service_names = tuple(service_names)
+        self._on_health = on_health
+        self._tokenizers = LocalTokenizers()
+        self._tokenizer_models: dict[str, tokenizer_pb2.TokenizerInfo] = {}
+        self._replica_models: dict[int, dict[str, inference_pb2.ModelInfo]] = {}
+        self._served: dict[str, ServedModel] = {}
+        self._unservable: dict[str, Unavailable] = {}
+        self._answered = False  # some upstream has answered at least once
+        self._last_problem: LlmsuiteError | None = None  # why the last failed probe failed
+        self._wake = asyncio.Event()
+        self.ready = asyncio.Event()  # set once any model is served
+
+    # -- lookups (request path: no upstream calls) ---------------------------------------------------------
+
+    @property
+    def served(self) -> list[ServedModel]:
+        return sorted(self._served.values(), key=lambda m: m.name)
+
+    def lookup(self, name: str) -> ServedModel:
+        served = self._served.get(name)
+        if served is not None:
+            return served
+        if name in self._unservable:
+            raise self._unservable[name]
+        if not self._answered:
+            problem = self._last_problem
+            raise Unavailable("the gateway is still discovering its upstreams' models"
+                              + (f" (last attempt: {problem.message})" if problem else ""),
+                              reason=problem.reason if problem else "LOADING", retry_after_s=RETRY_AFTER_S)
+        available = ", ".join(sorted(self._served)) or "none"
+        raise NotFound(f"model {name!r} is not served (available: {available})", reason="MODEL_NOT_FOUND",
+                       metadata={"model": name})
+
+    def check_pairing(self, model: ServedModel, content_hash: str) -> None:
+        """Refuses ids from a tokenizer other than the one `model` was paired
+        with (a Reload since the last refresh), and refreshes at once."""
+        if content_hash == model.content_hash:
+            return
+        self._wake.set()
+        raise _mismatch(model.name)
+
+    def replicas_for(self, model: ServedModel) -> list[Replica]:
+        """Replicas to try for `model`, usable ones first, rotated per call."""
+        return self._up.round_robin([r for r in model.replicas if r.usable]) or list(model.replicas)
+
+    # -- refreshing ----------------------------------------------------------------------------------------
+
+    def refresh_soon(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Refreshes forever (cancel to stop)."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # a refresh must never end the loop; the next one retries
+                log.exception("catalogue refresh failed")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+
+    async def refresh(self) -> None:
+        tokenizer_task = asyncio.ensure_future(self._probe_tokenizer())
+        await asyncio.gather(*(self._probe_replica(i, r) for i, r in enumerate(self._up.replicas)),
+                             tokenizer_task)
+        served, unservable = await self._pair()
+        newly, gone = set(served) - set(self._served), set(self._served) - set(served)
+        changed = {n for n in set(served) & set(self._served)
+                   if served[n].content_hash != self._served[n].content_hash}
+        self._served, self._unservable = served, unservable
+        self._tokenizers.keep_only({m.content_hash for m in served.values()})
+        if newly or gone or changed:
+            log.info("catalogue changed", extra={"serving": ",".join(sorted(served)),
+                                                 "added": ",".join(sorted(newly)),
+                                                 "removed": ",".join(sorted(gone)),
+                                                 "tokenizer_changed": ",".join(sorted(changed))})
+        for name in gone:
+            log.warning("model no longer served", extra={"model": name, "why": unservable[name].message
+                                                         if name in unservable else "no upstream lists it"})
+        if served:
+            self.ready.set()
+        if self._on_health is not None:
+            await self._on_health(self.health())
+
+    def health(self) -> dict[str, bool]:
+        serving = bool(self._served)
+        statuses = {name: serving for name in ("", *self._service_names)}
+        for name in (*self._served, *self._unservable):
+            statuses[health_name(name)] = name in self._served
+        return statuses
+
+    async def _probe_tokenizer(self) -> None:
+        try:
+            listing = await self._up.tokenizer_models(time_limit_s=self._probe_timeout)
+        except LlmsuiteError as exc:
+            log.debug("tokenizer probe failed", extra={"reason": exc.reason})
+            self._last_problem = exc
+            return
+        self._answered = True
+        self._tokenizer_models = {m.name: m for m in listing.models}
+
+    async def _probe_replica(self, index: int, replica: Replica) -> None:
+        try:
+            listing = await self._up.replica_models(replica, time_limit_s=self._probe_timeout)
+        except LlmsuiteError as exc:
+            log.debug("replica probe failed", extra={"replica": replica.target, "reason": exc.reason})
+            self._last_problem = exc
+            return
+        self._answered = True
+        self._replica_models[index] = {m.name: m for m in listing.models}
+
+    async def _pair(self) -> tuple[dict[str, ServedModel], dict[str, Unavailable]]:
+        tokenizer_up = self._up.tokenizer.usable
+        live = [(i, r) for i, r in enumerate(self._up.replicas) if r.usable and i in self._replica_models]
+        names = {n for models in self._replica_models.values() for n in models} | set(self._tokenizer_models)
+        served: dict[str, ServedModel] = {}
+        unservable: dict[str, Unavailable] = {}
+        for name in sorted(names):
+            tok = self._tokenizer_models.get(name)
+            if not tokenizer_up:
+                unservable[name] = _unavailable(name, "the tokenizer service is unavailable", "UPSTREAM_UNAVAILABLE")
+                continue
+            if tok is None:
+                unservable[name] = _unavailable(name, "the tokenizer service has no tokenizer for it",
+                                                "NO_TOKENIZER")
+                continue
+            offering = [(r, self._replica_models[i][name]) for i, r in live if name in self._replica_models[i]]
+            matching = [(r, info) for r, info in offering if info.tokenizer_content_hash == tok.content_hash]
+            if not matching:
+                if offering:
+                    log.error("tokenizer does not belong to model; not serving it",
+                              extra={"model": name, "tokenizer_hash": tok.content_hash,
+                                     "model_tokenizer_hashes": ",".join(sorted(
+                                         {info.tokenizer_content_hash for _, info in offering}))})
+                    unservable[name] = _mismatch(name)
+                else:
+                    unservable[name] = _unavailable(name, "no inference replica serving it is available",
+                                                    "NO_UPSTREAM")
+                continue
+            local = await self._local_tokenizer(name, tok.content_hash)
+            if local is None:
+                unservable[name] = _unavailable(name, "its tokenizer files could not be fetched yet",
+                                                "TOKENIZER_FILES_UNAVAILABLE")
+                continue
+            info = matching[0][1]
+            served[name] = ServedModel(name, info.architecture, info.context_length, tok.has_chat_template,
+                                       info.execution_provider, tok.content_hash, local,
+                                       tuple(r for r, _ in matching))
+        return served, unservable
+
+    async def _local_tokenizer(self, model: str, content_hash: str) -> LocalTokenizer | None:
+        local = self._tokenizers.get(content_hash)
+        if local is not None:
+            return local
+        try:
+            answer = await self._up.tokenizer_files(model, time_limit_s=max(self._probe_timeout, 30.0))
+            if answer.content_hash != content_hash:  # reloaded in between: the next refresh pairs again
+                return None
+            return await self._tokenizers.load({f.name: f.content for f in answer.files}, content_hash)
+        except (LlmsuiteError, TokenizerFilesRejected) as exc:
+            log.error("cannot use the tokenizer files for model", extra={"model": model, "error": str(exc)})
+            return None
+
+
+def _unavailable(model: str, why: str, reason: str) -> Unavailable:
+    return Unavailable(f"model {model!r} cannot be served right now: {why}", reason=reason,
+                       retry_after_s=RETRY_AFTER_S, metadata={"model": model})
+
+
+def _mismatch(model: str) -> Unavailable:
+    return _unavailable(model, "its tokenizer and its model do not match (different tokenizer content hashes; "
+                        "an update is probably in progress)", "TOKENIZER_MISMATCH")

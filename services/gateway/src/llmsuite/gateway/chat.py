@@ -1,0 +1,156 @@
+"""One Chat stream: the conversation, and one inference session whose KV cache
+carries it from turn to turn.
+
+Each turn renders the whole conversation with the chat template (in the
+tokenizer service); the ids sent upstream are only what follows the text the
+inference session has already seen (prompt + generated ids, decoded), so
+earlier turns are never recomputed. If the rendering does not extend that
+text (a template that rewrites history, or a reply cut by a stop string,
+which ends the upstream turn), or the model's tokenizer changed between
+turns, a fresh upstream session starts with the full prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway.catalogue import ServedModel
+from llmsuite.gateway.generation import Deadline, Delta, relay_turn
+from llmsuite.gateway.upstreams import InferenceStream
+from llmsuite.gateway.v1 import gateway_pb2 as pb
+from llmsuite.inference.v1 import inference_pb2
+from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument
+from llmsuite.runtime.logs import current_request_id, new_request_id
+from llmsuite.tokenizer.v1 import tokenizer_pb2
+
+if TYPE_CHECKING:
+    from llmsuite.gateway.service import GatewayServicer
+
+
+class ChatSession:
+    def __init__(self, servicer: GatewayServicer, context: grpc.aio.ServicerContext) -> None:
+        self._s = servicer
+        self._context = context
+        self._request_id = current_request_id() or new_request_id()
+        self._messages: list[common_pb2.ChatMessage] = []
+        self._history_ids: list[int] = []
+        self._stream: InferenceStream | None = None
+        self._stream_hash = ""  # content hash of the tokenizer the open session was built with
+        self._sequence = 0
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+    async def run(self, requests: AsyncIterator[pb.ChatRequest]) -> AsyncIterator[pb.ChatResponse]:
+        first = await anext(requests, None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "start":
+            raise InvalidArgument.for_field("start", "the first Chat message must be `start`",
+                                            reason="STREAM_NOT_STARTED")
+        start = first.start
+        if not start.model:
+            raise InvalidArgument.for_field("start.model", "required", reason="MISSING_FIELD")
+        if not self._s.catalogue.lookup(start.model).has_chat_template:
+            raise FailedPrecondition(f"model {start.model!r} has no chat template; use Generate",
+                                     reason="NO_CHAT_TEMPLATE")
+        self._model_name = start.model
+        self._sampling = start.sampling
+        new_messages, sampling = list(start.messages), start.sampling
+        turn = 0
+        while True:
+            if not new_messages:
+                raise InvalidArgument.for_field("turn.messages" if turn else "start.messages",
+                                                "at least one message", reason="MISSING_FIELD")
+            self._messages.extend(new_messages)
+            if len(self._messages) > self._s.limits.max_chat_messages:
+                raise InvalidArgument.for_field("turn.messages", "conversation exceeds "
+                                                f"{self._s.limits.max_chat_messages} messages",
+                                                reason="TOO_MANY_MESSAGES")
+            reply: list[str] = []
+            async for response in self._turn(turn, sampling, reply):
+                yield response
+            self._messages.append(common_pb2.ChatMessage(role="assistant", content="".join(reply)))
+            nxt = await anext(requests, None)
+            if nxt is None:
+                return
+            kind = nxt.WhichOneof("kind")
+            if kind == "cancel":
+                return
+            if kind != "turn":
+                raise InvalidArgument.for_field("start", "`start` may only be sent once",
+                                                reason="STREAM_ALREADY_STARTED")
+            turn += 1
+            new_messages = list(nxt.turn.messages)
+            sampling = nxt.turn.sampling if nxt.turn.HasField("sampling") else self._sampling
+
+    async def _turn(self, turn: int, sampling: common_pb2.SamplingParams, reply: list[str]
+                    ) -> AsyncIterator[pb.ChatResponse]:
+        started_at = time.monotonic()
+        s = self._s
+        model = s.catalogue.lookup(self._model_name)
+        max_new, stops = s.check_sampling(sampling)
+        deadline = Deadline.split(self._context.time_remaining(), s.limits.deadline_margin_s)
+        rendered = await s.up.apply_chat_template(tokenizer_pb2.ApplyChatTemplateRequest(
+            model=model.name, messages=self._messages, add_generation_prompt=True, tokenize=True),
+            time_limit_s=self._context.time_remaining())
+        s.catalogue.check_pairing(model, rendered.content_hash)
+        full_ids = list(rendered.token_ids)
+        if self._stream is not None and self._stream_hash != model.content_hash:
+            self.close()  # the session's KV was built for another tokenizer
+        new_ids = await self._continuation(model, rendered.text) if self._stream is not None else None
+        charge = s.admit(len(new_ids if new_ids is not None else full_ids), max_new)
+        used = 0
+        try:
+            forwarded = s.forwarded_sampling(sampling)
+            if new_ids is None:
+                self.close()
+                self._history_ids = []
+                self._stream = await s.up.open_generate(inference_pb2.GenerateStart(
+                    request_id=self._request_id, model=model.name, prompt_token_ids=full_ids, sampling=forwarded,
+                    session=True), s.catalogue.replicas_for(model), time_limit_s=deadline.upstream_timeout_s)
+                self._stream_hash = model.content_hash
+                sent = full_ids
+            else:
+                assert self._stream is not None
+                await self._stream.send_turn(new_ids, forwarded)
+                sent = new_ids
+            used = len(sent)
+            context_ids = self._history_ids + sent
+            detok = model.tokenizer.detokenizer(context_ids, skip_special_tokens=True)
+            async for item in relay_turn(self._stream, detok, stops, started_at=started_at,
+                                         prompt_tokens=len(sent), deadline=deadline):
+                if isinstance(item, Delta):
+                    used += len(item.token_ids)
+                    if not item.text and not item.logprobs:
+                        continue
+                    reply.append(item.text)
+                    yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence, turn=turn,
+                                          delta=pb.TextDelta(text=item.text, logprobs=item.logprobs))
+                else:
+                    self._history_ids = context_ids + item.generated_ids
+                    if item.stopped_by_string or item.time_limited or item.summary.finish_reason in (
+                            common_pb2.FINISH_REASON_CANCELLED, common_pb2.FINISH_REASON_TIME_LIMIT):
+                        self.close()  # the upstream stream ended with this turn
+                    yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence, turn=turn,
+                                          final=item.summary)
+                self._sequence += 1
+        finally:
+            charge.settle(used)
+
+    async def _continuation(self, model: ServedModel, rendered_text: str) -> list[int] | None:
+        """Ids for what the rendered conversation adds after the session's
+        history, or None when it does not extend that history."""
+        seen = model.tokenizer.decode(self._history_ids, skip_special_tokens=False)
+        if not rendered_text.startswith(seen) or len(rendered_text) == len(seen):
+            return None
+        encoded = await self._s.encode(model, [rendered_text[len(seen):]], add_special_tokens=False,
+                                       time_limit_s=self._context.time_remaining())
+        return list(encoded.encodings[0].token_ids)

@@ -1,0 +1,80 @@
+"""Detokenization in the gateway's own process, with the tokenizer service's files.
+
+The tokenizer service stays the one owner of tokenizer semantics: the gateway
+fetches a model's tokenizer files from it (GetTokenizerFiles), checks that
+they hash to the content hash both the tokenizer and the inference service
+report for the model, and runs the same `IncrementalDetokenizer` over the
+same `tokenizers` library the service's DecodeStream runs. What this removes
+is one network round trip per streamed token. Encoding and chat templates stay
+in the tokenizer service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from llmsuite.runtime.detokenizer import IncrementalDetokenizer
+from llmsuite.runtime.tokenizer_hash import content_hash_of
+
+TOKENIZER_JSON = "tokenizer.json"
+
+
+class TokenizerFilesRejected(Exception):
+    """The files the tokenizer service sent cannot be used (wrong hash, unloadable)."""
+
+
+@dataclass(frozen=True)
+class LocalTokenizer:
+    """One tokenizer version, identified by its content hash."""
+
+    content_hash: str
+    tokenizer: Tokenizer
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], expected_hash: str) -> LocalTokenizer:
+        """Builds from GetTokenizerFiles' answer, refusing files that do not
+        hash to `expected_hash` (the hash the model was paired on)."""
+        actual = content_hash_of(files)
+        if actual != expected_hash:
+            raise TokenizerFilesRejected(f"files hash to {actual}, expected {expected_hash}")
+        if TOKENIZER_JSON not in files:
+            raise TokenizerFilesRejected(f"no {TOKENIZER_JSON} among {sorted(files)}")
+        try:
+            tokenizer = Tokenizer.from_str(files[TOKENIZER_JSON].decode("utf-8"))
+        except Exception as exc:  # the Rust parser reports every problem as a plain Exception
+            raise TokenizerFilesRejected(f"{TOKENIZER_JSON} cannot be loaded: {exc}") from exc
+        return cls(expected_hash, tokenizer)
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(self, prefix_ids: Sequence[int], *, skip_special_tokens: bool) -> IncrementalDetokenizer:
+        """The same incremental detokenizer the tokenizer service's DecodeStream runs."""
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        return IncrementalDetokenizer(decode, prefix_ids=prefix_ids)
+
+
+class LocalTokenizers:
+    """Loaded tokenizers by content hash. Loading parses tokenizer.json (large
+    for big vocabularies), so it runs in a thread."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, LocalTokenizer] = {}
+
+    def get(self, content_hash: str) -> LocalTokenizer | None:
+        return self._by_hash.get(content_hash)
+
+    async def load(self, files: dict[str, bytes], expected_hash: str) -> LocalTokenizer:
+        loaded = await asyncio.to_thread(LocalTokenizer.from_files, files, expected_hash)
+        self._by_hash[expected_hash] = loaded
+        return loaded
+
+    def keep_only(self, content_hashes: set[str]) -> None:
+        """Forgets versions no served model uses any more."""
+        for stale in set(self._by_hash) - content_hashes:
+            del self._by_hash[stale]
