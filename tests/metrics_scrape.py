@@ -8,6 +8,7 @@ import urllib.request
 from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from support import ServiceProcess
 
 
@@ -29,8 +30,8 @@ class Scrape:
         value = self.value(name, **labels)
         return 0.0 if value is None else value
 
-    def label_values(self, name: str, label: str) -> set[str]:
-        return {s.labels[label] for s in self.samples if s.name == name and label in s.labels}
+    def samples_named(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.name == name]
 
 
 def scrape(port: int, host: str = "127.0.0.1") -> Scrape:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from prometheus_client.registry import Collector
 
 from llmsuite.inference.convert import final_to_proto, logprobs_to_proto, model_info_to_proto, sampling_from_proto
 from llmsuite.inference.engine import (
@@ -28,9 +29,10 @@ from llmsuite.inference.engine import (
     InferenceEngine,
     TurnResult,
 )
+from llmsuite.inference.metrics import InferenceMetrics
 from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc
-from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, LlmsuiteError, Unavailable
 from llmsuite.runtime.logs import new_request_id, set_request_id
 from llmsuite.runtime.server import deferred_servicer
 
@@ -74,8 +76,9 @@ def _validate_start(start: pb.GenerateStart) -> None:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, engine: InferenceEngine) -> None:
+    def __init__(self, engine: InferenceEngine, metrics: InferenceMetrics) -> None:
         self._engine = engine
+        self._metrics = metrics
 
     async def Generate(self, request_iterator: AsyncIterator[pb.GenerateRequest],
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
@@ -92,7 +95,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         set_request_id(request_id)
         start_params = sampling_from_proto(start.sampling, field="start.sampling")
         flush_every = start.stream_options.flush_every_tokens or 1
-        session = self._engine.open_session(start.model, retain_kv=start.session)
+        try:
+            session = self._engine.open_session(start.model, retain_kv=start.session)
+        except LlmsuiteError as exc:
+            self._metrics.rejected_by_engine(start.model, exc)
+            raise
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
 
@@ -109,8 +116,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 ended_by: FinishReason | None = None
                 generating.set()
                 pending: list[GeneratedToken] = []
-                async for item in session.generate(ids, params, deadline=deadline,
-                                                   truncate_prompt=start.truncate_prompt):
+                async for item in self._metrics.observe_turn(start.model, session.generate(
+                        ids, params, deadline=deadline, truncate_prompt=start.truncate_prompt)):
                     if isinstance(item, TurnResult):
                         if pending:
                             yield self._tokens(request_id, sequence, turn_index, pending)
@@ -207,6 +214,10 @@ class InferenceApp:
         self._settings = settings
         self.engine: InferenceEngine | None = None
         self._servicer: InferenceServicer | None = None
+        self.metrics = InferenceMetrics(lambda: self.engine)
+
+    def collectors(self) -> Sequence[Collector]:
+        return self.metrics.collectors()
 
     def _ready(self) -> InferenceServicer:
         if self._servicer is None:
@@ -221,7 +232,7 @@ class InferenceApp:
 
     async def start(self) -> None:
         self.engine = await asyncio.to_thread(InferenceEngine.load, self._models, self._settings)
-        self._servicer = InferenceServicer(self.engine)
+        self._servicer = InferenceServicer(self.engine, self.metrics)
         for info in self.engine.list_models():
             log.info("model ready", extra={"model": info.name, "architecture": info.architecture,
                                            "execution_provider": info.execution_provider, "device": info.device,

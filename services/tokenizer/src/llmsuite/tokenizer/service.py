@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
+from prometheus_client.registry import Collector
 
 from llmsuite.runtime.errors import InvalidArgument
 from llmsuite.runtime.health import HealthReporter
@@ -24,6 +25,7 @@ from llmsuite.runtime.logs import new_request_id
 from llmsuite.tokenizer import convert
 from llmsuite.tokenizer.chat_template import ChatMessage
 from llmsuite.tokenizer.engine import TokenizerLimits, TokenizerRegistry
+from llmsuite.tokenizer.metrics import TokenizerMetrics
 from llmsuite.tokenizer.reload_roots import ReloadRoots
 from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from llmsuite.tokenizer.work_queue import BoundedWorkQueue
@@ -55,9 +57,10 @@ def _require_model(model: str) -> str:
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self, registry: TokenizerRegistry, work: BoundedWorkQueue) -> None:
+    def __init__(self, registry: TokenizerRegistry, work: BoundedWorkQueue, metrics: TokenizerMetrics) -> None:
         self._registry = registry
         self._work = work
+        self._metrics = metrics
 
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext
                      ) -> tokenizer_pb2.EncodeResponse:
@@ -67,20 +70,24 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             request.texts, add_special_tokens=convert.add_special_tokens(request),
             return_offsets=request.return_offsets, max_length=max_length, truncation_side=side)))
         response.content_hash = tok.content_hash
+        self._metrics.encoded(tok.name, (len(e.token_ids) for e in response.encodings))
         return response
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext
                      ) -> tokenizer_pb2.DecodeResponse:
         tok = self._registry.get(_require_model(request.model))
-        return await self._work.run(lambda: tokenizer_pb2.DecodeResponse(texts=tok.decode(
+        response = await self._work.run(lambda: tokenizer_pb2.DecodeResponse(texts=tok.decode(
             [s.token_ids for s in request.sequences], skip_special_tokens=request.skip_special_tokens),
             content_hash=tok.content_hash))
+        self._metrics.decoded(tok.name, sum(len(s.token_ids) for s in request.sequences))
+        return response
 
     async def CountTokens(self, request: tokenizer_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
                           ) -> tokenizer_pb2.CountTokensResponse:
         tok = self._registry.get(_require_model(request.model))
         counts = await self._work.run(
             lambda: tok.count(request.texts, add_special_tokens=convert.add_special_tokens(request)))
+        self._metrics.encoded(tok.name, counts)
         return tokenizer_pb2.CountTokensResponse(counts=counts, total=sum(counts), content_hash=tok.content_hash)
 
     async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
@@ -92,6 +99,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         rendered = await self._work.run(lambda: tok.apply_chat_template(
             messages, add_generation_prompt=request.add_generation_prompt, tokenize=request.tokenize,
             template_override=request.chat_template or None, extra_context=extra))
+        if rendered.ids is not None:
+            self._metrics.encoded(tok.name, [len(rendered.ids)])
         return tokenizer_pb2.ApplyChatTemplateResponse(text=rendered.text, token_ids=rendered.ids or (),
                                                        content_hash=tok.content_hash)
 
@@ -122,6 +131,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             # Microseconds for a few ids: cheaper inline than a thread hop.
             text = detok.push(ids) if len(ids) <= INLINE_DECODE_IDS else await self._work.run(detok.push, ids)
             consumed += len(ids)
+            self._metrics.decoded(tok.name, len(ids))
             yield tokenizer_pb2.DecodeStreamResponse(
                 request_id=request_id, sequence_number=sequence, text=text, consumed_tokens=consumed)
             sequence += 1
@@ -151,7 +161,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                      ) -> tokenizer_pb2.ReloadResponse:
         name = _require_model(request.model)
         previous = self._registry.get(name)
-        reloaded = await self._work.run(lambda: self._registry.reload(name, request.directory or None))
+        with self._metrics.reload(name):
+            reloaded = await self._work.run(lambda: self._registry.reload(name, request.directory or None))
         log.info("tokenizer reloaded", extra={"model": name, "previous": previous.content_hash,
                                               "current": reloaded.content_hash})
         return tokenizer_pb2.ReloadResponse(info=convert.info_proto(reloaded),
@@ -175,9 +186,14 @@ class TokenizerApp:
         self.work = BoundedWorkQueue(self.work_settings.worker_threads, self.work_settings.max_queued)
         self._health: HealthReporter | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self.metrics = TokenizerMetrics(self.registry, self.work)
+
+    def collectors(self) -> Sequence[Collector]:
+        return self.metrics.collectors()
 
     def register(self, server: grpc.aio.Server) -> None:
-        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(TokenizerServicer(self.registry, self.work), server)
+        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
+            TokenizerServicer(self.registry, self.work, self.metrics), server)
 
     def attach_health(self, reporter: HealthReporter) -> None:
         self._health = reporter
