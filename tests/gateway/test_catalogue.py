@@ -73,3 +73,26 @@ def test_a_model_nobody_serves_is_not_found_without_asking_upstreams(tokenizer_s
                 raise AssertionError("expected NOT_FOUND")
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_replica_whose_health_says_not_serving_is_out_of_rotation_at_the_next_refresh(tokenizer_server, scripted):
+    draining, draining_server = scripted
+    other = ScriptedInference(draining.tokenizer_hash)
+    with ServerThread(other) as other_server, \
+            running_gateway(tokenizer_server.address, [draining_server.address, other_server.address]) as gw, \
+            gw.channel() as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        draining_server.call(draining_server.running.health.set("", NOT_SERVING))  # e.g. its drain has begun
+        refresh(gw)
+        for _ in range(4):
+            stub.Generate(pb.GenerateRequest(model="tiny", prompt="Hi"))
+        assert (len(draining.starts), len(other.starts)) == (0, 4)
+        assert statuses(gw) == (SERVING, SERVING)
+        other_server.call(other_server.running.health.set("", NOT_SERVING))
+        refresh(gw)
+        assert statuses(gw) == (NOT_SERVING, NOT_SERVING)
+        draining_server.call(draining_server.running.health.set("", SERVING))
+        refresh(gw)
+        assert statuses(gw) == (SERVING, SERVING)
+        stub.Generate(pb.GenerateRequest(model="tiny", prompt="Hi"))
+        assert len(draining.starts) == 1

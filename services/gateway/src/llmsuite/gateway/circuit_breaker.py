@@ -143,6 +143,16 @@ class CircuitBreaker:
                 self._probe_started_at = None
                 self._transition(CircuitState.OPEN)
 
+    def trip(self) -> None:
+        """The upstream itself says it cannot serve (health NOT_SERVING: draining,
+        wedged, still loading): an answer, not a blip, so the circuit opens now."""
+        with self._lock:
+            self._opened_at = self._clock()
+            self._probe_started_at = None
+            if self._state is not CircuitState.OPEN:
+                old, self._state = self._state, CircuitState.OPEN
+                logger.warning("circuit for upstream %s %s -> open: it reports NOT_SERVING", self.name, old)
+
     def record_probe_success(self) -> None:
         """An out-of-band health probe (the gateway's periodic model listing)
         got an answer: the upstream is back, whatever the state. Unlike a

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmsuite.client.connection import auth_metadata
 from llmsuite.gateway.circuit_breaker import CircuitBreaker
@@ -63,6 +64,7 @@ class Upstream:
     target: str  # for logs only
     channel: grpc.aio.Channel
     breaker: CircuitBreaker
+    health: health_pb2_grpc.HealthStub
 
     @property
     def usable(self) -> bool:
@@ -151,13 +153,13 @@ class Upstreams:
         tok_channel = create_channel(tokenizer_target, settings, services=[TOKENIZER_SERVICE],
                                      tracer_provider=tracer_provider)
         tokenizer = TokenizerUpstream("tokenizer", tokenizer_target, tok_channel,
-                                      breaker("tokenizer", tokenizer_target),
+                                      breaker("tokenizer", tokenizer_target), health_pb2_grpc.HealthStub(tok_channel),
                                       tokenizer_pb2_grpc.TokenizerServiceStub(tok_channel))
         replicas = []
         for index, target in enumerate(inference_targets):
             label = f"inference replica {index}" if len(inference_targets) > 1 else "inference"
             channel = create_channel(target, settings, services=[INFERENCE_SERVICE], tracer_provider=tracer_provider)
-            replicas.append(Replica(label, target, channel, breaker(label, target),
+            replicas.append(Replica(label, target, channel, breaker(label, target), health_pb2_grpc.HealthStub(channel),
                                     inference_pb2_grpc.InferenceServiceStub(channel)))
         return cls(tokenizer, replicas, settings.api_key)
 
@@ -204,7 +206,22 @@ class Upstreams:
         return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.ApplyChatTemplate, request,
                                 time_limit_s=time_limit_s)
 
+    async def _serving(self, upstream: Upstream, kind: str, *, time_limit_s: float) -> None:
+        """The upstream's own health must say SERVING: one that answers NOT_SERVING
+        (draining, wedged workers, still loading) is taken out of rotation at once."""
+        try:  # success is recorded once the whole probe has succeeded
+            answer = await upstream.health.Check(health_pb2.HealthCheckRequest(), timeout=time_limit_s)
+        except grpc.aio.AioRpcError as exc:
+            upstream.record(exc.code(), callers_deadline=False)
+            raise from_upstream(exc, kind) from None
+        if answer.status != health_pb2.HealthCheckResponse.SERVING:
+            upstream.breaker.trip()
+            raise Unavailable(f"the {kind} service reports it is not serving", reason="UPSTREAM_NOT_SERVING",
+                              retry_after_s=1.0, metadata={"upstream": upstream.label})
+
     async def tokenizer_models(self, *, time_limit_s: float) -> tokenizer_pb2.ListModelsResponse:
+        """A probe: the tokenizer's health, then its models."""
+        await self._serving(self.tokenizer, "tokenizer", time_limit_s=time_limit_s)
         return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.ListModels,
                                 tokenizer_pb2.ListModelsRequest(), time_limit_s=time_limit_s, probe=True)
 
@@ -216,6 +233,8 @@ class Upstreams:
     # -- inference --------------------------------------------------------------------------------------------
 
     async def replica_models(self, replica: Replica, *, time_limit_s: float) -> inference_pb2.ListModelsResponse:
+        """A probe: the replica's health, then its models."""
+        await self._serving(replica, "inference", time_limit_s=time_limit_s)
         return await self._call(replica, "inference", replica.stub.ListModels, inference_pb2.ListModelsRequest(),
                                 time_limit_s=time_limit_s, probe=True)
 
