@@ -150,6 +150,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     if isinstance(item, Delta):
                         used += len(item.token_ids)
                     yield item
+                await stream.finish()
             finally:
                 stream.cancel()  # no-op when finished; frees the replica's slot when the caller went away
         finally:

@@ -16,6 +16,7 @@ resolves to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
@@ -128,6 +129,15 @@ class InferenceStream:
             await self._call.write(inference_pb2.GenerateRequest(cancel=inference_pb2.GenerateCancel(reason=reason)))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass
+
+    async def finish(self) -> None:
+        """After the final message of a stream that ends with it: half-close and
+        read to the end, so the call ends with the replica's own status rather
+        than CANCELLED (as upstream metrics and the trace then show it)."""
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._call.done_writing()
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
 
     def cancel(self) -> None:
         """Ends the RPC at once (a no-op once it has finished); frees the replica's slot."""
