@@ -100,7 +100,7 @@ async def run_turn(session: GenerationSession, token_ids: Sequence[int], params:
 async def generate_once(engine: InferenceEngine, model: str, token_ids: Sequence[int],
                         params: SamplingParams = GREEDY, **kwargs: Any) -> tuple[list[int], TurnResult]:
     """A single-turn request, as the servicer runs one: open, generate, close."""
-    session = engine.open_session(model, retain_kv=False)
+    session = engine.open_session(model, multi_turn=False)
     try:
         tokens, result = await run_turn(session, token_ids, params, **kwargs)
     finally:

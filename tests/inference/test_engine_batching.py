@@ -73,7 +73,7 @@ async def run_request(engine: Any, model: str, request: Request, started: asynci
     """Runs every turn of `request`; returns the tokens of each turn."""
     if previous is not None:
         await previous.wait()
-    session = engine.open_session(model, retain_kv=len(request.turns) > 1)
+    session = engine.open_session(model, multi_turn=len(request.turns) > 1)
     params = SamplingParams(temperature=0.0, max_new_tokens=request.max_new_tokens, ignore_eos=True)
     outputs: list[list[int]] = []
     try:
@@ -132,7 +132,9 @@ def _models(tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> dict[str, Path]:
 def test_batching_never_changes_greedy_tokens(load_engine: Any, tiny_llama_dir: Path, tiny_gpt2_dir: Path,
                                               model: str) -> None:
     log = StepLog()
-    engine = load_engine(_models(tiny_llama_dir, tiny_gpt2_dir), step_observer=log, max_running=16)
+    # Without the prefix cache: the batched run must compute everything itself, not reuse the alone run's KV.
+    engine = load_engine(_models(tiny_llama_dir, tiny_gpt2_dir), step_observer=log, max_running=16,
+                         prefix_cache=False)
     requests = mixed_workload(engine.model_info(model).vocab_size)
     alone = asyncio.run(run_alone(engine, model, requests))
     assert log.most_rows == 1
@@ -151,7 +153,7 @@ def test_batching_never_changes_greedy_tokens_on_real_exports(load_engine: Any, 
     if not (SHARED_EXPORTS / arch).is_dir():
         pytest.skip(f"{SHARED_EXPORTS} is absent: the real Optimum exports ship only beside the team's checkout")
     log = StepLog()
-    engine = load_engine({arch: SHARED_EXPORTS / arch}, step_observer=log, max_running=16)
+    engine = load_engine({arch: SHARED_EXPORTS / arch}, step_observer=log, max_running=16, prefix_cache=False)
     requests = mixed_workload(engine.model_info(arch).vocab_size)
     alone = asyncio.run(run_alone(engine, arch, requests))
     batched = asyncio.run(run_mixed(engine, arch, requests))
@@ -162,7 +164,7 @@ def test_batching_never_changes_greedy_tokens_on_real_exports(load_engine: Any, 
 def test_admission_keeps_reserved_kv_within_the_budget(load_engine: Any, tiny_llama_dir: Path) -> None:
     # Tiny Llama KV is 1 KiB per token; each request can grow to 10 + 20 = 30 tokens.
     budget = 70 * 1024
-    engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=budget, max_running=16)
+    engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=budget, max_running=16, prefix_cache=False)
     reserved: list[int] = []
     log = StepLog()
 
@@ -184,7 +186,7 @@ def test_a_request_larger_than_the_whole_budget_is_refused(load_engine: Any, tin
     engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=16 * 1024)
 
     async def scenario() -> None:
-        session = engine.open_session("tiny", retain_kv=False)
+        session = engine.open_session("tiny", multi_turn=False)
         with pytest.raises(InvalidArgument) as caught:  # retrying cannot help: not RESOURCE_EXHAUSTED
             async for _ in session.generate(list(range(10, 20)), SamplingParams(max_new_tokens=20)):
                 pass

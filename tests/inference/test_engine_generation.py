@@ -47,7 +47,7 @@ def test_model_info_describes_the_export(engine: Any, tiny_llama_dir: Path) -> N
 
 
 def test_unknown_model_is_not_found(engine: Any) -> None:
-    for call in (engine.model_info, engine.stats, lambda name: engine.open_session(name, retain_kv=False)):
+    for call in (engine.model_info, engine.stats, lambda name: engine.open_session(name, multi_turn=False)):
         with pytest.raises(NotFound) as error:
             call("nope")
         assert error.value.reason == "MODEL_NOT_FOUND"
@@ -107,7 +107,7 @@ def test_logprobs_are_log_softmax_of_raw_logits(engine: Any, helpers: Any, llama
     # Temperature and penalty change the choice, not the reported logprobs.
     params = SamplingParams(temperature=0.7, seed=3, max_new_tokens=1, logprobs=True, top_logprobs=5,
                             repetition_penalty=1.3)
-    session = engine.open_session("llama", retain_kv=False)
+    session = engine.open_session("llama", multi_turn=False)
     tokens, _ = asyncio.run(helpers.run_turn(session, PROMPT, params))
     expected = log_softmax(llama_decoder.forward(PROMPT, llama_decoder.empty_cache()).logits[-1])
 
@@ -118,7 +118,7 @@ def test_logprobs_are_log_softmax_of_raw_logits(engine: Any, helpers: Any, llama
 
 
 def test_logprobs_are_absent_unless_asked(engine: Any, helpers: Any) -> None:
-    session = engine.open_session("llama", retain_kv=False)
+    session = engine.open_session("llama", multi_turn=False)
     tokens, _ = asyncio.run(helpers.run_turn(session, PROMPT, helpers.GREEDY))
     assert all(t.logprob is None and t.top_logprobs == () for t in tokens)
 

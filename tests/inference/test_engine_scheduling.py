@@ -19,7 +19,8 @@ LONG = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
 
 @pytest.fixture
 def engine(load_engine: Any, tiny_llama_dir: Path) -> Any:
-    return load_engine({"tiny": tiny_llama_dir})
+    # No prefix cache: these tests check that ended rows free their KV (sessions tests cover the cache).
+    return load_engine({"tiny": tiny_llama_dir}, prefix_cache=False)
 
 
 def test_cancel_ends_the_turn_within_a_step_and_frees_kv(engine: Any, monkeypatch: pytest.MonkeyPatch,
@@ -27,7 +28,7 @@ def test_cancel_ends_the_turn_within_a_step_and_frees_kv(engine: Any, monkeypatc
     helpers.slow_forward(monkeypatch, 0.01)
 
     async def scenario() -> None:
-        session = engine.open_session("tiny", retain_kv=False)
+        session = engine.open_session("tiny", multi_turn=False)
         before_cancel, after_cancel, result = 0, 0, None
         async for item in session.generate(PROMPT, LONG):
             if isinstance(item, TurnResult):
@@ -53,7 +54,7 @@ def test_leaving_the_stream_early_cancels_the_turn(engine: Any, monkeypatch: pyt
     helpers.slow_forward(monkeypatch, 0.01)
 
     async def scenario() -> None:
-        session = engine.open_session("tiny", retain_kv=False)
+        session = engine.open_session("tiny", multi_turn=False)
         async with contextlib.aclosing(session.generate(PROMPT, LONG)) as stream:
             async for _ in stream:
                 break
@@ -70,8 +71,8 @@ def test_cancelling_a_queued_turn(load_engine: Any, tiny_llama_dir: Path, monkey
     helpers.slow_forward(monkeypatch, 0.01)
 
     async def scenario() -> None:
-        first = engine.open_session("tiny", retain_kv=False)
-        queued = engine.open_session("tiny", retain_kv=False)
+        first = engine.open_session("tiny", multi_turn=False)
+        queued = engine.open_session("tiny", multi_turn=False)
         running = asyncio.create_task(helpers.run_turn(first, PROMPT, SamplingParams(temperature=0, max_new_tokens=20)))
         stream = queued.generate(PROMPT, LONG)
         waiting = asyncio.create_task(stream.__anext__())
@@ -118,7 +119,7 @@ def test_concurrent_streams_all_progress(load_engine: Any, tiny_llama_dir: Path,
     events: list[tuple[int, str]] = []
 
     async def one(index: int) -> None:
-        session = engine.open_session("tiny", retain_kv=False)
+        session = engine.open_session("tiny", multi_turn=False)
         params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
         async for item in session.generate([*PROMPT, index + 100], params):
             events.append((index, "done" if isinstance(item, TurnResult) else "token"))
@@ -140,7 +141,7 @@ def test_overload_is_refused_immediately(load_engine: Any, tiny_llama_dir: Path,
     helpers.slow_forward(monkeypatch, 0.01)
 
     async def scenario() -> None:
-        sessions = [engine.open_session("tiny", retain_kv=False) for _ in range(3)]
+        sessions = [engine.open_session("tiny", multi_turn=False) for _ in range(3)]
         streams = [s.generate(PROMPT, LONG) for s in sessions]
         pending = [asyncio.create_task(stream.__anext__()) for stream in streams[:2]]
         await helpers.wait_until(lambda: engine.stats("tiny").total_requests == 2)
@@ -191,7 +192,7 @@ def test_close_cancels_running_turns_and_refuses_new_work(engine: Any, monkeypat
     helpers.slow_forward(monkeypatch, 0.01)
 
     async def scenario() -> None:
-        session = engine.open_session("tiny", retain_kv=True)
+        session = engine.open_session("tiny", multi_turn=True)
         stream = session.generate(PROMPT, LONG)
         assert isinstance(await stream.__anext__(), GeneratedToken)
         await engine.close()
@@ -201,7 +202,7 @@ def test_close_cancels_running_turns_and_refuses_new_work(engine: Any, monkeypat
         assert isinstance(last, TurnResult) and last.finish_reason is FinishReason.CANCELLED
         assert engine.stats("tiny").cached_tokens == 0
         with pytest.raises(Unavailable):
-            engine.open_session("tiny", retain_kv=False)
+            engine.open_session("tiny", multi_turn=False)
 
     asyncio.run(scenario())
 
@@ -221,7 +222,7 @@ def test_a_failing_forward_fails_only_its_turn(engine: Any, monkeypatch: pytest.
     monkeypatch.setattr(OnnxDecoder, "run", flaky)
 
     async def scenario() -> None:
-        session = engine.open_session("tiny", retain_kv=True)
+        session = engine.open_session("tiny", multi_turn=True)
         with pytest.raises(RuntimeError, match="device lost"):
             await helpers.run_turn(session, PROMPT, SamplingParams(temperature=0, max_new_tokens=5))
         assert session.cached_tokens == 0 and engine.stats("tiny").running == 0

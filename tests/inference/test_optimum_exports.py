@@ -96,7 +96,7 @@ def test_session_turns_continue_the_reference(engine: Any, helpers: Any, arch: s
     params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
 
     async def two_turns() -> tuple[list[int], int]:
-        session = engine.open_session(arch, retain_kv=True)
+        session = engine.open_session(arch, multi_turn=True)
         first, _ = await helpers.run_turn(session, case["prompt_ids"], params)
         second, result = await helpers.run_turn(session, [], params)
         await session.aclose()

@@ -141,7 +141,7 @@ def test_cancel_message_stops_within_a_step_and_frees_kv(stub):
     tokens, (final,) = collect([first, *rest])
     assert final.finish_reason == common_pb2.FINISH_REASON_CANCELLED
     assert len(tokens) < 400
-    assert wait_for(lambda: stats(stub).running == 0 and stats(stub).cached_tokens == 0)
+    assert wait_for(lambda: stats(stub).running == 0)
 
 
 def test_rpc_cancellation_frees_the_slot(stub):
@@ -151,7 +151,7 @@ def test_rpc_cancellation_frees_the_slot(stub):
     assert stats(stub).running == 1
     client.call.cancel()
     client.close()
-    assert wait_for(lambda: stats(stub).running == 0 and stats(stub).cached_tokens == 0)
+    assert wait_for(lambda: stats(stub).running == 0)
     assert stats(stub).cancelled_total == before + 1
 
 
@@ -171,7 +171,7 @@ def test_deadline_mid_stream_ends_with_time_limit(stub):
     assert len(tokens) < 500 and tokens == full[:len(tokens)]
     if finals:
         assert finals[0].finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT
-    assert wait_for(lambda: stats(stub).running == 0 and stats(stub).cached_tokens == 0)
+    assert wait_for(lambda: stats(stub).running == 0)
 
 
 def test_deadline_ends_with_a_time_limit_final_carrying_the_tokens_so_far(stub, monkeypatch):
@@ -197,7 +197,8 @@ def test_deadline_too_short_for_prefill_is_refused_up_front(stub):
 
 
 def test_session_turn_reuses_kv_and_matches_a_fresh_request(stub):
-    client = _Client(stub, start(max_new_tokens=5, session=True))
+    prompt = [*PROMPT, *range(60, 74)]  # 20 ids: the prefix cache keeps sequences of a block (16) or more
+    client = _Client(stub, start(prompt, max_new_tokens=5, session=True))
     turn0 = []
     while True:
         r = client.next()
@@ -219,11 +220,13 @@ def test_session_turn_reuses_kv_and_matches_a_fresh_request(stub):
     assert list(client.call) == []
     gen1, (final1,) = collect(turn1)
     assert {r.turn for r in turn1} == {1}
-    assert final1.usage.cached_tokens == len(PROMPT) + len(gen0) - 1
+    assert final1.usage.cached_tokens == len(prompt) + len(gen0) - 1
     assert final1.usage.prompt_tokens == len(follow_up)
-    fresh, _ = collect(stub.Generate(iter([start(prompt=PROMPT + gen0 + follow_up, max_new_tokens=5)])))
+    fresh, (fresh_final,) = collect(stub.Generate(iter([start(prompt=prompt + gen0 + follow_up, max_new_tokens=5)])))
     assert gen1 == fresh
-    assert wait_for(lambda: stats(stub).cached_tokens == 0)
+    # The same conversation sent as one request reuses the session's KV from the prefix cache.
+    assert fresh_final.usage.cached_tokens == len(prompt) + len(gen0) + len(follow_up) - 1  # one id is fed
+    assert wait_for(lambda: stats(stub).running == 0)
 
 
 def test_turn_while_generating_is_failed_precondition(stub):
@@ -235,7 +238,7 @@ def test_turn_while_generating_is_failed_precondition(stub):
     client.close()
     assert exc_info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_details(exc_info.value)["reason"] == "TURN_IN_PROGRESS"
-    assert wait_for(lambda: stats(stub).running == 0 and stats(stub).cached_tokens == 0)
+    assert wait_for(lambda: stats(stub).running == 0)
 
 
 @pytest.mark.parametrize(("first", "code", "field", "reason"), [

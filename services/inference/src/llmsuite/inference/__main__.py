@@ -62,6 +62,9 @@ def build_parser() -> EnvArgumentParser:
                         "or half the GPU's free memory, split between the models): running requests reserve the "
                         "KV they can grow to, idle sessions keep theirs until room is needed; requests wait for "
                         "room in the queue")
+    e.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=defaults.prefix_cache,
+                   help="keep every finished request's KV and reuse it for later requests that start with the "
+                        "same token ids (evicted least recently used within --kv-cache-bytes)")
     e.add_argument("--max-running", type=int, default=defaults.max_running,
                    help="most requests decoding together in one batched forward per model (bounds latency; "
                         "memory is bounded by --kv-cache-bytes)")
@@ -73,7 +76,8 @@ def build_parser() -> EnvArgumentParser:
     e.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
                    help="open sessions (KV retained between turns) per model")
     e.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout_s,
-                   help="seconds before an idle session's KV cache is evicted (it is recomputed if used again)")
+                   help="seconds before cached KV nobody used is dropped from the prefix cache (a later request "
+                        "or session turn then recomputes it)")
     e.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=defaults.warmup,
                    help="run a warm-up generation at load (health turns SERVING after it)")
     add_server_arguments(parser, default_listen=DEFAULT_LISTEN)
@@ -88,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         device=args.device, intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
         intra_op_spinning=args.intra_op_spinning, graph_optimization=args.graph_optimization,
         max_running=args.max_running, max_queued=args.max_queued, max_sessions=args.max_sessions,
-        kv_cache_bytes=args.kv_cache_bytes, prefill_chunk_tokens=args.prefill_chunk_tokens,
+        kv_cache_bytes=args.kv_cache_bytes, prefix_cache=args.prefix_cache,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
         session_idle_timeout_s=args.session_idle_timeout, warmup=args.warmup)
     app = InferenceApp(model_specs(args.model), engine_settings)
     try:

@@ -83,8 +83,10 @@ def model_info_to_proto(info: ModelInfo, stats: EngineStats) -> inference_pb2.Mo
             requests_total=stats.total_requests, cancelled_total=stats.cancelled,
             time_limited_total=stats.time_limited, kv_cache_budget_bytes=stats.kv_budget_bytes,
             kv_cache_reserved_bytes=stats.kv_reserved_bytes, rejected_total=stats.rejected_overloaded,
-            evicted_sessions_total=stats.evicted_sessions, decode_batch_rows=stats.decode_rows,
-            steps_total=stats.steps),
+            prefix_cache_evictions_total=stats.prefix_cache_evictions, decode_batch_rows=stats.decode_rows,
+            steps_total=stats.steps, prefix_cache_entries=stats.prefix_cache_entries,
+            prefix_cache_hit_tokens_total=stats.prefix_cache_hit_tokens,
+            prefix_cache_query_tokens_total=stats.prefix_cache_query_tokens),
     )
     if info.bos_token_id is not None:
         msg.bos_token_id = info.bos_token_id

@@ -55,9 +55,10 @@ class _ClientEvents:
 
 
 class _TurnRequest:
-    def __init__(self, token_ids: Sequence[int], sampling_msg: object | None) -> None:
-        self.token_ids = list(token_ids)
-        self.sampling_msg = sampling_msg
+    def __init__(self, turn: pb.GenerateTurn) -> None:
+        self.token_ids = list(turn.token_ids)
+        self.sampling_msg = turn.sampling if turn.HasField("sampling") else None
+        self.keep_history = turn.keep_history_tokens if turn.HasField("keep_history_tokens") else None
 
 
 _END = object()  # the client half-closed
@@ -96,7 +97,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         start_params = sampling_from_proto(start.sampling, field="start.sampling")
         flush_every = start.stream_options.flush_every_tokens or 1
         try:
-            session = self._engine.open_session(start.model, retain_kv=start.session)
+            session = self._engine.open_session(start.model, multi_turn=start.session)
         except LlmsuiteError as exc:
             self._metrics.rejected_by_engine(start.model, exc)
             raise
@@ -111,13 +112,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         turn_index = 0
         ids: list[int] = list(start.prompt_token_ids)
         params = start_params
+        keep_history: int | None = None
         try:
             while True:
                 ended_by: FinishReason | None = None
                 generating.set()
                 pending: list[GeneratedToken] = []
                 async for item in self._metrics.observe_turn(start.model, session.generate(
-                        ids, params, deadline=deadline, truncate_prompt=start.truncate_prompt)):
+                        ids, params, deadline=deadline, truncate_prompt=start.truncate_prompt,
+                        keep_history=keep_history)):
                     if isinstance(item, TurnResult):
                         if pending:
                             yield self._tokens(request_id, sequence, turn_index, pending)
@@ -144,11 +147,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     return
                 assert isinstance(nxt, _TurnRequest)
                 turn_index += 1
-                ids = nxt.token_ids
-                params = (sampling_from_proto(nxt.sampling_msg, field="turn.sampling")  # type: ignore[arg-type]
+                ids, keep_history = nxt.token_ids, nxt.keep_history
+                params = (sampling_from_proto(nxt.sampling_msg, field="turn.sampling")
                           if nxt.sampling_msg is not None else start_params)
-                if not ids:
-                    raise InvalidArgument.for_field("turn.token_ids", "a turn needs at least one token id",
+                if not ids and keep_history is None:
+                    raise InvalidArgument.for_field("turn.token_ids", "a turn needs at least one token id "
+                                                    "(or keep_history_tokens, to regenerate from a rewound history)",
                                                     reason="EMPTY_PROMPT")
         finally:
             reader.cancel()
@@ -180,9 +184,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                             "message or send cancel", reason="TURN_IN_PROGRESS")
                         session.cancel()
                         return
-                    inbox.put_nowait(_TurnRequest(message.turn.token_ids,
-                                                  message.turn.sampling if message.turn.HasField("sampling")
-                                                  else None))
+                    inbox.put_nowait(_TurnRequest(message.turn))
                     continue
                 events.protocol_error = InvalidArgument.for_field(
                     "start", "`start` may only be sent once", reason="STREAM_ALREADY_STARTED")

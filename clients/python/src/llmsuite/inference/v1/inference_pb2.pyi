@@ -42,12 +42,14 @@ class GenerateStart(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., session: _Optional[bool] = ..., truncate_prompt: _Optional[bool] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ...) -> None: ...
 
 class GenerateTurn(_message.Message):
-    __slots__ = ("token_ids", "sampling")
+    __slots__ = ("token_ids", "sampling", "keep_history_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    KEEP_HISTORY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    keep_history_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., keep_history_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateCancel(_message.Message):
     __slots__ = ("reason",)
@@ -148,7 +150,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., execution_provider: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., uses_position_ids: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_content_hash: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("running", "queued", "sessions", "cached_tokens", "kv_cache_bytes", "requests_total", "cancelled_total", "time_limited_total", "kv_cache_budget_bytes", "kv_cache_reserved_bytes", "rejected_total", "evicted_sessions_total", "decode_batch_rows", "steps_total")
+    __slots__ = ("running", "queued", "sessions", "cached_tokens", "kv_cache_bytes", "requests_total", "cancelled_total", "time_limited_total", "kv_cache_budget_bytes", "kv_cache_reserved_bytes", "rejected_total", "prefix_cache_evictions_total", "decode_batch_rows", "steps_total", "prefix_cache_entries", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -160,9 +162,12 @@ class ModelStats(_message.Message):
     KV_CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
-    EVICTED_SESSIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_EVICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DECODE_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERY_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     sessions: int
@@ -174,7 +179,10 @@ class ModelStats(_message.Message):
     kv_cache_budget_bytes: int
     kv_cache_reserved_bytes: int
     rejected_total: int
-    evicted_sessions_total: int
+    prefix_cache_evictions_total: int
     decode_batch_rows: int
     steps_total: int
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., requests_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., time_limited_total: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., kv_cache_reserved_bytes: _Optional[int] = ..., rejected_total: _Optional[int] = ..., evicted_sessions_total: _Optional[int] = ..., decode_batch_rows: _Optional[int] = ..., steps_total: _Optional[int] = ...) -> None: ...
+    prefix_cache_entries: int
+    prefix_cache_hit_tokens_total: int
+    prefix_cache_query_tokens_total: int
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., requests_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., time_limited_total: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., kv_cache_reserved_bytes: _Optional[int] = ..., rejected_total: _Optional[int] = ..., prefix_cache_evictions_total: _Optional[int] = ..., decode_batch_rows: _Optional[int] = ..., steps_total: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., prefix_cache_query_tokens_total: _Optional[int] = ...) -> None: ...

@@ -63,8 +63,9 @@ def _model_info(name: str, decoder: OnnxDecoder) -> ModelInfo:
 
 
 class GenerationSession:
-    """A conversation with one model: turns run one at a time and, when the session retains
-    KV, each turn continues from the previous turn's cache instead of recomputing it."""
+    """A conversation with one model: turns run one at a time, each continuing the history
+    (or a rewound prefix of it). Reusing earlier turns' KV is the prefix cache's job, so a
+    turn gives the same tokens whether its prefix was cached, evicted or never computed."""
 
     def __init__(self, model: str, scheduler: Scheduler, state: SessionState) -> None:
         self.model = model
@@ -79,8 +80,8 @@ class GenerationSession:
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens whose KV is held right now (0 after eviction or for non-retaining sessions)."""
-        return self._state.cached_tokens
+        """Tokens of the history whose KV the prefix cache holds right now (0 after eviction)."""
+        return self._scheduler.cached_prefix(self._state)
 
     async def generate(
         self,
@@ -89,13 +90,15 @@ class GenerationSession:
         *,
         deadline: float | None = None,
         truncate_prompt: bool = False,
+        keep_history: int | None = None,
     ) -> AsyncIterator[GeneratedToken | TurnResult]:
         """Runs one turn: yields each GeneratedToken as it is produced, then exactly one TurnResult.
 
         Errors (InvalidArgument, DeadlineExceeded, ResourceExhausted, FailedPrecondition
         TURN_IN_PROGRESS) are raised before the first item. `deadline` is a
-        time.monotonic() value. Leaving the loop early cancels the turn. `new_token_ids`
-        may be empty only to continue a session that already has history.
+        time.monotonic() value. Leaving the loop early cancels the turn. `keep_history`
+        rewinds first: only the first `keep_history` tokens of the history stay (regenerate a
+        reply, edit the last message). `new_token_ids` may be empty only when history remains.
         """
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[GeneratedToken | TurnResult | TurnFailed] = asyncio.Queue()
@@ -105,7 +108,8 @@ class GenerationSession:
             loop.call_soon_threadsafe(results.put_nowait, item)
 
         turn = self._scheduler.submit(
-            self._state, new_token_ids, params, deadline=deadline, truncate_prompt=truncate_prompt, deliver=deliver
+            self._state, new_token_ids, params, deadline=deadline, truncate_prompt=truncate_prompt, deliver=deliver,
+            keep_history=keep_history,
         )
         done = False
         try:
@@ -205,11 +209,11 @@ class InferenceEngine:
     def stats(self, name: str) -> EngineStats:
         return self._model(name).scheduler.stats()
 
-    def open_session(self, model: str, *, retain_kv: bool) -> GenerationSession:
-        """retain_kv=True keeps KV between turns (session mode; counts against max_sessions);
-        False frees it when each turn ends (single requests)."""
+    def open_session(self, model: str, *, multi_turn: bool) -> GenerationSession:
+        """multi_turn=True: a session that takes further turns (counts against max_sessions);
+        False: a single request. Either way ended turns leave their KV in the prefix cache."""
         loaded = self._model(model)
-        return GenerationSession(model, loaded.scheduler, loaded.scheduler.open_session(retain_kv=retain_kv))
+        return GenerationSession(model, loaded.scheduler, loaded.scheduler.open_session(multi_turn=multi_turn))
 
     async def close(self) -> None:
         """Stops every scheduler (running turns end CANCELLED) and frees all sessions and KV."""

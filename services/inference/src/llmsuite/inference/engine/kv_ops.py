@@ -32,22 +32,22 @@ KvTensors = tuple[Any, ...]  # 2 x layers OrtValues (or numpy arrays), key/value
 
 
 def _reshape_graph(tensors: int, elem_type: int) -> onnx.ModelProto:
-    """out_i = Pad(Slice(Gather(kv_i, rows, axis 0), start.., axis 2), front pad on axis 2).
+    """out_i = Pad(Slice(Gather(kv_i, rows, axis 0), start..end, axis 2), front pad on axis 2).
 
-    Selects rows (compaction, or extracting one row), drops leading columns every kept row
-    has as padding, and adds front padding; any of the three may be a no-op.
+    Selects rows (compaction, or extracting one row), keeps the columns start..end (dropping
+    leading padding, or cutting a cached sequence to a prefix), and adds front padding; any
+    of the three may be a no-op.
     """
     shape = ["rows", "heads", "length", "dim"]
     inputs = [helper.make_tensor_value_info(f"kv_{i}", elem_type, shape) for i in range(tensors)]
     inputs += [
         helper.make_tensor_value_info("rows", TensorProto.INT64, ["kept"]),
         helper.make_tensor_value_info("start", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("end", TensorProto.INT64, [1]),
         helper.make_tensor_value_info("pads", TensorProto.INT64, [8]),
     ]
     outputs = [helper.make_tensor_value_info(f"out_{i}", elem_type, None) for i in range(tensors)]
     consts = [
-        helper.make_node("Constant", [], ["end"], value=helper.make_tensor("end_v", TensorProto.INT64, [1],
-                                                                            [np.iinfo(np.int64).max])),
         helper.make_node("Constant", [], ["axis2"], value=helper.make_tensor("axis2_v", TensorProto.INT64, [1], [2])),
     ]
     nodes = list(consts)
@@ -106,13 +106,17 @@ class KvOps:
         self._join = ort.InferenceSession(
             _join_graph(self._tensors, elem_type).SerializeToString(), options, providers=list(providers))
 
-    def reshape(self, kv: KvTensors, rows: Sequence[int], drop_front: int = 0, pad_front: int = 0) -> KvTensors:
-        """Keeps `rows` (in that order), drops `drop_front` leading columns, adds `pad_front` zero columns."""
+    def reshape(self, kv: KvTensors, rows: Sequence[int], drop_front: int = 0, pad_front: int = 0,
+                keep: int | None = None) -> KvTensors:
+        """Keeps `rows` (in that order), drops `drop_front` leading columns, then keeps at most
+        `keep` columns (a prefix of what is left), and adds `pad_front` zero columns in front."""
         binding = self._reshape.io_binding()
         for i, tensor in enumerate(kv):
             _bind(binding, f"kv_{i}", tensor)
+        end = np.iinfo(np.int64).max if keep is None else drop_front + keep
         binding.bind_cpu_input("rows", np.asarray(rows, dtype=np.int64))
         binding.bind_cpu_input("start", np.array([drop_front], dtype=np.int64))
+        binding.bind_cpu_input("end", np.array([end], dtype=np.int64))
         binding.bind_cpu_input("pads", _front_pads(pad_front))
         return self._run(self._reshape, binding)
 

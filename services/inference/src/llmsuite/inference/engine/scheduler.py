@@ -18,9 +18,13 @@ Prefill and decode share a step instead of alternating whole prompts: running st
 wait at most one chunk for a newcomer, and a newcomer's first token comes after at most
 one decode forward.
 
-Threading rule: the lock guards the queues, counters and session bookkeeping. KV tensors
-(a batch, a prefilling turn's cache) are touched only by the worker thread; an idle
-session's cache is handed over under the lock (admission takes it, eviction and close drop it).
+Every turn that ends (finished, cancelled or timed out) leaves its KV in the prefix cache
+(prefix_cache.py), and every admitted turn starts from the longest cached prefix of its token
+ids: a session's next turn, a conversation re-sent in full, a retry. The cache changes what
+is computed, never the tokens: a turn's output depends only on its ids and sampling.
+
+Threading rule: the lock guards the queues, counters, sessions and the prefix cache. KV
+tensors of a batch or of a prefilling turn are touched only by the worker thread.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 from llmsuite.inference.engine.batch import DecodeBatch
 from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
+from llmsuite.inference.engine.prefix_cache import PrefixCache, PrefixHit
 from llmsuite.inference.engine.sampling import TokenSampler, choose_batch
 from llmsuite.inference.engine.types import (
     EngineSettings,
@@ -123,24 +128,18 @@ class PrefillEstimate:
 
 @dataclass(eq=False)
 class SessionState:
-    """One session's token history and, while idle, the KV cache covering its prefix.
+    """One conversation's token history (prompts and generated ids); turns run one at a time.
 
-    An idle session's cache never covers its last history token: the next turn always has
-    at least that token to feed.
+    Its KV lives in the prefix cache between turns, like every finished request's: the next
+    turn finds it there by its ids.
     """
 
     id: int
-    retain_kv: bool
+    multi_turn: bool
     history: list[int] = field(default_factory=list)
-    cache: KvCache | None = None
     active: Turn | None = None
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False
-
-    @property
-    def cached_tokens(self) -> int:
-        cache = self.cache
-        return cache.length if cache is not None else 0
 
 
 @dataclass(eq=False)
@@ -156,6 +155,7 @@ class Turn:
     deadline: float | None
     deliver: Delivery
     submitted_at: float
+    hit: PrefixHit | None = None  # the cached prefix found at admission
     cache: KvCache | None = None  # own KV while prefilling (unpadded, one row)
     pending: list[int] = field(default_factory=list)  # prompt ids still to feed
     batch: DecodeBatch[Turn] | None = None  # set while decoding
@@ -206,6 +206,7 @@ class Scheduler:
         self._prefilling: deque[Turn] = deque()
         self._batches: list[DecodeBatch[Turn]] = []
         self._sessions: dict[int, SessionState] = {}
+        self._prefix = PrefixCache()
         self._session_ids = count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -213,8 +214,8 @@ class Scheduler:
         self._step_s = 0.0  # moving average of a step's model work
         self._last_decode_rows = 0
         self._counters = dict(
-            total_requests=0, completed=0, cancelled=0, time_limited=0, rejected_overloaded=0, evicted_sessions=0,
-            steps=0,
+            total_requests=0, completed=0, cancelled=0, time_limited=0, rejected_overloaded=0,
+            prefix_cache_evictions=0, prefix_cache_hit_tokens=0, prefix_cache_query_tokens=0, steps=0,
         )
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -237,8 +238,8 @@ class Scheduler:
                 turn.cache, turn.batch = None, None
                 self._finish(_Ending(turn, FinishReason.CANCELLED), kv=None)
             self._batches.clear()
+            self._prefix.clear()
             for session in self._sessions.values():
-                session.cache = None
                 session.closed = True
             self._sessions.clear()
 
@@ -267,11 +268,11 @@ class Scheduler:
 
     # ---- sessions --------------------------------------------------------------------
 
-    def open_session(self, *, retain_kv: bool) -> SessionState:
+    def open_session(self, *, multi_turn: bool) -> SessionState:
         with self._cond:
             if self._stopping:
                 raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING")
-            if retain_kv and self._retained_sessions() >= self.settings.max_sessions:
+            if multi_turn and self._multi_turn_sessions() >= self.settings.max_sessions:
                 raise ResourceExhausted(
                     f"model {self.name!r} already holds {self.settings.max_sessions} sessions; "
                     "close one or retry later",
@@ -279,12 +280,12 @@ class Scheduler:
                     metadata={"model": self.name, "max_sessions": str(self.settings.max_sessions)},
                     retry_after_s=1.0,
                 )
-            session = SessionState(id=next(self._session_ids), retain_kv=retain_kv)
+            session = SessionState(id=next(self._session_ids), multi_turn=multi_turn)
             self._sessions[session.id] = session
             return session
 
     def close_session(self, session: SessionState) -> None:
-        """Idempotent. A running turn is cancelled and its KV freed when it stops."""
+        """Idempotent. A running turn is cancelled (its KV goes to the prefix cache as it stops)."""
         with self._cond:
             if session.closed:
                 return
@@ -293,19 +294,36 @@ class Scheduler:
                 session.active.cancel_requested = True
                 self._cond.notify_all()
             else:
-                session.cache = None
                 self._sessions.pop(session.id, None)
 
-    def _retained_sessions(self) -> int:
-        return sum(1 for s in self._sessions.values() if s.retain_kv)
+    def cached_prefix(self, session: SessionState) -> int:
+        """Tokens of the session's history whose KV the prefix cache holds now."""
+        with self._cond:
+            if not session.history:
+                return 0
+            hit = self._prefix.lookup(session.history, limit=len(session.history), touch=False)
+            return hit.length if hit is not None else 0
+
+    def _multi_turn_sessions(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.multi_turn)
 
     # ---- submitting and cancelling ----------------------------------------------------
 
     def submit(self, session: SessionState, new_token_ids: Sequence[int], params: SamplingParams, *,
-               deadline: float | None, truncate_prompt: bool, deliver: Delivery) -> Turn:
-        """Validates and queues a turn; raises the caller-facing error instead when it cannot run."""
+               deadline: float | None, truncate_prompt: bool, deliver: Delivery,
+               keep_history: int | None = None) -> Turn:
+        """Validates and queues a turn; raises the caller-facing error instead when it cannot run.
+
+        keep_history rewinds the session first: only its first `keep_history` tokens stay.
+        """
         validate_sampling(params, vocab_size=self._vocab_size, context_length=self._context_length)
-        new_ids = validate_prompt(new_token_ids, self._vocab_size, allow_empty=bool(session.history))
+        if keep_history is not None and not 0 <= keep_history <= len(session.history):
+            raise InvalidArgument.for_field(
+                "turn.keep_history_tokens",
+                f"must be in [0, {len(session.history)}] (the session's history so far), got {keep_history}",
+                reason="INVALID_FIELD")
+        kept_history = session.history if keep_history is None else session.history[:keep_history]
+        new_ids = validate_prompt(new_token_ids, self._vocab_size, allow_empty=bool(kept_history))
         with self._cond:
             if self._stopping:
                 raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING")
@@ -326,22 +344,19 @@ class Scheduler:
                     retry_after_s=self._retry_after_s(),
                 )
             drop = tokens_to_drop(
-                len(session.history), len(new_ids), params.max_new_tokens, self._context_length,
-                retained_session=session.retain_kv, truncate_prompt=truncate_prompt,
+                len(kept_history), len(new_ids), params.max_new_tokens, self._context_length,
+                retained_session=session.multi_turn, truncate_prompt=truncate_prompt,
             )
-            context = session.history + new_ids
+            context = kept_history + new_ids
             kept_new = len(new_ids)
-            cached = session.cached_tokens
             if drop:
-                context = context[drop:]
+                context = context[drop:]  # positions shift: the prefix cache finds what still matches
                 kept_new = min(len(new_ids), len(context))
-                cached = 0  # positions shift, so no cached KV stays valid
             reserved = min(self._context_length, len(context) + params.max_new_tokens)
             self._check_fits_budget(reserved)
             if deadline is not None:
-                self._check_deadline(deadline, len(context) - cached)
-            if drop:
-                session.cache = None
+                hit = self._prefix.lookup(context, limit=len(context) - 1, touch=False)
+                self._check_deadline(deadline, len(context) - (hit.length if hit is not None else 0))
             session.history = context
             stop_ids = frozenset(params.stop_token_ids)
             if not params.ignore_eos:
@@ -406,7 +421,7 @@ class Scheduler:
         with self._cond:
             now = time.monotonic()
             endings = self._collect_interrupted(now)
-            self._evict_idle_sessions(now)
+            self._expire_cache(now)
             self._admit()
             if not endings and not self._prefilling and not self._batches:
                 return False
@@ -449,16 +464,31 @@ class Scheduler:
         """FIFO: the head of the queue waits for room rather than being overtaken."""
         while self._waiting and self._admitted_count() < self.settings.max_running:
             turn = self._waiting[0]
-            if not self._make_room_for(turn):
+            context = turn.session.history
+            # Look up first: the hit becomes the most recently used entry, the last to be evicted.
+            hit = (self._prefix.lookup(context, limit=len(context) - 1)
+                   if self.settings.prefix_cache else None)
+            if not self._make_room_for(turn, keep=hit.entry if hit is not None else None):
                 return
             self._waiting.popleft()
-            session = turn.session
             turn.admitted = True
-            turn.cache = session.cache or self.decoder.empty_cache()
-            session.cache = None  # the turn owns it now
-            turn.cached_tokens = turn.cache.length
-            turn.pending = session.history[turn.cached_tokens:]
+            turn.hit = hit
+            turn.cached_tokens = hit.length if hit is not None else 0
+            turn.pending = context[turn.cached_tokens:]
+            self._counters["prefix_cache_query_tokens"] += len(context)
+            self._counters["prefix_cache_hit_tokens"] += turn.cached_tokens
             self._prefilling.append(turn)
+
+    def _starting_cache(self, turn: Turn) -> KvCache:
+        """The KV a turn's first prefill continues from: its cached prefix, or nothing."""
+        hit = turn.hit
+        turn.hit = None
+        if hit is None:
+            return self.decoder.empty_cache()
+        cache = hit.entry.cache
+        if hit.length == cache.length:
+            return cache  # immutable: the forward writes new tensors and the entry stays valid
+        return KvCache(self._ops.reshape(cache.tensors, [0], keep=hit.length), hit.length, cache.bytes_per_token, 1)
 
     def _retire(self, endings: Sequence[_Ending]) -> None:
         """Releases the KV of ending rows (kept for retained sessions), then delivers their results.
@@ -472,7 +502,7 @@ class Scheduler:
         by_batch: dict[int, tuple[DecodeBatch[Turn], list[Turn]]] = {}
         for ending in endings:
             turn = ending.turn
-            keep = ending.error is None and turn.session.retain_kv and not turn.session.closed
+            keep = ending.error is None and self.settings.prefix_cache
             if turn.batch is not None:
                 kept[id(turn)] = turn.batch.extract(turn) if keep else None
                 by_batch.setdefault(id(turn.batch), (turn.batch, []))[1].append(turn)
@@ -500,8 +530,9 @@ class Scheduler:
             started = time.monotonic()
             if turn.first_forward_at is None:
                 turn.first_forward_at = started
-            assert turn.cache is not None
             try:
+                if turn.cache is None:
+                    turn.cache = self._starting_cache(turn)
                 result = self.decoder.forward(chunk, turn.cache)
             except Exception as exc:  # the model failed: end this turn, keep serving the others
                 logger.exception("model %s: prefill failed", self.name)
@@ -607,11 +638,12 @@ class Scheduler:
         now = time.monotonic()
         session.active = None
         session.last_used = now
+        if kv is not None:
+            # The KV covers the first kv.length tokens of the history (never the last sampled one).
+            self._prefix.insert(session.history[:kv.length], kv)
+            self._enforce_budget()
         if session.closed:
             self._sessions.pop(session.id, None)
-        elif session.retain_kv:
-            # Not admitted yet: the session still holds its cache. Admitted: `kv` is what is left of it.
-            session.cache = kv if turn.admitted else session.cache
         self._mean_turn_s = 0.9 * self._mean_turn_s + 0.1 * (now - turn.submitted_at)
         self._cond.notify_all()
         if ending.error is not None:
@@ -664,67 +696,62 @@ class Scheduler:
             return len(rows) * max(t.reserved_tokens for t in rows) * self._bytes_per_token
         return sum(t.reserved_tokens for t in rows) * self._bytes_per_token
 
-    def _idle_with_cache(self) -> list[SessionState]:
-        return [s for s in self._sessions.values() if s.active is None and s.cache is not None]
-
-    def _idle_bytes(self) -> int:
-        return sum(s.cache.nbytes for s in self._idle_with_cache() if s.cache is not None)
-
-    def _make_room_for(self, turn: Turn) -> bool:
-        """True when `turn` fits the KV budget, evicting least recently used idle sessions if needed."""
-        own = turn.session.cache.nbytes if turn.session.cache is not None else 0
+    def _make_room_for(self, turn: Turn, keep: Any = None) -> bool:
+        """True when `turn` fits the KV budget, evicting least recently used cache entries
+        (never `keep`, the entry it is about to read) if needed."""
         needed = self._reserved_bytes(extra=turn)
-        idle = self._idle_bytes() - own  # the turn's own session cache becomes part of its row
-        if needed + idle <= self.kv_budget_bytes:
-            return True
         if needed > self.kv_budget_bytes:
-            return False  # wait for running rows to finish; idle KV would not be enough
-        for session in sorted(self._idle_with_cache(), key=lambda s: s.last_used):
-            if session is turn.session:
-                continue
-            idle -= session.cache.nbytes if session.cache is not None else 0
-            self._evict(session)
-            if needed + idle <= self.kv_budget_bytes:
+            return False  # wait for running rows to finish; evicting the cache would not be enough
+        for entry in self._prefix.least_recently_used():
+            if needed + self._prefix.nbytes <= self.kv_budget_bytes:
                 return True
-        return False
+            if entry is not keep:
+                self._evict(entry)
+        return needed + self._prefix.nbytes <= self.kv_budget_bytes
 
-    def _evict(self, session: SessionState) -> None:
-        session.cache = None
-        self._counters["evicted_sessions"] += 1
+    def _enforce_budget(self) -> None:
+        """After a store: evicts least recently used entries until reserved + cached KV fits."""
+        for entry in self._prefix.least_recently_used():
+            if self._reserved_bytes() + self._prefix.nbytes <= self.kv_budget_bytes:
+                return
+            self._evict(entry)
 
-    def _evict_idle_sessions(self, now: float) -> None:
+    def _evict(self, entry: Any) -> None:
+        self._prefix.remove(entry)
+        self._counters["prefix_cache_evictions"] += 1
+
+    def _expire_cache(self, now: float) -> None:
         timeout = self.settings.session_idle_timeout_s
-        for session in self._idle_with_cache():
-            if now - session.last_used >= timeout:
-                self._evict(session)
+        for entry in self._prefix.least_recently_used():
+            if now - entry.last_used < timeout:
+                return
+            self._evict(entry)
 
     def _next_wakeup_delay(self) -> float | None:
-        idle = self._idle_with_cache()
-        if not idle:
+        entries = self._prefix.least_recently_used()
+        if not entries:
             return None
-        oldest = min(s.last_used for s in idle)
-        return max(0.0, oldest + self.settings.session_idle_timeout_s - time.monotonic())
+        return max(0.0, entries[0].last_used + self.settings.session_idle_timeout_s - time.monotonic())
 
     # ---- observability -----------------------------------------------------------------
 
     def stats(self) -> EngineStats:
         with self._cond:
             decoding = self._decoding()
-            idle = self._idle_with_cache()
             cached = (sum(t.cache.length for t in self._prefilling if t.cache is not None)
-                      + sum(sum(b.lengths) for b in self._batches)
-                      + sum(s.cached_tokens for s in idle))
+                      + sum(sum(b.lengths) for b in self._batches) + self._prefix.tokens)
             held = (sum(t.cache.nbytes for t in self._prefilling if t.cache is not None)
-                    + sum(b.nbytes for b in self._batches) + self._idle_bytes())
+                    + sum(b.nbytes for b in self._batches) + self._prefix.nbytes)
             return EngineStats(
                 model=self.name,
                 running=len(self._prefilling) + len(decoding),
                 queued=len(self._waiting),
-                sessions=self._retained_sessions(),
+                sessions=self._multi_turn_sessions(),
                 cached_tokens=cached,
                 kv_bytes=held,
                 kv_budget_bytes=self.kv_budget_bytes,
-                kv_reserved_bytes=self._reserved_bytes() + self._idle_bytes(),
+                kv_reserved_bytes=self._reserved_bytes() + self._prefix.nbytes,
+                prefix_cache_entries=len(self._prefix),
                 decode_rows=self._last_decode_rows,
                 **self._counters,
             )

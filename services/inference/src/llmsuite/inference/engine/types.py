@@ -26,12 +26,13 @@ class EngineSettings:
 
     Admission is by KV memory: the rows running in the batch (prefilling or decoding)
     reserve the KV bytes they can grow to (prompt + max_new_tokens, padded to the batch's
-    longest), and together with the KV retained by idle sessions they must fit
-    kv_cache_bytes (0 = sized at load from the device's memory). max_running caps the
-    rows of one forward (latency), max_queued the requests waiting for room; beyond the
-    queue requests are refused with ENGINE_OVERLOADED. Idle sessions' KV is evicted least
-    recently used when room is needed, and after session_idle_timeout_s; their history
-    stays, so the next turn recomputes. max_sessions caps sessions that retain KV.
+    longest), and together with the prefix cache they must fit kv_cache_bytes (0 = sized
+    at load from the device's memory). max_running caps the rows of one forward (latency),
+    max_queued the requests waiting for room; beyond the queue requests are refused with
+    ENGINE_OVERLOADED. With prefix_cache, every ended turn's KV stays cached and later
+    requests starting with the same ids reuse it; entries are evicted least recently used
+    when room is needed, and after session_idle_timeout_s unused. max_sessions caps open
+    multi-turn sessions.
     prefill_chunk_tokens bounds the prompt tokens fed per scheduler step, so running
     streams keep receiving tokens while a long prompt is processed. warmup runs forwards
     at load and measures prefill speed for deadline checks.
@@ -46,6 +47,7 @@ class EngineSettings:
     max_queued: int = 64
     max_sessions: int = 256
     kv_cache_bytes: int = 0
+    prefix_cache: bool = True
     prefill_chunk_tokens: int = 256
     session_idle_timeout_s: float = 300.0
     warmup: bool = True
@@ -178,17 +180,20 @@ class EngineStats:
     model: str
     running: int  # rows admitted to the batch: prefilling or decoding
     queued: int
-    sessions: int  # open sessions that retain KV between turns
-    cached_tokens: int  # KV tokens held right now (true lengths, no padding), running and idle
+    sessions: int  # open multi-turn sessions
+    cached_tokens: int  # KV tokens held right now (true lengths, no padding): running rows + prefix cache
     kv_bytes: int  # KV bytes held right now, padding included
     kv_budget_bytes: int  # what kv_cache_bytes resolved to
-    kv_reserved_bytes: int  # what admitted rows reserve (padded to their batch) + idle sessions' KV
+    kv_reserved_bytes: int  # what admitted rows reserve (padded to their batch) + the prefix cache
+    prefix_cache_entries: int
     total_requests: int  # turns accepted
     completed: int
     cancelled: int
     time_limited: int
     rejected_overloaded: int
-    evicted_sessions: int  # idle-session KV dropped for the idle timeout or for room
+    prefix_cache_evictions: int  # entries dropped for room or after the idle timeout
+    prefix_cache_hit_tokens: int  # prompt tokens whose KV came from the cache
+    prefix_cache_query_tokens: int  # prompt tokens of admitted turns (hit rate = hit / query)
     steps: int  # scheduler steps that ran at least one forward
     decode_rows: int  # rows in the most recent decode forward
 
