@@ -130,7 +130,7 @@ async def measure_engine(engine: InferenceEngine, model: str, prompt_tokens: int
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
 
     async def one() -> TurnResult:
-        session = engine.open_session(model, retain_kv=False)
+        session = engine.open_session(model, multi_turn=False)
         try:
             async for item in session.generate(prompt, params):
                 if isinstance(item, TurnResult):
@@ -156,7 +156,8 @@ async def measure_engine(engine: InferenceEngine, model: str, prompt_tokens: int
 
 
 def bench_model(name: str, directory: Path, args: argparse.Namespace) -> dict[str, Any]:
-    settings = EngineSettings(device=args.device, intra_op_threads=args.threads)
+    # No prefix cache: every stream repeats one prompt, and the figures are about computing it.
+    settings = EngineSettings(device=args.device, intra_op_threads=args.threads, prefix_cache=False)
     decoder = OnnxDecoder.load(directory, settings)
     report: dict[str, Any] = {
         "model": name,

@@ -25,7 +25,7 @@ def test_lookup_finds_the_longest_common_prefix_exactly() -> None:
     cache = PrefixCache()
     stored = seq(100, 40)
     cache.insert(stored, kv(40))
-    query = stored[:37] + [1, 2, 3]  # diverges inside the third block
+    query = [*stored[:37], 1, 2, 3]  # diverges inside the third block
     hit = cache.lookup(query, limit=len(query) - 1)
     assert hit is not None and hit.length == 37 and hit.entry.length == 40
     assert cache.lookup(query, limit=20).length == 20  # never more than the caller can use
@@ -36,7 +36,7 @@ def test_nothing_under_one_block_is_stored_or_matched() -> None:
     assert cache.insert(seq(0, BLOCK_TOKENS - 1), kv(BLOCK_TOKENS - 1)) is None
     cache.insert(seq(0, 40), kv(40))
     assert cache.lookup(seq(0, 10) + [999] * 30, limit=39) is None  # shares less than a block
-    assert cache.lookup([7] + seq(1, 39), limit=39) is None  # differs in the first token
+    assert cache.lookup([7, *seq(1, 39)], limit=39) is None  # differs in the first token
 
 
 def test_an_extension_replaces_the_entry_it_extends() -> None:
@@ -46,7 +46,7 @@ def test_an_extension_replaces_the_entry_it_extends() -> None:
     turn_2 = turn_1 + seq(500, 30)
     cache.insert(turn_2, kv(50))
     assert len(cache) == 1 and cache.tokens == 50 and cache.nbytes == 500
-    assert cache.lookup(turn_1 + [1], limit=20).entry.length == 50
+    assert cache.lookup([*turn_1, 1], limit=20).entry.length == 50
     # Storing a prefix of what is cached adds nothing.
     assert cache.insert(turn_1, kv(20)) is None and len(cache) == 1
 
@@ -58,8 +58,8 @@ def test_branches_are_separate_entries_and_the_latest_wins_ties() -> None:
     second = cache.insert(shared + [2] * 8, kv(40))
     assert len(cache) == 2
     assert cache.lookup(shared + [1] * 8 + [3], limit=40).entry is first
-    assert cache.lookup(shared + [9], limit=33).entry is second  # both share 32: the newer one
-    assert cache.lookup(shared + [9], limit=33).length == 32
+    assert cache.lookup([*shared, 9], limit=33).entry is second  # both share 32: the newer one
+    assert cache.lookup([*shared, 9], limit=33).length == 32
 
 
 def test_least_recently_used_order_follows_hits() -> None:
@@ -87,4 +87,4 @@ def test_ids_are_compared_as_int64() -> None:
     cache = PrefixCache()
     big = [2**31 + i for i in range(20)]
     cache.insert(big, kv(20))
-    assert cache.lookup(np.asarray(big + [1]), limit=20).length == 20
+    assert cache.lookup(np.asarray([*big, 1]), limit=20).length == 20
