@@ -7,6 +7,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,14 +16,14 @@ from prometheus_client import CollectorRegistry
 from support import ServerThread
 
 from llmsuite.common.v1 import common_pb2
-from llmsuite.inference.engine import EngineSettings
+from llmsuite.inference.engine import EngineSettings, EngineStats
 from llmsuite.inference.metrics import InferenceMetrics
 from llmsuite.inference.service import InferenceApp
 from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc
 from llmsuite.runtime.settings import ServerSettings
 
-PROMPT = [1, 40, 41, 42, 43, 44]
+PROMPT = [1, *range(40, 59)]  # 20 ids: long enough (a 16-token block) for the prefix cache to keep
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +65,12 @@ def assert_agrees_with_model_info(result: Scrape, stats: pb.ModelStats) -> None:
     assert tiny(result, "llmsuite_inference_requests_total") == stats.requests_total
     assert tiny(result, "llmsuite_inference_requests_cancelled_total") == stats.cancelled_total
     assert tiny(result, "llmsuite_inference_requests_time_limited_total") == stats.time_limited_total
-    # The KV budget arrives with the batching engine: absent from both until then.
-    budget = getattr(stats, "kv_cache_budget_bytes", 0)
-    assert tiny(result, "llmsuite_inference_kv_cache_budget_bytes") == budget
-    if budget:
-        assert tiny(result, "llmsuite_inference_kv_cache_usage_ratio") == pytest.approx(
-            stats.kv_cache_reserved_bytes / budget)
-    else:
-        assert result.value("llmsuite_inference_kv_cache_usage_ratio") is None
+    assert tiny(result, "llmsuite_inference_kv_cache_budget_bytes") == stats.kv_cache_budget_bytes > 0
+    assert tiny(result, "llmsuite_inference_kv_cache_usage_ratio") == pytest.approx(
+        stats.kv_cache_reserved_bytes / stats.kv_cache_budget_bytes)
+    assert tiny(result, "llmsuite_inference_prefix_cache_entries") == stats.prefix_cache_entries
+    assert tiny(result, "llmsuite_inference_prefix_cache_hit_tokens_total") == stats.prefix_cache_hit_tokens_total
+    assert tiny(result, "llmsuite_inference_prefix_cache_evictions_total") == stats.prefix_cache_evictions_total
 
 
 class Conversation:
@@ -177,12 +176,12 @@ def test_a_cancelled_turn_is_counted_as_cancelled(server, stub):
 class _StubEngine:
     """Just enough of InferenceEngine for the scrape-time collector."""
 
-    stats_by_model: dict[str, _Stats]
+    stats_by_model: dict[str, EngineStats]
 
     def list_models(self):
         return [_Info(name) for name in self.stats_by_model]
 
-    def stats(self, name: str) -> _Stats:
+    def stats(self, name: str) -> EngineStats:
         return self.stats_by_model[name]
 
 
@@ -194,24 +193,14 @@ class _Info:
     device: str = "cpu"
 
 
-@dataclass(frozen=True)
-class _Stats:
-    """An engine stats snapshot with every field the collector reads."""
-
-    model: str = "m"
-    running: int = 3
-    queued: int = 2
-    sessions: int = 1
-    cached_tokens: int = 100
-    kv_bytes: int = 6400
-    kv_budget_bytes: int | None = 64000
-    kv_reserved_bytes: int | None = 16000
-    total_requests: int = 9
-    completed: int = 4
-    cancelled: int = 1
-    time_limited: int = 1
-    rejected_overloaded: int = 0
-    evicted_sessions: int = 2
+def _stats(**changes: Any) -> EngineStats:
+    """An engine stats snapshot for the scrape-time collector."""
+    fields: dict[str, Any] = dict(
+        model="m", running=3, queued=2, sessions=1, cached_tokens=100, kv_bytes=6400, kv_budget_bytes=64000,
+        kv_reserved_bytes=16000, prefix_cache_entries=4, total_requests=9, completed=4, cancelled=1,
+        time_limited=1, rejected_overloaded=0, prefix_cache_evictions=2, prefix_cache_hit_tokens=30,
+        prefix_cache_query_tokens=120, steps=50, decode_rows=3)
+    return EngineStats(**{**fields, **changes})
 
 
 def registry_for(metrics: InferenceMetrics) -> CollectorRegistry:
@@ -222,7 +211,7 @@ def registry_for(metrics: InferenceMetrics) -> CollectorRegistry:
 
 
 def test_queue_gauges_and_kv_budget_come_from_engine_stats():
-    engine = _StubEngine({"m": _Stats()})
+    engine = _StubEngine({"m": _stats()})
     value = registry_for(InferenceMetrics(lambda: engine)).get_sample_value
     assert value("llmsuite_inference_running_requests", {"model": "m"}) == 3
     assert value("llmsuite_inference_queued_requests", {"model": "m"}) == 2
@@ -230,13 +219,9 @@ def test_queue_gauges_and_kv_budget_come_from_engine_stats():
     assert value("llmsuite_inference_kv_cache_budget_bytes", {"model": "m"}) == 64000
     assert value("llmsuite_inference_kv_cache_reserved_bytes", {"model": "m"}) == 16000
     assert value("llmsuite_inference_kv_cache_usage_ratio", {"model": "m"}) == pytest.approx(0.25)
-    assert value("llmsuite_inference_sessions_evicted_total", {"model": "m"}) == 2
-
-    # An engine that reports no budget: the budget gauges are absent, the rest stay.
-    engine.stats_by_model["m"] = _Stats(kv_budget_bytes=None, kv_reserved_bytes=None)
-    assert value("llmsuite_inference_kv_cache_budget_bytes", {"model": "m"}) is None
-    assert value("llmsuite_inference_kv_cache_usage_ratio", {"model": "m"}) is None
-    assert value("llmsuite_inference_running_requests", {"model": "m"}) == 3
+    assert value("llmsuite_inference_prefix_cache_evictions_total", {"model": "m"}) == 2
+    assert value("llmsuite_inference_prefix_cache_hit_tokens_total", {"model": "m"}) == 30
+    assert value("llmsuite_inference_prefix_cache_query_tokens_total", {"model": "m"}) == 120
 
 
 def test_nothing_is_reported_for_models_before_they_load():

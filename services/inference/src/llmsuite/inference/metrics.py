@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmsuite.inference.engine import EngineStats, GeneratedToken, ModelInfo, TurnResult
+from llmsuite.inference.engine.types import StepReport
 from llmsuite.runtime.errors import DeadlineExceeded, LlmsuiteError, ResourceExhausted, Unavailable
 
 # A first token waits for the queue and the whole prefill: milliseconds to tens of seconds.
@@ -37,15 +38,6 @@ STEP_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 
 
 # Errors the engine uses to refuse work it cannot take (by their stable reason).
 _REJECTIONS = (ResourceExhausted, DeadlineExceeded, Unavailable)
-
-
-class StepReport(Protocol):
-    """What one scheduler step did (the engine's StepReport)."""
-
-    model: str
-    decode_rows: int  # rows in the step's batched decode, 0 if it only prefilled
-    prefill_tokens: int  # prompt tokens fed in the step
-    seconds: float  # wall time of the step's model work
 
 
 class InferenceMetrics:
@@ -191,17 +183,18 @@ class EngineStatsCollector(Collector):
         yield gauge("llmsuite_inference_running_requests", "Turns generating now (rows in the running batch).",
                     lambda s: s.running)
         yield gauge("llmsuite_inference_queued_requests", "Turns waiting to be admitted.", lambda s: s.queued)
-        yield gauge("llmsuite_inference_sessions", "Open sessions that retain KV between turns.",
-                    lambda s: s.sessions)
-        yield gauge("llmsuite_inference_kv_cache_tokens", "Tokens whose KV is held now, running and idle.",
-                    lambda s: s.cached_tokens)
+        yield gauge("llmsuite_inference_sessions", "Open multi-turn sessions.", lambda s: s.sessions)
+        yield gauge("llmsuite_inference_kv_cache_tokens",
+                    "Tokens whose KV is held now: running requests and the prefix cache.", lambda s: s.cached_tokens)
         yield gauge("llmsuite_inference_kv_cache_bytes", "Bytes of KV cache held now (batch padding included).",
                     lambda s: s.kv_bytes)
         yield gauge("llmsuite_inference_kv_cache_budget_bytes", "The KV cache budget admission works against.",
-                    lambda s: _optional(s, "kv_budget_bytes"))
+                    lambda s: s.kv_budget_bytes)
         yield gauge("llmsuite_inference_kv_cache_reserved_bytes",
-                    "KV bytes reserved now: what admitted requests may grow to, plus idle sessions' KV.",
-                    lambda s: _optional(s, "kv_reserved_bytes"))
+                    "KV bytes reserved now: what admitted requests may grow to, plus the prefix cache.",
+                    lambda s: s.kv_reserved_bytes)
+        yield gauge("llmsuite_inference_prefix_cache_entries", "Finished sequences whose KV the prefix cache holds.",
+                    lambda s: s.prefix_cache_entries)
         yield gauge("llmsuite_inference_kv_cache_usage_ratio",
                     "Reserved / budget: at 1, new requests wait in the queue.", _kv_usage)
         yield total("llmsuite_inference_requests", "Turns accepted since load.", lambda s: s.total_requests)
@@ -211,17 +204,15 @@ class EngineStatsCollector(Collector):
                     lambda s: s.cancelled)
         yield total("llmsuite_inference_requests_time_limited", "Turns ended by their deadline mid-generation.",
                     lambda s: s.time_limited)
-        yield total("llmsuite_inference_sessions_evicted", "Idle sessions whose KV was dropped (idle timeout or "
-                    "KV budget); their next turn recomputes it.", lambda s: s.evicted_sessions)
-
-
-# The KV budget fields arrive with the batching engine; until a stats snapshot
-# has them, their gauges are simply absent.
-def _optional(stats: EngineStats, name: str) -> int | None:
-    value = getattr(stats, name, None)
-    return None if value is None else int(value)
+        yield total("llmsuite_inference_prefix_cache_evictions", "Prefix-cache entries dropped (idle timeout or "
+                    "room for other requests).", lambda s: s.prefix_cache_evictions)
+        yield total("llmsuite_inference_prefix_cache_hit_tokens",
+                    "Prompt tokens whose KV came from the prefix cache instead of a prefill.",
+                    lambda s: s.prefix_cache_hit_tokens)
+        yield total("llmsuite_inference_prefix_cache_query_tokens",
+                    "Prompt tokens of admitted turns (hit rate = hit_tokens / query_tokens).",
+                    lambda s: s.prefix_cache_query_tokens)
 
 
 def _kv_usage(stats: EngineStats) -> float | None:
-    budget, reserved = _optional(stats, "kv_budget_bytes"), _optional(stats, "kv_reserved_bytes")
-    return reserved / budget if budget and reserved is not None else None
+    return stats.kv_reserved_bytes / stats.kv_budget_bytes if stats.kv_budget_bytes else None

@@ -233,7 +233,8 @@ class InferenceApp:
             self._ready), server)
 
     async def start(self) -> None:
-        self.engine = await asyncio.to_thread(InferenceEngine.load, self._models, self._settings)
+        self.engine = await asyncio.to_thread(InferenceEngine.load, self._models, self._settings,
+                                              step_observer=self.metrics.observe_step)
         self._servicer = InferenceServicer(self.engine, self.metrics)
         for info in self.engine.list_models():
             log.info("model ready", extra={"model": info.name, "architecture": info.architecture,
