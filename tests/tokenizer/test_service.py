@@ -36,7 +36,8 @@ SAMPLES = ["Hello, world!", "naïve café – 東京 🙂👩‍👩‍👧", "e
 
 @pytest.fixture(scope="module")
 def server(tiny_tokenizer_dir: Path):
-    app = TokenizerApp({"tiny": tiny_tokenizer_dir}, TokenizerLimits(max_batch_size=8, max_input_chars=1000))
+    app = TokenizerApp({"tiny": tiny_tokenizer_dir}, TokenizerLimits(max_batch_size=8, max_input_chars=1000),
+                       allow_request_templates=True)
     with ServerThread(app) as srv:
         yield srv
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from llmsuite.runtime.settings import (
 from llmsuite.runtime.tracing import build_tracer_provider
 from llmsuite.tokenizer.engine import TokenizerLimits
 from llmsuite.tokenizer.service import TokenizerApp, WorkSettings
+from llmsuite.tokenizer.template_pool import TemplateLimits
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
 
@@ -48,6 +50,17 @@ def build_parser() -> EnvArgumentParser:
     work.add_argument("--stall-after", type=float, default=WorkSettings.stall_after_s,
                       help="seconds a request may wait for a worker before health reports NOT_SERVING (every "
                            "worker busy and none finishing); SERVING again once waits fall under half of it")
+    chat = parser.add_argument_group("chat templates")
+    chat.add_argument("--allow-request-templates", action=argparse.BooleanOptionalAction, default=False,
+                      help="accept a Jinja chat template sent with ApplyChatTemplate. Off by default: every "
+                           "render runs in a worker process under the limits below, but a template is code, and "
+                           "the Jinja sandbox has had escapes; turn it on only for callers you trust")
+    chat.add_argument("--template-timeout", type=float, default=TemplateLimits.timeout_s,
+                      help="seconds one chat template render may take (the worker is killed past it)")
+    chat.add_argument("--template-memory-mb", type=int, default=TemplateLimits.memory_bytes // (1024 * 1024),
+                      help="memory one template worker process may allocate beyond its start-up size")
+    chat.add_argument("--template-workers", type=int, default=TemplateLimits.workers,
+                      help="template worker processes (renders at once); up to --max-queued-requests more wait")
     parser.add_argument("--reload-root", action="append", type=Path, default=None, metavar="DIR",
                         help="a directory Reload may load tokenizers from, itself or below it (repeatable; the env "
                              "var takes a comma-separated list); default: the --model directories. Reload needs an "
@@ -66,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              max_response_bytes=settings.max_message_bytes)
     work = WorkSettings(worker_threads=args.worker_threads, max_queued=args.max_queued_requests,
                         stall_after_s=args.stall_after)
-    app = TokenizerApp(model_specs(args.model), limits, work=work, reload_roots=args.reload_root)
+    templates = TemplateLimits(timeout_s=args.template_timeout, memory_bytes=args.template_memory_mb * 1024 * 1024,
+                               workers=args.template_workers, max_queued=args.max_queued_requests)
+    app = TokenizerApp(model_specs(args.model), limits, work=work, reload_roots=args.reload_root,
+                       templates=templates, allow_request_templates=args.allow_request_templates)
     try:
         asyncio.run(serve(settings, app, tracer_provider=build_tracer_provider(settings.telemetry)))
     except KeyboardInterrupt:

@@ -4,6 +4,12 @@ Model templates are written against transformers' Jinja environment, so we copy 
 semantics (sandbox, trim_blocks/lstrip_blocks, loopcontrols, a non-escaping `tojson`,
 `raise_exception`, `strftime_now`, the `{% generation %}` tag) or real templates
 would render differently here than in the library they were written for.
+
+The Jinja sandbox stops a template from reaching Python internals, not from using
+time or memory: the service renders in template worker processes
+(`llmsuite.tokenizer.template_pool`), which is where those limits hold. What is here
+bounds the output as it is produced and turns runaway recursion or allocation into
+typed errors.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +33,8 @@ from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument
 RESERVED_CONTEXT_KEYS = frozenset({"messages", "add_generation_prompt"})
 # Distinct override templates kept compiled; requests may send arbitrary ones.
 COMPILED_TEMPLATE_CACHE_SIZE = 64
+# Nesting of template variables (tools with JSON-schema parameters nest a few levels).
+MAX_TEMPLATE_VARIABLE_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,28 @@ class RenderedChat:
     ids: list[int] | None
 
 
+@dataclass(frozen=True)
+class ChatJob:
+    """One render: the template source and the variables it sees (plain JSON data)."""
+
+    source: str
+    context: dict[str, Any]
+    from_request: bool
+    max_output_chars: int
+
+
 class _TemplateRaised(jinja2.TemplateError):
     """What `raise_exception(...)` throws inside a template: the template rejects the input."""
+
+
+def limit_exceeded(resource: str, description: str, *, from_request: bool) -> InvalidArgument:
+    """A chat template ran into one of its resource limits (time, memory, output,
+    recursion). The same request would hit it again, so it is the caller's problem
+    either way; the field is the template when the caller sent it."""
+    return InvalidArgument.for_field(
+        "chat_template" if from_request else "messages",
+        f"rendering the chat template exceeded its {resource} limit: {description}",
+        reason="CHAT_TEMPLATE_LIMIT", resource=resource)
 
 
 def _raise_exception(message: str) -> None:
@@ -121,11 +150,35 @@ class ChatTemplate:
         add_generation_prompt: bool,
         special_tokens: Mapping[str, Any],
         extra_context: Mapping[str, Any] | None = None,
+        max_output_chars: int | None = None,
+        from_request: bool = False,
     ) -> str:
         """Renders the conversation; InvalidArgument when the template rejects it."""
-        context = self._context(messages, add_generation_prompt, special_tokens, extra_context or {})
+        context = render_context(messages, add_generation_prompt, special_tokens, extra_context or {})
+        return self.render_context(context, max_output_chars=max_output_chars, from_request=from_request)
+
+    def render_context(self, context: Mapping[str, Any], *, max_output_chars: int | None = None,
+                       from_request: bool = False) -> str:
+        """Renders with a context built by `render_context`; stops as soon as the
+        output passes `max_output_chars`."""
         try:
-            return self._template.render(context)
+            if max_output_chars is None:
+                return self._template.render(context)
+            pieces: list[str] = []
+            produced = 0
+            for piece in self._template.generate(context):
+                produced += len(piece)
+                if produced > max_output_chars:  # stop now, not after rendering all of it
+                    raise InvalidArgument.for_field(
+                        "messages", f"rendered conversation exceeds limit {max_output_chars} characters",
+                        reason="INPUT_TOO_LONG", limit=str(max_output_chars))
+                pieces.append(piece)
+            return "".join(pieces)
+        except RecursionError as exc:  # a macro that calls itself without end
+            raise limit_exceeded("recursion", "calls nested too deeply", from_request=from_request) from exc
+        except MemoryError as exc:
+            raise limit_exceeded("memory", "it allocated more than the renderer may", from_request=from_request
+                                 ) from exc
         except _TemplateRaised as exc:
             raise InvalidArgument.for_field("messages", str(exc.message), reason="CHAT_TEMPLATE_ERROR") from exc
         except SecurityError as exc:
@@ -141,34 +194,63 @@ class ChatTemplate:
                 reason="CHAT_TEMPLATE_ERROR",
             ) from exc
 
-    @staticmethod
-    def _context(
-        messages: Sequence[ChatMessage],
-        add_generation_prompt: bool,
-        special_tokens: Mapping[str, Any],
-        extra_context: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        for index, message in enumerate(messages):
-            if not message.role:
-                raise InvalidArgument.for_field(f"messages[{index}].role", "must not be empty")
-        reserved = sorted(RESERVED_CONTEXT_KEYS.intersection(extra_context))
-        if reserved:
-            raise InvalidArgument.for_field(
-                "template_variables", f"may not set {', '.join(reserved)}; they come from the request itself"
-            )
-        message_dicts = []
-        for message in messages:
-            entry = {"role": message.role, "content": message.content}
-            if message.name is not None:
-                entry["name"] = message.name
-            message_dicts.append(entry)
-        # transformers passes tools/documents as None when absent, and the special
-        # tokens map underneath caller kwargs; templates test for both.
-        return {
-            "tools": None,
-            "documents": None,
-            **special_tokens,
-            **extra_context,
-            "messages": message_dicts,
-            "add_generation_prompt": add_generation_prompt,
-        }
+
+
+def check_template_variables(variables: Mapping[str, Any]) -> int:
+    """Validates caller-supplied template variables (JSON data); returns their size in
+    characters (strings and keys). InvalidArgument names the first bad path: no NaN or
+    infinity (JSON has neither, and `tojson` would write invalid JSON), at most
+    MAX_TEMPLATE_VARIABLE_DEPTH levels."""
+    size = 0
+    pending: list[tuple[Any, str, int]] = [(value, f"template_variables.{key}", 1) for key, value in
+                                           variables.items()]
+    size += sum(len(key) for key in variables)
+    while pending:
+        value, path, depth = pending.pop()
+        if depth > MAX_TEMPLATE_VARIABLE_DEPTH:
+            raise InvalidArgument.for_field(path, f"nested deeper than {MAX_TEMPLATE_VARIABLE_DEPTH} levels",
+                                            limit=str(MAX_TEMPLATE_VARIABLE_DEPTH))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument.for_field(path, f"must be a finite number, not {value}")
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, Mapping):
+            size += sum(len(key) for key in value)
+            pending.extend((item, f"{path}.{key}", depth + 1) for key, item in value.items())
+        elif isinstance(value, list | tuple):
+            pending.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+    return size
+
+
+def render_context(
+    messages: Sequence[ChatMessage],
+    add_generation_prompt: bool,
+    special_tokens: Mapping[str, Any],
+    extra_context: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The variables a template sees, as transformers passes them (plain data: it
+    travels to the template workers as JSON)."""
+    for index, message in enumerate(messages):
+        if not message.role:
+            raise InvalidArgument.for_field(f"messages[{index}].role", "must not be empty")
+    reserved = sorted(RESERVED_CONTEXT_KEYS.intersection(extra_context))
+    if reserved:
+        raise InvalidArgument.for_field(
+            "template_variables", f"may not set {', '.join(reserved)}; they come from the request itself"
+        )
+    message_dicts = []
+    for message in messages:
+        entry = {"role": message.role, "content": message.content}
+        if message.name is not None:
+            entry["name"] = message.name
+        message_dicts.append(entry)
+    # transformers passes tools/documents as None when absent, and the special
+    # tokens map underneath caller kwargs; templates test for both.
+    return {
+        "tools": None,
+        "documents": None,
+        **special_tokens,
+        **extra_context,
+        "messages": message_dicts,
+        "add_generation_prompt": add_generation_prompt,
+    }

@@ -8,10 +8,12 @@ on the event loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from llmsuite.common.v1 import common_pb2
+from llmsuite.tokenizer.chat_template import ChatMessage
 from llmsuite.tokenizer.engine import EncodedText, LoadedTokenizer, TruncationSide
 from llmsuite.tokenizer.v1 import tokenizer_pb2
 
@@ -25,6 +27,39 @@ def truncation(request: tokenizer_pb2.EncodeRequest) -> tuple[int | None, Trunca
 
 def add_special_tokens(request: tokenizer_pb2.EncodeRequest | tokenizer_pb2.CountTokensRequest) -> bool:
     return request.add_special_tokens if request.HasField("add_special_tokens") else True
+
+
+def chat_messages(messages: Sequence[Any]) -> list[ChatMessage]:
+    return [ChatMessage(role=m.role, content=m.content, name=m.name or None) for m in messages]
+
+
+def template_variables(request: tokenizer_pb2.ApplyChatTemplateRequest) -> dict[str, Any] | None:
+    """The Struct as plain Python. Unlike json_format this never raises (a NaN stays a
+    float): judging the values is the engine's job, with the field path in the error."""
+    if not request.HasField("template_variables"):
+        return None
+    return _struct(request.template_variables)
+
+
+def _struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: _value(value) for key, value in struct.fields.items()}
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _struct(value.struct_value)
+    if kind == "list_value":
+        return [_value(item) for item in value.list_value.values]
+    if kind == "number_value":
+        number = value.number_value
+        # JSON has one number type; templates that print an integer expect no ".0".
+        return int(number) if number.is_integer() else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
 
 
 def encode_response(encoded: Sequence[EncodedText]) -> tokenizer_pb2.EncodeResponse:

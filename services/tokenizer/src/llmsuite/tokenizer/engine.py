@@ -21,7 +21,14 @@ from tokenizers import Encoding, Tokenizer
 
 from llmsuite.runtime.detokenizer import IncrementalDetokenizer
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, LlmsuiteError, NotFound
-from llmsuite.tokenizer.chat_template import ChatMessage, ChatTemplate, RenderedChat
+from llmsuite.tokenizer.chat_template import (
+    ChatJob,
+    ChatMessage,
+    ChatTemplate,
+    RenderedChat,
+    check_template_variables,
+    render_context,
+)
 from llmsuite.tokenizer.files import TokenizerFiles, read_tokenizer_files
 from llmsuite.tokenizer.reload_roots import ReloadRoots
 
@@ -219,11 +226,10 @@ class LoadedTokenizer:
         self.model_max_length = _model_max_length(files)
         self.chat_template = _chat_template_source(files)
         self._template_tokens = _template_tokens(self.special_tokens)
-        self._compiled_template: ChatTemplate | None = None
         self._template_problem: FailedPrecondition | None = None
         if self.chat_template is not None:
             try:
-                self._compiled_template = ChatTemplate.compile(self.chat_template, from_request=False)
+                ChatTemplate.compile(self.chat_template, from_request=False)
             except FailedPrecondition as problem:
                 # Encoding still works without a usable template; chat requests get this error.
                 _log.warning("chat template of %s is unusable: %s", name, problem)
@@ -340,10 +346,10 @@ class LoadedTokenizer:
                 field_path, f"{total} characters in all exceeds limit {limit} per request",
                 reason="REQUEST_TOO_LARGE", limit=str(limit))
 
-    def _check_batch_size(self, field_path: str, size: int) -> None:
+    def _check_batch_size(self, field_path: str, size: int, *, limit: int | None = None) -> None:
         if size == 0:
             raise InvalidArgument.for_field(field_path, "must not be empty", reason="EMPTY_BATCH")
-        limit = self.limits.max_batch_size
+        limit = self.limits.max_batch_size if limit is None else limit
         if size > limit:
             raise InvalidArgument.for_field(
                 field_path,
@@ -422,10 +428,31 @@ class LoadedTokenizer:
         template_override: str | None = None,
         extra_context: Mapping[str, Any] | None = None,
     ) -> RenderedChat:
-        """Renders `messages`; with `tokenize`, also encodes the text without adding
-        special tokens, since the template places them itself (as transformers does)."""
+        """Renders `messages` in this process; with `tokenize`, also encodes the text
+        without adding special tokens, since the template places them itself (as
+        transformers does). Only the output is bounded here: the service renders
+        untrusted work in template workers instead (`prepare_chat`, a
+        TemplateRenderer, `finish_chat`)."""
+        job = self.prepare_chat(messages, add_generation_prompt=add_generation_prompt,
+                                template_override=template_override, extra_context=extra_context)
+        template = ChatTemplate.compile(job.source, from_request=job.from_request)
+        text = template.render_context(job.context, max_output_chars=job.max_output_chars,
+                                       from_request=job.from_request)
+        return self.finish_chat(text, tokenize=tokenize)
+
+    def prepare_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        template_override: str | None = None,
+        extra_context: Mapping[str, Any] | None = None,
+    ) -> ChatJob:
+        """Validates a chat request and returns what a renderer needs: the template and
+        its variables, with the rendered text capped at --max-input-chars."""
         if not messages:
             raise InvalidArgument.for_field("messages", "must contain at least one message", reason="EMPTY_BATCH")
+        self._check_batch_size("messages", len(messages), limit=self.limits.max_chat_messages)
         limit = self.limits.max_input_chars
         total_chars = sum(len(message.content) for message in messages)
         if total_chars > limit:
@@ -433,13 +460,21 @@ class LoadedTokenizer:
                 "messages", f"{total_chars} characters of content exceeds limit {limit}",
                 reason="INPUT_TOO_LONG", limit=str(limit),
             )
-        template = self._template_for(template_override)
-        text = template.render(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            special_tokens=self._template_tokens,
-            extra_context=extra_context,
-        )
+        if template_override is not None and len(template_override) > limit:
+            raise InvalidArgument.for_field(
+                "chat_template", f"{len(template_override)} characters exceeds limit {limit}",
+                reason="INPUT_TOO_LONG", limit=str(limit),
+            )
+        variables_chars = check_template_variables(extra_context or {})
+        self._check_request_chars("messages", sum(
+            len(message.content) + len(message.role) + len(message.name or "") for message in messages
+        ) + len(template_override or "") + variables_chars)
+        source, from_request = self._template_source(template_override)
+        context = render_context(messages, add_generation_prompt, self._template_tokens, extra_context or {})
+        return ChatJob(source=source, context=context, from_request=from_request, max_output_chars=limit)
+
+    def finish_chat(self, text: str, *, tokenize: bool) -> RenderedChat:
+        limit = self.limits.max_input_chars
         if len(text) > limit:
             raise InvalidArgument.for_field(
                 "messages", f"rendered conversation of {len(text)} characters exceeds limit {limit}",
@@ -448,26 +483,21 @@ class LoadedTokenizer:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids if tokenize else None
         return RenderedChat(text=text, ids=ids)
 
-    def _template_for(self, template_override: str | None) -> ChatTemplate:
+    def _template_source(self, template_override: str | None) -> tuple[str, bool]:
+        """(source, whether the caller sent it)."""
         if template_override is not None:
-            limit = self.limits.max_input_chars
-            if len(template_override) > limit:
-                raise InvalidArgument.for_field(
-                    "chat_template", f"{len(template_override)} characters exceeds limit {limit}",
-                    reason="INPUT_TOO_LONG", limit=str(limit),
-                )
-            return ChatTemplate.compile(template_override, from_request=True)
+            return template_override, True
         if self._template_problem is not None:
             # A fresh error per request: exceptions carry tracebacks, so share none.
             problem: LlmsuiteError = self._template_problem
             raise FailedPrecondition(message=problem.message, reason=problem.reason, metadata={"model": self.name})
-        if self._compiled_template is None:
+        if self.chat_template is None:
             raise FailedPrecondition(
-                message=f"model {self.name!r} has no chat template; send one with the request",
+                message=f"model {self.name!r} has no chat template",
                 reason="NO_CHAT_TEMPLATE",
                 metadata={"model": self.name},
             )
-        return self._compiled_template
+        return self.chat_template, False
 
 
 class TokenizerRegistry:

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from google.protobuf import json_format
 from prometheus_client.registry import Collector
 
 from llmsuite.runtime.errors import InvalidArgument
 from llmsuite.runtime.health import HealthReporter
 from llmsuite.runtime.logs import new_request_id
 from llmsuite.tokenizer import convert
-from llmsuite.tokenizer.chat_template import ChatMessage
 from llmsuite.tokenizer.engine import TokenizerLimits, TokenizerRegistry
 from llmsuite.tokenizer.metrics import TokenizerMetrics
 from llmsuite.tokenizer.reload_roots import ReloadRoots
+from llmsuite.tokenizer.template_pool import TemplateLimits, TemplateRenderer
 from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from llmsuite.tokenizer.work_queue import BoundedWorkQueue
 
@@ -57,10 +56,13 @@ def _require_model(model: str) -> str:
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self, registry: TokenizerRegistry, work: BoundedWorkQueue, metrics: TokenizerMetrics) -> None:
+    def __init__(self, registry: TokenizerRegistry, work: BoundedWorkQueue, metrics: TokenizerMetrics,
+                 templates: TemplateRenderer, *, allow_request_templates: bool) -> None:
         self._registry = registry
         self._work = work
         self._metrics = metrics
+        self._templates = templates
+        self._allow_request_templates = allow_request_templates
 
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext
                      ) -> tokenizer_pb2.EncodeResponse:
@@ -93,12 +95,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
                                 context: grpc.aio.ServicerContext) -> tokenizer_pb2.ApplyChatTemplateResponse:
         tok = self._registry.get(_require_model(request.model))
-        messages = [ChatMessage(role=m.role, content=m.content, name=m.name or None) for m in request.messages]
-        extra = json_format.MessageToDict(request.template_variables) if request.HasField(
-            "template_variables") else None
-        rendered = await self._work.run(lambda: tok.apply_chat_template(
-            messages, add_generation_prompt=request.add_generation_prompt, tokenize=request.tokenize,
-            template_override=request.chat_template or None, extra_context=extra))
+        if request.chat_template and not self._allow_request_templates:
+            raise InvalidArgument.for_field(
+                "chat_template", "this server renders only the model's own template; request-supplied templates "
+                "are off (the operator can allow them with --allow-request-templates)",
+                reason="UNSUPPORTED_PARAMETER")
+        job = await self._work.run(lambda: tok.prepare_chat(
+            convert.chat_messages(request.messages), add_generation_prompt=request.add_generation_prompt,
+            template_override=request.chat_template or None, extra_context=convert.template_variables(request)))
+        text = await self._templates.render(job, time_remaining_s=context.time_remaining())
+        rendered = await self._work.run(lambda: tok.finish_chat(text, tokenize=request.tokenize))
         if rendered.ids is not None:
             self._metrics.encoded(tok.name, [len(rendered.ids)])
         return tokenizer_pb2.ApplyChatTemplateResponse(text=rendered.text, token_ids=rendered.ids or (),
@@ -177,9 +183,14 @@ class TokenizerApp:
     admin_methods: Sequence[str] = (f"/{SERVICE_NAME}/Reload",)
 
     def __init__(self, models: dict[str, Path], limits: TokenizerLimits, *, work: WorkSettings | None = None,
-                 reload_roots: Sequence[Path] | None = None) -> None:
-        """`reload_roots`: where Reload may read; None means the model directories."""
+                 reload_roots: Sequence[Path] | None = None, templates: TemplateLimits | None = None,
+                 allow_request_templates: bool = False) -> None:
+        """`reload_roots`: where Reload may read; None means the model directories.
+        `allow_request_templates`: whether ApplyChatTemplate accepts a template from
+        the caller (rendered under the same limits as the model's own)."""
         self._models = models
+        self.templates = TemplateRenderer(templates or TemplateLimits())
+        self._allow_request_templates = allow_request_templates
         self.registry = TokenizerRegistry(
             limits, reload_roots=None if reload_roots is None else ReloadRoots(reload_roots))
         self.work_settings = work or WorkSettings()
@@ -192,8 +203,9 @@ class TokenizerApp:
         return self.metrics.collectors()
 
     def register(self, server: grpc.aio.Server) -> None:
-        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(
-            TokenizerServicer(self.registry, self.work, self.metrics), server)
+        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(TokenizerServicer(
+            self.registry, self.work, self.metrics, self.templates,
+            allow_request_templates=self._allow_request_templates), server)
 
     def attach_health(self, reporter: HealthReporter) -> None:
         self._health = reporter
@@ -234,4 +246,5 @@ class TokenizerApp:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
+        await self.templates.close()
         self.work.shutdown()
