@@ -53,6 +53,11 @@ def build_parser() -> EnvArgumentParser:
                      help="seconds before a request's deadline at which the gateway ends a generation itself "
                           "(final message with finish_reason TIME_LIMIT and the text so far); inference gets a "
                           "deadline twice this much earlier. At most a tenth of the request's time is used")
+    lim.add_argument("--prefix-affinity-chars", type=int, default=limits.affinity_key_chars,
+                     help="route requests whose first this-many characters (prompt, or the conversation's first "
+                          "messages) agree to the same inference replica, so its prefix cache serves them; "
+                          "a replica loaded beyond 1.25x its fair share is passed over; 0 = plain round-robin. "
+                          "Needs replicas listed one by one (not one dns:/// target)")
     lim.add_argument("--rate-limit-rps", type=float, default=0.0,
                      help="requests per second per API key (0 = unlimited)")
     lim.add_argument("--rate-limit-burst", type=float, default=20.0, help="request bucket size per API key")
@@ -77,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       tracer_provider=tracer_provider, breaker_threshold=args.breaker_failures,
                       breaker_reset_s=args.breaker_reset)
     limiter = KeyedRateLimiter(args.rate_limit_rps, args.rate_limit_burst, args.token_rate_limit, args.token_burst)
-    limits = GatewayLimits(args.max_prompt_tokens, args.max_new_tokens, deadline_margin_s=args.deadline_margin)
+    limits = GatewayLimits(args.max_prompt_tokens, args.max_new_tokens, deadline_margin_s=args.deadline_margin,
+                           affinity_key_chars=args.prefix_affinity_chars)
     app = GatewayApp(factory, limits, limiter, startup_timeout_s=args.startup_timeout,
                      refresh_interval_s=args.refresh_interval)
     try:

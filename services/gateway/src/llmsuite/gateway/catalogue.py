@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from llmsuite.gateway.affinity import rank
 from llmsuite.gateway.local_tokenizers import LocalTokenizer, LocalTokenizers, TokenizerFilesRejected
 from llmsuite.gateway.upstreams import Replica, Upstreams
 from llmsuite.inference.v1 import inference_pb2
@@ -102,9 +103,13 @@ class Catalogue:
         self._wake.set()
         raise _mismatch(model.name)
 
-    def replicas_for(self, model: ServedModel) -> list[Replica]:
-        """Replicas to try for `model`, usable ones first, rotated per call."""
-        return self._up.round_robin([r for r in model.replicas if r.usable]) or list(model.replicas)
+    def replicas_for(self, model: ServedModel, affinity_key: str | None = None) -> list[Replica]:
+        """Replicas to try for `model`, usable ones first: ranked for `affinity_key` (see
+        affinity.py), or rotated per call when there is none."""
+        usable = [r for r in model.replicas if r.usable]
+        if affinity_key is not None and len(usable) > 1:
+            return rank(affinity_key, usable)
+        return self._up.round_robin(usable) or list(model.replicas)
 
     # -- refreshing ----------------------------------------------------------------------------------------
 

@@ -1,13 +1,17 @@
-"""One Chat stream: the conversation, and one inference session whose KV cache
-carries it from turn to turn.
+"""One Chat stream: the conversation, and the inference session that carries it.
 
-Each turn renders the whole conversation with the chat template (in the
-tokenizer service); the ids sent upstream are only what follows the text the
-inference session has already seen (prompt + generated ids, decoded), so
-earlier turns are never recomputed. If the rendering does not extend that
-text (a template that rewrites history, or a reply cut by a stop string,
-which ends the upstream turn), or the model's tokenizer changed between
-turns, a fresh upstream session starts with the full prompt.
+Each turn is defined as: render the whole conversation with the chat template,
+tokenize it (both in the tokenizer service), generate from those ids. So a
+reply depends only on the conversation, never on what a cache holds (Hugging
+Face's apply_chat_template + generate give the same tokens). The upstream
+session is how it stays cheap: the turn keeps the longest prefix of the
+session's history (prompt + generated ids) that equals the new ids, rewinds to
+it (`keep_history_tokens`) and sends only the rest, and the replica's prefix
+cache supplies the kept tokens' KV. When the generated ids do not re-tokenize
+the same way, the rewind cuts where they differ instead of continuing from ids
+the conversation no longer contains. A session that ended (a stop string, a
+time limit) or whose tokenizer changed is replaced by a new one started with
+the full ids, which the replica's prefix cache still mostly covers.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from llmsuite.common.v1 import common_pb2
-from llmsuite.gateway.catalogue import ServedModel
+from llmsuite.gateway.affinity import chat_key
 from llmsuite.gateway.generation import Deadline, Delta, relay_turn
 from llmsuite.gateway.upstreams import InferenceStream
 from llmsuite.gateway.v1 import gateway_pb2 as pb
@@ -104,8 +108,10 @@ class ChatSession:
         s.catalogue.check_pairing(model, rendered.content_hash)
         full_ids = list(rendered.token_ids)
         if self._stream is not None and self._stream_hash != model.content_hash:
-            self.close()  # the session's KV was built for another tokenizer
-        new_ids = await self._continuation(model, rendered.text) if self._stream is not None else None
+            self.close()  # the session's ids were made by another tokenizer
+        kept = _common_prefix(self._history_ids, full_ids) if self._stream is not None else 0
+        kept = min(kept, len(full_ids) - 1)  # the turn must feed at least one id
+        new_ids = full_ids[kept:] if self._stream is not None else None
         charge = s.admit(len(new_ids if new_ids is not None else full_ids), max_new)
         used = 0
         try:
@@ -115,15 +121,18 @@ class ChatSession:
                 self._history_ids = []
                 self._stream = await s.up.open_generate(inference_pb2.GenerateStart(
                     request_id=self._request_id, model=model.name, prompt_token_ids=full_ids, sampling=forwarded,
-                    session=True), s.catalogue.replicas_for(model), time_limit_s=deadline.upstream_timeout_s)
+                    session=True),
+                    s.catalogue.replicas_for(model, chat_key(self._messages, s.limits.affinity_key_chars)),
+                    time_limit_s=deadline.upstream_timeout_s)
                 self._stream_hash = model.content_hash
                 sent = full_ids
             else:
                 assert self._stream is not None
-                await self._stream.send_turn(new_ids, forwarded)
+                await self._stream.send_turn(new_ids, forwarded,
+                                             keep_history=kept if kept < len(self._history_ids) else None)
                 sent = new_ids
             used = len(sent)
-            context_ids = self._history_ids + sent
+            context_ids = full_ids
             detok = model.tokenizer.detokenizer(context_ids, skip_special_tokens=True)
             async for item in relay_turn(self._stream, detok, stops, started_at=started_at,
                                          prompt_tokens=len(sent), deadline=deadline):
@@ -145,12 +154,8 @@ class ChatSession:
         finally:
             charge.settle(used)
 
-    async def _continuation(self, model: ServedModel, rendered_text: str) -> list[int] | None:
-        """Ids for what the rendered conversation adds after the session's
-        history, or None when it does not extend that history."""
-        seen = model.tokenizer.decode(self._history_ids, skip_special_tokens=False)
-        if not rendered_text.startswith(seen) or len(rendered_text) == len(seen):
-            return None
-        encoded = await self._s.encode(model, [rendered_text[len(seen):]], add_special_tokens=False,
-                                       time_limit_s=self._context.time_remaining())
-        return list(encoded.encodings[0].token_ids)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway.affinity import DEFAULT_KEY_CHARS, prompt_key
 from llmsuite.gateway.catalogue import Catalogue, HealthStatuses, ServedModel
 from llmsuite.gateway.chat import ChatSession
 from llmsuite.gateway.generation import Deadline, Delta, TurnOutcome, relay_turn
@@ -49,6 +50,8 @@ class GatewayLimits:
     # How long before a request's deadline the gateway sends its own final
     # message (TIME_LIMIT); the replica's deadline is twice this much earlier.
     deadline_margin_s: float = 0.25
+    # Characters of the input that pick a replica by prefix affinity (0 = plain round-robin).
+    affinity_key_chars: int = DEFAULT_KEY_CHARS
 
 
 class Charge:
@@ -123,7 +126,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         max_new, stops = self.check_sampling(req.sampling)
         model = self.catalogue.lookup(req.model)
         deadline = Deadline.split(context.time_remaining(), self.limits.deadline_margin_s)
-        candidates = self.catalogue.replicas_for(model)
+        candidates = self.catalogue.replicas_for(model, prompt_key(req.prompt, self.limits.affinity_key_chars))
         # Open the replica's stream while the prompt is being encoded.
         dialed = self.up.dial(candidates[0], time_limit_s=deadline.upstream_timeout_s) if candidates else None
         try:

@@ -83,6 +83,16 @@ class Upstream:
 @dataclass
 class Replica(Upstream):
     stub: inference_pb2_grpc.InferenceServiceStub
+    in_flight: int = 0  # Generate streams open on it now (prefix affinity keeps them balanced)
+
+    def track(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Counts `call` as in flight until it ends, however it ends."""
+        self.in_flight += 1
+
+        def ended(_: object) -> None:
+            self.in_flight -= 1
+
+        call.add_done_callback(ended)
 
 
 @dataclass
@@ -113,10 +123,13 @@ class InferenceStream:
             raise from_upstream(exc, "inference") from None
         return None if message is grpc.aio.EOF else message
 
-    async def send_turn(self, token_ids: Sequence[int], sampling: object) -> None:
+    async def send_turn(self, token_ids: Sequence[int], sampling: object, *, keep_history: int | None = None) -> None:
+        """Sends the session's next turn; keep_history rewinds its history to that many tokens first."""
+        turn = inference_pb2.GenerateTurn(token_ids=token_ids, sampling=sampling)  # type: ignore[arg-type]
+        if keep_history is not None:
+            turn.keep_history_tokens = keep_history
         try:
-            await self._call.write(inference_pb2.GenerateRequest(
-                turn=inference_pb2.GenerateTurn(token_ids=token_ids, sampling=sampling)))  # type: ignore[arg-type]
+            await self._call.write(inference_pb2.GenerateRequest(turn=turn))
         except grpc.aio.AioRpcError as exc:
             raise from_upstream(exc, "inference") from None
         except asyncio.InvalidStateError:  # the stream already ended
@@ -309,6 +322,7 @@ class Upstreams:
                 replica.breaker.record_failure()
                 raise ended_early("inference")
             replica.breaker.record_success()
+            replica.track(call)
             return InferenceStream(replica, call, first)
         if last_error is not None:
             raise last_error
