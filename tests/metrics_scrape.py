@@ -33,6 +33,9 @@ class Scrape:
     def samples_named(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.name == name]
 
+    def label_values(self, name: str, label: str) -> set[str]:
+        return {s.labels[label] for s in self.samples_named(name) if label in s.labels}
+
 
 def scrape(port: int, host: str = "127.0.0.1") -> Scrape:
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as response:

@@ -17,12 +17,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client.registry import Collector
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.affinity import DEFAULT_KEY_CHARS, prompt_key
 from llmsuite.gateway.catalogue import Catalogue, HealthStatuses, ServedModel
 from llmsuite.gateway.chat import ChatSession
 from llmsuite.gateway.generation import Deadline, Delta, TurnOutcome, relay_turn
+from llmsuite.gateway.metrics import GatewayMetrics
 from llmsuite.gateway.rate_limit import KeyedRateLimiter
 from llmsuite.gateway.stop_strings import validate_stop_strings
 from llmsuite.gateway.upstreams import Upstreams
@@ -30,7 +32,7 @@ from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.auth import current_principal
-from llmsuite.runtime.errors import InvalidArgument, Unavailable
+from llmsuite.runtime.errors import InvalidArgument, LlmsuiteError, Unavailable
 from llmsuite.runtime.health import HealthReporter
 from llmsuite.runtime.logs import current_request_id, new_request_id
 from llmsuite.runtime.messages import DEFAULT_MAX_NEW_TOKENS
@@ -71,11 +73,12 @@ class Charge:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, upstreams: Upstreams, catalogue: Catalogue, limits: GatewayLimits,
-                 rate_limiter: KeyedRateLimiter) -> None:
+                 rate_limiter: KeyedRateLimiter, metrics: GatewayMetrics) -> None:
         self.up = upstreams
         self.catalogue = catalogue
         self.limits = limits
         self._rate = rate_limiter
+        self.metrics = metrics
 
     # -- admission -------------------------------------------------------------------------------------------
 
@@ -95,7 +98,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 "prompt", f"{prompt_tokens} tokens exceeds this gateway's cap {self.limits.max_prompt_tokens}",
                 reason="PROMPT_TOO_LONG", limit=str(self.limits.max_prompt_tokens), prompt_tokens=str(prompt_tokens))
         principal = current_principal() or "anonymous"
-        self._rate.check(principal, prompt_tokens + max_new)
+        try:
+            self._rate.check(principal, prompt_tokens + max_new)
+        except LlmsuiteError as refusal:
+            self.metrics.rate_limit_refused(refusal)
+            raise
         return Charge(self._rate, principal, prompt_tokens + max_new)
 
     async def encode(self, model: ServedModel, texts: Sequence[str], *, add_special_tokens: bool | None,
@@ -237,7 +244,7 @@ class GatewayApp:
 
     service_names: Sequence[str] = (SERVICE_NAME,)
 
-    def __init__(self, upstreams_factory: Callable[[], Upstreams], limits: GatewayLimits,
+    def __init__(self, upstreams_factory: Callable[..., Upstreams], limits: GatewayLimits,
                  rate_limiter: KeyedRateLimiter, *, startup_timeout_s: float = 0.0,
                  refresh_interval_s: float = 2.0) -> None:
         self._factory = upstreams_factory
@@ -253,6 +260,10 @@ class GatewayApp:
         self._started = False
         self._statuses: dict[str, bool] = {}
         self._reported: dict[str, bool] = {}
+        self.metrics = GatewayMetrics(lambda: self.upstreams)
+
+    def collectors(self) -> Sequence[Collector]:
+        return self.metrics.collectors()
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(deferred_servicer(
@@ -265,10 +276,10 @@ class GatewayApp:
         return self._servicer
 
     async def start(self) -> None:
-        self.upstreams = self._factory()
+        self.upstreams = self._factory(metrics=self.metrics)
         self.catalogue = Catalogue(self.upstreams, refresh_interval_s=self._refresh_interval_s,
                                    service_names=self.service_names, on_health=self._health_changed)
-        self._servicer = GatewayServicer(self.upstreams, self.catalogue, self._limits, self._rate)
+        self._servicer = GatewayServicer(self.upstreams, self.catalogue, self._limits, self._rate, self.metrics)
         self._refresher = asyncio.create_task(self.catalogue.run())
         log.info("waiting for a servable model", extra={"startup_timeout_s": self._startup_timeout_s})
         try:

@@ -29,8 +29,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmsuite.client.connection import auth_metadata
 from llmsuite.gateway.circuit_breaker import CircuitBreaker
+from llmsuite.gateway.metrics import GatewayMetrics
 from llmsuite.gateway.upstream_errors import ended_early, from_upstream, unavailable
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
+from llmsuite.runtime.calls import on_call_done
 from llmsuite.runtime.channels import ChannelSettings, create_channel
 from llmsuite.runtime.errors import LlmsuiteError, Unavailable
 from llmsuite.runtime.logs import current_request_id
@@ -161,15 +163,19 @@ class Upstreams:
     """Channels, stubs and breakers for the tokenizer and every replica, and
     the calls the gateway makes on them."""
 
-    def __init__(self, tokenizer: TokenizerUpstream, replicas: list[Replica], api_key: str | None) -> None:
+    def __init__(self, tokenizer: TokenizerUpstream, replicas: list[Replica], api_key: str | None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.tokenizer = tokenizer
         self.replicas = replicas
         self._auth = auth_metadata(api_key)
         self._next = itertools.count()
+        self._metrics = metrics
 
     @classmethod
     def connect(cls, tokenizer_target: str, inference_targets: Sequence[str], settings: ChannelSettings, *,
-                tracer_provider: object | None, breaker_threshold: int, breaker_reset_s: float) -> Upstreams:
+                tracer_provider: object | None, breaker_threshold: int, breaker_reset_s: float,
+                metrics: GatewayMetrics | None = None) -> Upstreams:
+        """`metrics` counts every call to an upstream by how it ended, and spill-overs."""
         def breaker(label: str, target: str) -> CircuitBreaker:
             return CircuitBreaker(f"{label} ({target})", breaker_threshold, breaker_reset_s, public_name=label)
 
@@ -184,7 +190,11 @@ class Upstreams:
             channel = create_channel(target, settings, services=[INFERENCE_SERVICE], tracer_provider=tracer_provider)
             replicas.append(Replica(label, target, channel, breaker(label, target), health_pb2_grpc.HealthStub(channel),
                                     inference_pb2_grpc.InferenceServiceStub(channel)))
-        return cls(tokenizer, replicas, settings.api_key)
+        return cls(tokenizer, replicas, settings.api_key, metrics)
+
+    def _count(self, kind: str, upstream: Upstream, method: str, code: grpc.StatusCode) -> None:
+        if self._metrics is not None:
+            self._metrics.upstream_call(kind, upstream.target, method, code)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         request_id = current_request_id()
@@ -198,14 +208,18 @@ class Upstreams:
         learns that the upstream is back, and their timeouts are the gateway's."""
         if not probe:
             upstream.breaker.before_call()
+        method = type(request).__name__.removesuffix("Request")  # messages are named after their method
         try:
             response = await call(request, timeout=time_limit_s, metadata=self._metadata())
         except grpc.aio.AioRpcError as exc:
+            self._count(kind, upstream, method, exc.code())
             upstream.record(exc.code(), callers_deadline=not probe)
             raise from_upstream(exc, kind) from None
         except asyncio.CancelledError:
+            self._count(kind, upstream, method, grpc.StatusCode.CANCELLED)
             upstream.breaker.record_abandoned()
             raise
+        self._count(kind, upstream, method, grpc.StatusCode.OK)
         if probe:
             upstream.breaker.record_probe_success()
         else:
@@ -235,8 +249,10 @@ class Upstreams:
         try:  # success is recorded once the whole probe has succeeded
             answer = await upstream.health.Check(health_pb2.HealthCheckRequest(), timeout=time_limit_s)
         except grpc.aio.AioRpcError as exc:
+            self._count(kind, upstream, "Check", exc.code())
             upstream.record(exc.code(), callers_deadline=False)
             raise from_upstream(exc, kind) from None
+        self._count(kind, upstream, "Check", grpc.StatusCode.OK)
         if answer.status != health_pb2.HealthCheckResponse.SERVING:
             upstream.breaker.trip()
             raise Unavailable(f"the {kind} service reports it is not serving", reason="UPSTREAM_NOT_SERVING",
@@ -271,7 +287,10 @@ class Upstreams:
     def dial(self, replica: Replica, *, time_limit_s: float | None) -> grpc.aio.StreamStreamCall:
         """Starts a Generate call (HTTP/2 stream and headers) before the request
         is known, so opening it overlaps the caller's other setup (encoding)."""
-        return replica.stub.Generate(timeout=time_limit_s, metadata=self._metadata())
+        call = replica.stub.Generate(timeout=time_limit_s, metadata=self._metadata())
+        if self._metrics is not None:  # counted when it ends, however it ends
+            on_call_done(call, lambda code: self._count("inference", replica, "Generate", code))
+        return call
 
     async def open_generate(self, start: inference_pb2.GenerateStart, candidates: Sequence[Replica], *,
                             time_limit_s: float | None, dialed: grpc.aio.StreamStreamCall | None = None
@@ -282,6 +301,7 @@ class Upstreams:
         UNAVAILABLE) is spilled over once to the next. Caller mistakes
         (INVALID_ARGUMENT, ...) are raised at once."""
         last_error: LlmsuiteError | None = None
+        refused: tuple[Replica, grpc.StatusCode] | None = None  # the replica this try spills over from
         tries = 0
         for position, replica in enumerate(candidates):
             call = dialed if position == 0 else None
@@ -297,6 +317,8 @@ class Upstreams:
                     call.cancel()
                 continue
             tries += 1
+            if refused is not None and self._metrics is not None:
+                self._metrics.spilled_over(refused[0].target, refused[1])
             call = call or self.dial(replica, time_limit_s=time_limit_s)
             try:
                 await call.write(inference_pb2.GenerateRequest(start=start))
@@ -307,12 +329,12 @@ class Upstreams:
                 if exc.code() in SPILL_OVER_CODES:
                     log.info("replica refused; spilling over", extra={"replica": replica.target,
                                                                        "code": exc.code().name})
-                    last_error = error
+                    last_error, refused = error, (replica, exc.code())
                     continue
                 raise error from None
             except asyncio.InvalidStateError:  # the call ended before the start could be written
                 replica.breaker.record_failure()
-                last_error = ended_early("inference")
+                last_error, refused = ended_early("inference"), (replica, await call.code())
                 continue
             except asyncio.CancelledError:
                 call.cancel()

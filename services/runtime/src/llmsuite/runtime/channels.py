@@ -37,10 +37,7 @@ def create_channel(
     *,
     services: Sequence[str] = (),
     tracer_provider: object | None = None,
-    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A channel to `target`; `interceptors` run inside the tracing ones (so
-    they see the call with its trace context)."""
     options = [
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
@@ -52,7 +49,7 @@ def create_channel(
         ("grpc.service_config", service_config(services, settings.retry_unavailable_attempts)),
     ]
     compression = grpc.Compression.Gzip if settings.compression == "gzip" else grpc.Compression.NoCompression
-    chain = [*client_interceptors(tracer_provider), *interceptors]  # type: ignore[arg-type]
+    interceptors = client_interceptors(tracer_provider)  # type: ignore[arg-type]
     if settings.tls_ca_file or settings.tls_cert_file:
         creds = grpc.ssl_channel_credentials(
             root_certificates=settings.tls_ca_file.read_bytes() if settings.tls_ca_file else None,
@@ -60,6 +57,6 @@ def create_channel(
             certificate_chain=settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None,
         )
         return grpc.aio.secure_channel(target, creds, options=options, compression=compression,
-                                       interceptors=chain or None)
+                                       interceptors=interceptors or None)
     return grpc.aio.insecure_channel(target, options=options, compression=compression,
-                                     interceptors=chain or None)
+                                     interceptors=interceptors or None)

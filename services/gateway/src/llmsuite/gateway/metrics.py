@@ -1,0 +1,95 @@
+"""Prometheus metrics of the gateway (listed in docs/metrics.md).
+
+Every call to an upstream is counted when it ends, by the code it ended with,
+under the target it was configured with (`Upstreams` reports each one: its
+unary calls and probes from the one place that makes them, Generate streams
+from the call's done callback, so a stream that fails mid-way or is cancelled
+counts too). Not a client interceptor: grpc.aio wraps every intercepted
+streaming call in extra tasks per message, and on streams the server ends
+first it leaves a pending task behind that asyncio later reports as destroyed.
+Circuit states are read from the breakers at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmsuite.gateway.circuit_breaker import CircuitState
+from llmsuite.runtime.errors import LlmsuiteError
+
+if TYPE_CHECKING:
+    from llmsuite.gateway.upstreams import Upstreams
+
+
+class GatewayMetrics:
+    """The gateway's metric objects; `collectors()` goes to the server's registry.
+    `upstreams` returns the connected upstreams (None before start-up)."""
+
+    def __init__(self, upstreams: Callable[[], Upstreams | None]) -> None:
+        self.upstream_requests = Counter(
+            "llmsuite_gateway_upstream_requests",
+            "Calls to upstreams by how they ended; errors are grpc_code != OK (CANCELLED: the gateway ended "
+            "the call itself).", ("upstream", "replica", "grpc_method", "grpc_code"),
+            registry=None)
+        self.rate_limited = Counter(
+            "llmsuite_gateway_rate_limited",
+            "Requests refused by the per-key rate limits, by reason (requests, tokens, token_burst).",
+            ("reason",), registry=None)
+        self.spillovers = Counter(
+            "llmsuite_gateway_spillovers",
+            "Generations moved to another replica because this one refused before streaming anything.",
+            ("replica", "grpc_code"), registry=None)
+        self._circuits = _CircuitStates(upstreams)
+
+    def collectors(self) -> Sequence[Collector]:
+        return (self.upstream_requests, self.rate_limited, self.spillovers, self._circuits)
+
+    def upstream_call(self, upstream: str, replica: str, method: str, code: grpc.StatusCode) -> None:
+        """One finished call to `upstream` (tokenizer or inference) at its configured target."""
+        self.upstream_requests.labels(upstream, replica, method, code.name).inc()
+
+    def spilled_over(self, replica: str, code: grpc.StatusCode) -> None:
+        self.spillovers.labels(replica, code.name).inc()
+
+    def rate_limit_refused(self, error: LlmsuiteError) -> None:
+        """Counts a refusal by the rate limiter (`error` is what it raised)."""
+        if error.reason == "REQUEST_EXCEEDS_TOKEN_BURST":
+            reason = "token_burst"
+        elif "requests" in error.metadata.get("limit", "").split(","):
+            reason = "requests"
+        else:
+            reason = "tokens"
+        self.rate_limited.labels(reason).inc()
+
+
+class _CircuitStates(Collector):
+    def __init__(self, upstreams: Callable[[], Upstreams | None]) -> None:
+        self._upstreams = upstreams
+
+    def describe(self) -> Iterable[Any]:
+        return ()  # families depend on the configured replicas; collected only at scrape time
+
+    def collect(self) -> Iterable[Any]:
+        state = GaugeMetricFamily(
+            "llmsuite_gateway_circuit_breaker_state",
+            "Each upstream's circuit: 1 for its current state (closed, open, half_open), 0 for the others.",
+            labels=("upstream", "replica", "state"))
+        failures = GaugeMetricFamily(
+            "llmsuite_gateway_circuit_breaker_consecutive_failures",
+            "Consecutive failures counted against each upstream (its circuit opens at --breaker-failures).",
+            labels=("upstream", "replica"))
+        upstreams = self._upstreams()
+        if upstreams is not None:
+            for kind, upstream in (("tokenizer", upstreams.tokenizer), *(("inference", r) for r in upstreams.replicas)):
+                current = upstream.breaker.state
+                for candidate in CircuitState:
+                    state.add_metric((kind, upstream.target, candidate.value), 1 if candidate is current else 0)
+                failures.add_metric((kind, upstream.target), upstream.breaker.consecutive_failures)
+        yield state
+        yield failures
