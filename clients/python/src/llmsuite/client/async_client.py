@@ -12,7 +12,7 @@ import copy
 import dataclasses
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any, Unpack, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -214,7 +214,7 @@ class AsyncLlmsuiteClient:
                 response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), **options)
         except NotFound:
             return "SERVICE_UNKNOWN"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return cast(str, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
 class AsyncTextStream:
@@ -357,7 +357,7 @@ class AsyncChatSession:
         if message is grpc.aio.EOF:
             return None
         self.request_id = message.request_id or self.request_id
-        return message
+        return cast(gateway_pb2.ChatResponse, message)
 
     def _finished(self, completion: Completion) -> None:
         self.last = completion

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from llmsuite.client import bench
 from llmsuite.client.errors import InvalidRequest, LlmsuiteError
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with client:
-            return args.command(client, args)
+            return cast(int, args.command(client, args))
     except LlmsuiteError as exc:
         print("llmsuite: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
         if args.command is _health:  # docker reserves exit code 2 for healthchecks

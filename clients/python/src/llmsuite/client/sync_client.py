@@ -7,7 +7,7 @@ import dataclasses
 import queue
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any, Unpack, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -221,7 +221,7 @@ class LlmsuiteClient:
                 response = self._health.Check(health_pb2.HealthCheckRequest(service=service), **options)
         except NotFound:
             return "SERVICE_UNKNOWN"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return cast(str, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
 class TextStream:
