@@ -11,12 +11,14 @@ any later report.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from grpc_health.v1 import health, health_pb2
 
-ServingStatus = health_pb2.HealthCheckResponse.ServingStatus
+# A HealthCheckResponse.ServingStatus value (grpc_health ships no types to name it by).
+ServingStatus: TypeAlias = int
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -67,7 +69,7 @@ class DrainingHealthServicer(health.aio.HealthServicer):
             if self._draining:
                 return
             async with self._condition():
-                await self._condition().wait_for(lambda seen=last: self._changed_since(request.service, seen))
+                await self._condition().wait_for(functools.partial(self._changed_since, request.service, last))
 
     def _changed_since(self, service: str, seen: ServingStatus | None) -> bool:
         return self._draining or self._statuses.get(service, SERVICE_UNKNOWN) != seen

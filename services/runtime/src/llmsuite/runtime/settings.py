@@ -48,7 +48,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
             action.help = f"{action.help or ''} [env: {var}]".strip()
             action._env_applied = True  # type: ignore[attr-defined]
 
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._apply_environment()
         return super().parse_known_args(args, namespace)
 

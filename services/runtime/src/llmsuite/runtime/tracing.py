@@ -57,7 +57,7 @@ def build_tracer_provider(settings: TelemetrySettings, *, extra: SpanProcessor |
 _UNTRACED = negate(any_of(service_prefix("grpc.health."), service_prefix("grpc.reflection.")))
 
 
-def server_interceptor(provider: TracerProvider | None):  # type: ignore[no-untyped-def]
+def server_interceptor(provider: TracerProvider | None) -> grpc.aio.ServerInterceptor | None:
     if provider is None:
         return None
     return aio_server_interceptor(tracer_provider=provider, filter_=_UNTRACED)
