@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from tokenizers import Encoding, Tokenizer
 
@@ -104,7 +104,7 @@ def _token_content(value: Any, key: str, directory: pathlib.Path) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
+        return cast(str, value["content"])
     raise FailedPrecondition(
         message=f"{key} in the tokenizer config of {str(directory)!r} must be a string or {{'content': ...}}",
         reason="TOKENIZER_INVALID",
@@ -175,7 +175,7 @@ def _chat_template_source(files: TokenizerFiles) -> str | None:
         # Several named templates: the unnamed use is the one called "default".
         for entry in value:
             if isinstance(entry, dict) and entry.get("name") == "default" and isinstance(entry.get("template"), str):
-                return entry["template"]
+                return cast(str, entry["template"])
     return None
 
 
