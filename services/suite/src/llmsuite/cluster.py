@@ -171,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    def stop_and_exit(*_: object) -> None:
+        stop()
+        sys.exit(0)
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: (stop(), sys.exit(0)))
+        signal.signal(sig, stop_and_exit)
     try:
         for service, address, argv_ in specs:
             # Children ignore the terminal's Ctrl-C; this process relays a SIGTERM so they drain.
