@@ -6,6 +6,8 @@ What the gateway needs of the same common.v1 messages lives in
 
 from __future__ import annotations
 
+from typing import cast
+
 from llmsuite.common.v1 import common_pb2
 from llmsuite.inference.engine import FinishReason, GeneratedToken, ModelInfo, SamplingParams, TurnResult
 from llmsuite.inference.engine.types import EngineStats
@@ -38,8 +40,8 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, *, field: str = "samplin
     )
 
 
-def finish_reason_to_proto(reason: FinishReason) -> common_pb2.FinishReason.ValueType:
-    return common_pb2.FinishReason.Value(f"FINISH_REASON_{reason.name}")
+def finish_reason_to_proto(reason: FinishReason) -> common_pb2.FinishReason:
+    return cast(common_pb2.FinishReason, common_pb2.FinishReason.Value(f"FINISH_REASON_{reason.name}"))
 
 
 def logprobs_to_proto(tokens: list[GeneratedToken]) -> list[common_pb2.PositionLogprobs]:
