@@ -44,8 +44,9 @@ proto: setup ## regenerate Python stubs (+ .pyi) from protos/
 proto-check: setup ## fail if committed stubs differ from protos/
 	$(BIN)/python protos/generate.py --check
 
-lint: setup ## ruff + buf lint + stub freshness
+lint: setup ## ruff + mypy --strict (pyproject.toml) + buf lint + stub freshness
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/python protos/generate.py --check
 
