@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from llmsuite.common.v1 import common_pb2
 
@@ -33,6 +33,9 @@ LOAD_FACTOR = 1.25
 class Ranked(Protocol):
     target: str
     in_flight: int
+
+
+R = TypeVar("R", bound=Ranked)
 
 
 def prompt_key(prompt: str, key_chars: int) -> str | None:
@@ -50,7 +53,7 @@ def chat_key(messages: Sequence[common_pb2.ChatMessage], key_chars: int) -> str 
     return text[:key_chars] if len(text) >= key_chars else None
 
 
-def rank(key: str, replicas: Sequence[Ranked]) -> list[Ranked]:
+def rank(key: str, replicas: Sequence[R]) -> list[R]:
     """`replicas` in the order to try them for `key`: the key's rendezvous order, with the ones
     that one more call would load beyond LOAD_FACTOR x a fair share moved behind the rest."""
     ordered = sorted(replicas, key=lambda r: _score(key, r.target), reverse=True)
