@@ -86,7 +86,7 @@ class _ClientSpans:
         span = self._tracer.start_span(method, kind=SpanKind.CLIENT,
                                        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        inject(metadata, context=trace.set_span_in_context(span), setter=_METADATA_SETTER)  # type: ignore[arg-type]
+        inject(metadata, context=trace.set_span_in_context(span), setter=_METADATA_SETTER)
         traced = grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                             details.wait_for_ready)
         try:

@@ -36,7 +36,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     # leaves the process hundreds of MB larger for good. Other C libraries lack it.
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None  # type: ignore[no-any-return]
+        return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
         return None
 
