@@ -266,8 +266,9 @@ class OnnxDecoder:
         self.signature = signature
         self.config = config
         self.directory = directory
-        kv_itemsize = np.dtype(signature.kv_dtype).itemsize
-        self.kv_bytes_per_token = 2 * signature.num_layers * signature.num_kv_heads * signature.head_dim * kv_itemsize
+        kv_itemsize = int(np.dtype(signature.kv_dtype).itemsize)
+        per_layer = signature.num_kv_heads * signature.head_dim * kv_itemsize
+        self.kv_bytes_per_token: int = 2 * signature.num_layers * per_layer
 
     @classmethod
     def load(cls, directory: Path, settings: EngineSettings) -> OnnxDecoder:

@@ -87,7 +87,7 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, ids: Sequence[int], *, limit: int, touch: bool = True) -> PrefixHit | None:
+    def lookup(self, ids: Sequence[int] | np.ndarray, *, limit: int, touch: bool = True) -> PrefixHit | None:
         """The longest cached prefix of `ids`, at most `limit` tokens (a request must keep at
         least one token to feed); None when nothing useful (under one block) is cached."""
         query = np.asarray(ids, dtype=np.int64)
@@ -113,7 +113,7 @@ class PrefixCache:
             best.last_used = time.monotonic()
         return PrefixHit(best, length)
 
-    def insert(self, ids: Sequence[int], cache: KvCache) -> CacheEntry | None:
+    def insert(self, ids: Sequence[int] | np.ndarray, cache: KvCache) -> CacheEntry | None:
         """Stores a finished sequence (`cache` covers exactly `ids`); entries it extends are dropped.
 
         Returns the new entry, or None when the sequence is shorter than a block or already

@@ -33,8 +33,9 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Along the last axis, in float32 (numpy's pairwise sums keep 150k-entry rows accurate)."""
     x = logits.astype(np.float32, copy=False)
-    shifted = x - np.max(x, axis=-1, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    shifted: np.ndarray = x - np.max(x, axis=-1, keepdims=True)
+    normalized: np.ndarray = shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    return normalized
 
 
 def candidate_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float

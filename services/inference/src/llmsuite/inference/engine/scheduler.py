@@ -42,7 +42,7 @@ from typing import Any
 from llmsuite.inference.engine.batch import DecodeBatch
 from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
-from llmsuite.inference.engine.prefix_cache import PrefixCache, PrefixHit
+from llmsuite.inference.engine.prefix_cache import CacheEntry, PrefixCache, PrefixHit
 from llmsuite.inference.engine.sampling import TokenSampler, choose_batch
 from llmsuite.inference.engine.types import (
     EngineSettings,
@@ -696,7 +696,7 @@ class Scheduler:
             return len(rows) * max(t.reserved_tokens for t in rows) * self._bytes_per_token
         return sum(t.reserved_tokens for t in rows) * self._bytes_per_token
 
-    def _make_room_for(self, turn: Turn, keep: Any = None) -> bool:
+    def _make_room_for(self, turn: Turn, keep: CacheEntry | None = None) -> bool:
         """True when `turn` fits the KV budget, evicting least recently used cache entries
         (never `keep`, the entry it is about to read) if needed."""
         needed = self._reserved_bytes(extra=turn)
@@ -716,7 +716,7 @@ class Scheduler:
                 return
             self._evict(entry)
 
-    def _evict(self, entry: Any) -> None:
+    def _evict(self, entry: CacheEntry) -> None:
         self._prefix.remove(entry)
         self._counters["prefix_cache_evictions"] += 1
 
