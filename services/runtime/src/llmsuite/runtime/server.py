@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from llmsuite.runtime.auth import ApiKeyAuthInterceptor, parse_keys
@@ -28,6 +27,7 @@ from llmsuite.runtime.decoding import RequestDecodingInterceptor
 from llmsuite.runtime.health import DrainingHealthServicer, HealthReporter
 from llmsuite.runtime.logs import REQUEST_ID_HEADER, new_request_id, set_request_id
 from llmsuite.runtime.metrics import MetricsListener, RpcMetrics, all_collectors, new_registry, start_metrics_listener
+from llmsuite.runtime.reflection import enable_reflection
 from llmsuite.runtime.settings import ServerSettings
 from llmsuite.runtime.status import ErrorMappingInterceptor, stream_items, wrap_handler
 from llmsuite.runtime.tracing import server_interceptor
@@ -260,11 +260,7 @@ async def start_server(
     for name in ("", *app.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     app.register(server)
-    reflection.enable_server_reflection(
-        (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )
+    enable_reflection(server, (*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
 
     credentials = _credentials(settings)
     try:
