@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from llmsuite.gateway.v1 import gateway_pb2_grpc
 from llmsuite.inference.engine import EngineSettings
 from llmsuite.inference.service import InferenceApp
 from llmsuite.runtime.channels import ChannelSettings
+from llmsuite.runtime.logs import JsonFormatter
 from llmsuite.runtime.settings import TelemetrySettings
 from llmsuite.runtime.tracing import build_tracer_provider
 from llmsuite.tokenizer.engine import TokenizerLimits
@@ -41,6 +44,7 @@ from llmsuite.tokenizer.service import TokenizerApp
 GATEWAY = "llmsuite.gateway.v1.GatewayService"
 TOKENIZER = "llmsuite.tokenizer.v1.TokenizerService"
 INFERENCE = "llmsuite.inference.v1.InferenceService"
+MAX_INPUT_CHARS = 1000
 
 
 class SpanLedger(SpanProcessor):
@@ -74,7 +78,7 @@ def traced_suite(tiny_model_dir: Path) -> Iterator[tuple[InMemorySpanExporter, S
         return p
 
     gateway_provider = provider("llmsuite-gateway")
-    tokenizer = TokenizerApp({"tiny": tiny_model_dir}, TokenizerLimits())
+    tokenizer = TokenizerApp({"tiny": tiny_model_dir}, TokenizerLimits(max_input_chars=MAX_INPUT_CHARS))
     inference = InferenceApp({"tiny": tiny_model_dir}, EngineSettings(device="cpu", intra_op_threads=1))
     with ServerThread(tokenizer, tracer_provider=provider("llmsuite-tokenizer")) as tok, \
             ServerThread(inference, tracer_provider=provider("llmsuite-inference")) as inf:
@@ -144,3 +148,45 @@ def test_a_streamed_generation_is_one_trace_with_every_span_ended(traced_suite):
 
     # Every span any of the three started has ended (and so was exported).
     assert not ledger.never_ended()
+
+
+class JsonLines(logging.Handler):
+    """Every log record as the services' JSON formatter writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.entries: list[dict[str, object]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.entries.append(json.loads(self.format(record)))
+
+
+def test_logs_carry_the_request_id_and_the_trace_of_the_rpc_they_belong_to(traced_suite):
+    exporter, _ledger, address = traced_suite
+    exporter.clear()
+    lines, root = JsonLines(), logging.getLogger()
+    level = root.level
+    root.addHandler(lines)
+    root.setLevel(logging.INFO)  # "rpc failed" is an INFO line
+    try:
+        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as refused:
+            # Too long for the tokenizer: it refuses, and logs that, inside the request's trace.
+            gateway_pb2_grpc.GatewayServiceStub(ch).Tokenize(
+                pb.TokenizeRequest(model="tiny", texts=["x" * (MAX_INPUT_CHARS + 1)]),
+                metadata=(("x-request-id", "req-traced-1"),))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        root.removeHandler(lines)
+        root.setLevel(level)
+
+    spans = spans_of_one_request(exporter, f"/{GATEWAY}/Tokenize")
+    tokenizer_span = next(s for s in spans if s.name == f"/{TOKENIZER}/Encode" and s.kind is SpanKind.SERVER)
+    refusals = [e for e in lines.entries if e["msg"] == "rpc failed" and e.get("method") == f"/{TOKENIZER}/Encode"]
+    assert len(refusals) == 1, [e for e in lines.entries if e["msg"] == "rpc failed"]
+    # The gateway forwarded its request id to the tokenizer, and the log line names the span it was in.
+    assert refusals[0]["request_id"] == "req-traced-1"
+    assert refusals[0]["trace_id"] == format(tokenizer_span.context.trace_id, "032x")
+    assert refusals[0]["span_id"] == format(tokenizer_span.context.span_id, "016x")
+    outside = JsonFormatter().format(logging.makeLogRecord({"msg": "no rpc here"}))
+    assert "trace_id" not in json.loads(outside)

@@ -1,4 +1,6 @@
-"""Structured logs that carry the request id of the RPC they belong to."""
+"""Structured logs that carry the request id of the RPC they belong to, and
+the trace and span ids of the active span (when tracing is on), so a log line
+leads to its trace and back."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import logging
 import sys
 import time
 import uuid
+
+from opentelemetry import trace
 
 # Metadata key carrying the request id both ways: clients may send one, and
 # every response carries it (with the first message, or in the trailers).
@@ -31,6 +35,19 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def _context_fields() -> dict[str, str]:
+    """request_id, trace_id and span_id of the current RPC, those that are set."""
+    fields = {}
+    rid = current_request_id()
+    if rid:
+        fields["request_id"] = rid
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        fields["trace_id"] = trace.format_trace_id(span.trace_id)
+        fields["span_id"] = trace.format_span_id(span.span_id)
+    return fields
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -39,9 +56,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        rid = current_request_id()
-        if rid:
-            entry["request_id"] = rid
+        entry.update(_context_fields())
         for key, value in vars(record).items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
@@ -52,13 +67,13 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        rid = current_request_id()
+        context = " ".join(f"{k}={v}" for k, v in _context_fields().items())
         extras = " ".join(
             f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")
         )
         line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        if rid:
-            line += f" request_id={rid}"
+        if context:
+            line += " " + context
         if extras:
             line += " " + extras
         if record.exc_info:
