@@ -95,10 +95,11 @@ def version() -> str:
 
 
 def service_parser(service: str) -> Any:
-    """The argument parser a service's console script builds (its real flags)."""
+    """The argument parser `llmsuite-<service>` builds (its real flags)."""
     import importlib
 
-    module = importlib.import_module(f"llmsuite.{service}.__main__")
+    scripts = {script: ref for dist in distributions() for script, ref in project(dist).get("scripts", {}).items()}
+    module = importlib.import_module(scripts[f"llmsuite-{service}"].partition(":")[0])
     return module.build_parser()
 
 

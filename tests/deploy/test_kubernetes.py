@@ -5,21 +5,23 @@ rendered, validated against the Kubernetes schemas bundled with
 kubernetes-validate, and checked against what the services really do: their
 flags (each LLMSUITE_* variable must be one, and parse), their ports, the
 health names they register, their drain grace period and the images the
-Dockerfile builds. The last test runs the CPU overlay's three containers as
-local processes, with the manifests' own environment, and probes them as the
-kubelet would.
+Dockerfile builds. The last test runs the CPU overlay's containers as local
+processes, with the manifests' own environment, and probes them as the kubelet
+would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from deploy.kustomize_lite import key, render
-from deploy.project import KUBERNETES, REPO, instructions, service_parser, version
+from deploy.project import KUBERNETES, REPO, console_scripts, instructions, service_parser, version
 from deploy.test_images import IMAGES, MODEL_IMAGES
 from support import ServiceProcess, processes, wait_for_serving
 
@@ -39,7 +41,8 @@ from llmsuite.runtime.settings import env_name, resolve_metrics_listen, server_s
 
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 QUEUE_METRIC = "llmsuite_inference_queued_requests"  # fixed name (docs/metrics.md), a gauge labelled `model`
-SERVICES = ("tokenizer", "inference", "gateway")
+GRPC_SERVICES = ("tokenizer", "inference", "gateway")
+SERVICES = (*GRPC_SERVICES, "openai")  # openai: the OpenAI-compatible HTTP API, from the gateway image
 DRAIN_MARGIN_S = 5
 
 # variant -> (overlay, components added on top)
@@ -95,13 +98,20 @@ def port_named(c: Object, name: str) -> int:
 
 
 def service_of(deployment: Object) -> str:
-    """The service the container runs: the Dockerfile target its image names."""
-    image = container(deployment)["image"]
-    name, _, tag = image.rpartition("/")[2].partition(":")
+    """The service the container runs: its command, else the CMD of the Dockerfile target
+    its image names; either way a console script that image installs."""
+    c = container(deployment)
+    name, _, tag = c["image"].rpartition("/")[2].partition(":")
     target = name.removeprefix("llmsuite-")
-    assert target in IMAGES and tag == version(), f"{image} is not an image docker/Dockerfile builds"
-    cmd = [i for i in instructions(target) if i.startswith("CMD")][-1]
-    return re.fullmatch(r'CMD \["llmsuite-(\w+)"\]', cmd)[1]  # type: ignore[index]
+    assert target in IMAGES and tag == version(), f"{c['image']} is not an image docker/Dockerfile builds"
+    assert "args" not in c, "configuration goes in LLMSUITE_* variables, as in compose"
+    if "command" in c:
+        (script,) = c["command"]
+    else:
+        cmd = [i for i in instructions(target) if i.startswith("CMD")][-1]
+        script = cmd.removeprefix('CMD ["').removesuffix('"]')
+    assert script in console_scripts(set(IMAGES[target].distributions)), f"{target} image has no {script}"
+    return script.removeprefix("llmsuite-")
 
 
 @contextlib.contextmanager
@@ -118,7 +128,8 @@ def environment(variables: dict[str, str]) -> Iterator[None]:
 
 
 def parsed_settings(deployment: Object, tmp_path: Path) -> tuple[Any, Any]:
-    """(argparse namespace, ServerSettings) the service builds from the manifest's environment."""
+    """(argparse namespace, ServerSettings) a gRPC service builds from the manifest's
+    environment; for the HTTP API, (namespace, None)."""
     variables = env(container(deployment))
     if "LLMSUITE_API_KEYS_FILE" in variables:  # the Secret's file; its content is the operator's
         keys = tmp_path / "api-keys"
@@ -126,12 +137,14 @@ def parsed_settings(deployment: Object, tmp_path: Path) -> tuple[Any, Any]:
         variables["LLMSUITE_API_KEYS_FILE"] = str(keys)
     with environment(variables):
         args = service_parser(service_of(deployment)).parse_args([])
+        if service_of(deployment) not in GRPC_SERVICES:
+            return args, None
         return args, server_settings_from_args(args, service_name=service_of(deployment))
 
 
 # --- rendering and schema --------------------------------------------------------------
 
-def test_renders_the_three_services(rendered: tuple[str, Path, list[Object]]) -> None:
+def test_renders_every_service(rendered: tuple[str, Path, list[Object]]) -> None:
     _, _, objects = rendered
     deployments = by_kind(objects, "Deployment")
     assert sorted(deployments) == sorted(SERVICES)
@@ -178,7 +191,6 @@ def test_environment_names_only_real_flags_and_parses(rendered: tuple[str, Path,
     _, _, objects = rendered
     for name, deployment in by_kind(objects, "Deployment").items():
         c = container(deployment)
-        assert "command" not in c and "args" not in c, f"{name}: the image's CMD runs the service"
         flags = {env_name(o) for a in service_parser(service_of(deployment))._actions for o in a.option_strings
                  if o.startswith("--")}
         for variable in env(c):
@@ -191,6 +203,8 @@ def test_ports_probes_and_metrics_agree_with_the_service(rendered: tuple[str, Pa
                                                          tmp_path: Path) -> None:
     _, _, objects = rendered
     for name, deployment in by_kind(objects, "Deployment").items():
+        if service_of(deployment) not in GRPC_SERVICES:
+            continue
         c = container(deployment)
         args, settings = parsed_settings(deployment, tmp_path)
         grpc_port = int(settings.listen.rsplit(":", 1)[1])
@@ -217,21 +231,36 @@ def test_ports_probes_and_metrics_agree_with_the_service(rendered: tuple[str, Pa
                 "the startup probe must outlast the gateway's own --startup-timeout"
 
 
+def test_http_api_probes_its_port_and_survives_a_gateway_outage(rendered: tuple[str, Path, list[Object]],
+                                                                 tmp_path: Path) -> None:
+    _, _, objects = rendered
+    deployment = by_kind(objects, "Deployment")["openai"]
+    c = container(deployment)
+    args, _ = parsed_settings(deployment, tmp_path)
+    assert port_named(c, "http") == int(args.listen.rsplit(":", 1)[1])
+    # /health answers 503 while the gateway is not SERVING: it decides readiness only.
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["livenessProbe"] == {**c["livenessProbe"], "tcpSocket": {"port": "http"}}
+    assert "httpGet" not in c["livenessProbe"], "a gateway outage must not restart the adapter"
+    service = by_kind(objects, "Service")["openai"]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8000, "http")]
+
+
 def test_termination_outlasts_the_drain(rendered: tuple[str, Path, list[Object]], tmp_path: Path) -> None:
     _, _, objects = rendered
     for name, deployment in by_kind(objects, "Deployment").items():
-        _, settings = parsed_settings(deployment, tmp_path)
+        args, _ = parsed_settings(deployment, tmp_path)
         pre_stop = container(deployment)["lifecycle"]["preStop"]["sleep"]["seconds"]
         budget = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        assert budget >= pre_stop + settings.grace_period_s + DRAIN_MARGIN_S, \
-            f"{name}: SIGKILL would cut the {settings.grace_period_s}s drain short"
+        assert budget >= pre_stop + args.grace_period + DRAIN_MARGIN_S, \
+            f"{name}: SIGKILL would cut the {args.grace_period}s drain short"
 
 
 def test_models_come_from_the_image_or_a_mounted_volume(rendered: tuple[str, Path, list[Object]],
                                                         tmp_path: Path) -> None:
     _, _, objects = rendered
     for name, deployment in by_kind(objects, "Deployment").items():
-        if service_of(deployment) == "gateway":
+        if service_of(deployment) not in ("tokenizer", "inference"):
             continue
         c = container(deployment)
         image_target = c["image"].partition(":")[0].removeprefix("llmsuite-")
@@ -294,13 +323,15 @@ def selects(selector: dict[str, str], deployment: Object) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def test_gateway_balances_per_request_over_headless_services(rendered: tuple[str, Path, list[Object]],
+def test_clients_balance_per_request_over_headless_services(rendered: tuple[str, Path, list[Object]],
                                                              tmp_path: Path) -> None:
     _, _, objects = rendered
     deployments = by_kind(objects, "Deployment")
     services = by_kind(objects, "Service")
-    args, _ = parsed_settings(deployments["gateway"], tmp_path)
-    for upstream, target in (("tokenizer", args.tokenizer), ("inference", args.inference)):
+    gateway, _ = parsed_settings(deployments["gateway"], tmp_path)
+    openai, _ = parsed_settings(deployments["openai"], tmp_path)
+    for upstream, target in (("tokenizer", gateway.tokenizer), ("inference", gateway.inference),
+                             ("gateway", openai.gateway)):
         m = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", target)
         assert m, f"--{upstream} must be one dns:/// name so gRPC round_robin sees every pod: {target}"
         service = services[m[1]]
@@ -386,6 +417,20 @@ def test_inference_exports_the_queue_metric() -> None:
 
 # --- the CPU overlay's containers as local processes ------------------------------------
 
+def wait_for_http(url: str, *, alive: Callable[[], bool], timeout: float = 120) -> None:
+    """Polls like an httpGet readiness probe until 200; stops at once if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the process serving {url} exited")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready within {timeout}s")
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -404,7 +449,7 @@ def test_cpu_overlay_runs_as_local_processes_and_answers_its_probes(
     for variable in [k for k in os.environ if k.startswith("LLMSUITE_")]:
         monkeypatch.delenv(variable)
     deployments = by_kind(render(KUBERNETES / "overlays" / "cpu"), "Deployment")
-    ports = dict(zip(SERVICES, zip(free_ports(3), free_ports(3), strict=True), strict=True))
+    ports = dict(zip(SERVICES, zip(free_ports(len(SERVICES)), free_ports(len(SERVICES)), strict=True), strict=True))
     keys = tmp_path / "api-keys"
     keys.write_text("# the Secret's file\nk8s-test-key\n")
 
@@ -412,8 +457,9 @@ def test_cpu_overlay_runs_as_local_processes_and_answers_its_probes(
         variables = env(container(deployments[service]))
         grpc_port, metrics_port = ports[service]
         variables["LLMSUITE_LISTEN"] = f"127.0.0.1:{grpc_port}"
-        variables["LLMSUITE_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
-        for upstream in ("tokenizer", "inference"):
+        if "LLMSUITE_METRICS_LISTEN" in variables:
+            variables["LLMSUITE_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
+        for upstream in ("tokenizer", "inference", "gateway"):
             variable = f"LLMSUITE_{upstream.upper()}"
             if variable in variables:  # keep dns:///, as the headless Service's name resolves
                 variables[variable] = f"dns:///127.0.0.1:{ports[upstream][0]}"
@@ -423,9 +469,9 @@ def test_cpu_overlay_runs_as_local_processes_and_answers_its_probes(
             variables["LLMSUITE_API_KEYS_FILE"] = str(keys)
         return variables
 
-    started = [ServiceProcess([f"llmsuite-{s}"], env=local_env(s), wait=False) for s in SERVICES]
+    started = [ServiceProcess([f"llmsuite-{s}"], env=local_env(s), wait=False) for s in GRPC_SERVICES]
     with processes(*started) as running:
-        for service, proc in zip(SERVICES, running, strict=True):
+        for service, proc in zip(GRPC_SERVICES, running, strict=True):
             c = container(deployments[service])
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                 wait_for_serving(proc.address, c[probe]["grpc"].get("service", ""), timeout=120, alive=proc.alive)
@@ -442,3 +488,10 @@ def test_cpu_overlay_runs_as_local_processes_and_answers_its_probes(
             responses = list(stub.GenerateStream(request, timeout=60,
                                                  metadata=(("authorization", "Bearer k8s-test-key"),)))
         assert responses[-1].final.usage.completion_tokens == 4
+        # The HTTP API, started last as the kubelet would find it: ready once it reaches the gateway.
+        with ServiceProcess(["llmsuite-openai"], env=local_env("openai"), wait=False) as openai:
+            http = f"http://127.0.0.1:{ports['openai'][0]}"
+            wait_for_http(f"{http}/health", alive=openai.alive)
+            models = urllib.request.Request(f"{http}/v1/models", headers={"Authorization": "Bearer k8s-test-key"})
+            with urllib.request.urlopen(models, timeout=60) as response:
+                assert [m["id"] for m in json.load(response)["data"]] == ["tiny"]
