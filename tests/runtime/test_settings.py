@@ -23,3 +23,11 @@ def test_repeatable_model_flag_reads_a_comma_separated_variable(monkeypatch):
     monkeypatch.setenv("LLMSUITE_DEVICE", "cpu")
     args = inference_parser().parse_args([])
     assert args.model == ["a=/m/a", "b=/m/b"] and args.device == "cpu"
+
+
+def test_a_repeatable_flag_replaces_its_variable_instead_of_adding_to_it(monkeypatch):
+    monkeypatch.setenv("LLMSUITE_MODEL", "a=/m/a,b=/m/b")
+    parser = inference_parser()
+    assert parser.parse_args(["--model", "c=/m/c"]).model == ["c=/m/c"]
+    assert parser.parse_args(["--model", "c=/m/c", "--model", "d=/m/d"]).model == ["c=/m/c", "d=/m/d"]
+    assert parser.parse_args([]).model == ["a=/m/a", "b=/m/b"]  # and the variable is intact for the next parse

@@ -50,7 +50,21 @@ class EnvArgumentParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._apply_environment()
-        return super().parse_known_args(args, namespace)
+        # argparse appends a repeated flag to a list default, so `--model b` with
+        # LLMSUITE_MODEL=a would serve both; the flag must replace the variable instead.
+        list_defaults = {action: action.default for action in self._actions
+                         if isinstance(action, argparse._AppendAction) and isinstance(action.default, list)}
+        for action in list_defaults:
+            action.default = None
+        try:
+            parsed, rest = super().parse_known_args(args, namespace)
+        finally:
+            for action, default in list_defaults.items():
+                action.default = default
+        for action, default in list_defaults.items():
+            if getattr(parsed, action.dest, None) is None:
+                setattr(parsed, action.dest, list(default))
+        return parsed, rest
 
     def format_help(self) -> str:
         self._apply_environment()
