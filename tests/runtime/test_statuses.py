@@ -114,3 +114,16 @@ def test_request_id_reaches_the_caller_of_a_failed_call_in_the_trailers(tokenize
     # a successful call has it in the headers that come with the response
     _, call = stub.ListModels.with_call(pb.ListModelsRequest(), metadata=(("x-request-id", "rid-8"),))
     assert ("x-request-id", "rid-8") in call.initial_metadata()
+
+
+def test_a_request_id_that_is_no_valid_metadata_does_not_cost_the_status():
+    from llmsuite.runtime.logs import set_request_id
+
+    async def fail(request, context):
+        set_request_id("k\b#\x1f")  # e.g. a request id a service took from the message itself
+        raise NotFound(message="gone", reason="MODEL_NOT_FOUND")
+
+    with ServerThread(ProbeApp({"Fail": unary(fail)})) as srv, srv.channel() as ch:
+        with pytest.raises(grpc.RpcError) as exc_info:
+            ch.unary_unary(method("Fail"))(b"")
+    assert exc_info.value.code() == grpc.StatusCode.NOT_FOUND

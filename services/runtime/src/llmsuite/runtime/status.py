@@ -107,7 +107,9 @@ async def _abort_with(context: grpc.aio.ServicerContext, status_proto: status_pb
     # abort() replaces trailers already set, so the request id goes in again.
     trailers = tuple(status.trailing_metadata)
     request_id = current_request_id()
-    if request_id:
+    # Services may name a request with an id from the message itself; only one that
+    # is a valid metadata value (printable ASCII) can travel, or the status is lost.
+    if request_id and request_id.isascii() and request_id.isprintable():
         trailers += ((REQUEST_ID_HEADER, request_id),)
     await context.abort(status.code, status.details, trailers)
 
