@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 BREAKING_AGAINST ?= .git\#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto proto-check lint format test bench bench-engine model run stubs breaking lock clean
+.PHONY: help setup proto proto-check lint format test fuzz bench bench-engine model run stubs breaking lock clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,12 @@ format: setup ## apply ruff fixes
 
 test: setup ## run the whole test suite (real servers on loopback)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+FUZZ_EXAMPLES ?= 500
+fuzz: setup ## fault and fuzz suite (tests/fuzz) with FUZZ_EXAMPLES examples per test; codes per RPC in build/fuzz-report.json
+	@mkdir -p build
+	LLMSUITE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) LLMSUITE_FUZZ_REPORT=build/fuzz-report.json \
+		$(BIN)/python -m pytest tests/fuzz -o timeout=0 $(PYTEST_ARGS)
 
 $(MODEL)/model.onnx: | setup
 	$(BIN)/llmsuite-build-model --preset tiny --out $(MODEL)
