@@ -220,14 +220,34 @@ def processes(*procs: ServiceProcess) -> Iterator[list[ServiceProcess]]:
             p.kill()
 
 
+METRICS_PORT_OFFSET = 1000  # --metrics-listen auto: the gRPC port + 1000
+
+
 def free_ports(n: int) -> list[int]:
-    """Ports free right now, for a process that must come back on the same port."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """gRPC ports free right now (for a process that must listen on a known port), each
+    with its metrics port (port + 1000, where `--metrics-listen auto` puts it) free too:
+    on a busy machine an ephemeral port's +1000 neighbour is often some client's."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            grpc_port = socket.socket()
+            grpc_port.bind(("127.0.0.1", 0))
+            held.append(grpc_port)
+            port = grpc_port.getsockname()[1]
+            if port + METRICS_PORT_OFFSET > 65535:
+                continue
+            metrics_port = socket.socket()
+            try:
+                metrics_port.bind(("127.0.0.1", port + METRICS_PORT_OFFSET))
+            except OSError:
+                metrics_port.close()
+                continue
+            held.append(metrics_port)
+            ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
     return ports
 
 

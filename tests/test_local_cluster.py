@@ -17,21 +17,11 @@ import grpc
 import httpx
 import pytest
 from compose_local import compose_services_as_local_processes
-from support import REPO, ServiceProcess, processes
+from support import REPO, ServiceProcess, free_ports, processes
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def assert_nothing_listens_on(port: int) -> None:
