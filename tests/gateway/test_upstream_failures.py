@@ -5,21 +5,27 @@ DEADLINE_EXCEEDED, and rate-limit charges refunded on every failure."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
 
 import grpc
 import pytest
-from scripted_inference import GENERATED, Script, running_gateway
+from scripted_inference import GENERATED, Script, ScriptedInference, running_gateway
 from support import ServerThread
 from tokenizers import Tokenizer
 
 from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway.catalogue import Catalogue
 from llmsuite.gateway.rate_limit import KeyedRateLimiter
 from llmsuite.gateway.service import GatewayLimits
+from llmsuite.gateway.upstreams import Upstreams
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
+from llmsuite.runtime.channels import ChannelSettings
 from llmsuite.runtime.errors import ResourceExhausted, Unauthenticated, Unavailable
+from llmsuite.runtime.settings import ServerSettings
+from llmsuite.runtime.tokenizer_hash import tokenizer_content_hash
 from llmsuite.tokenizer.engine import TokenizerLimits
 from llmsuite.tokenizer.service import TokenizerApp
 
@@ -166,3 +172,28 @@ def test_rate_limit_charges_are_refunded_when_the_upstream_refuses(tokenizer_ser
         app.script = Script(tokens=3)
         assert stub.Generate(pb.GenerateRequest(model="tiny", prompt="Hi", sampling=sampling)).summary.usage \
             .completion_tokens == 3
+
+
+def test_a_gateway_holding_the_wrong_upstream_key_says_so_before_serving_anything(tiny_tokenizer_dir):
+    """Its probes are refused: the reason it gives while it waits is the operator's
+    problem (UPSTREAM_AUTH_FAILED), not a LOADING that never ends."""
+    keyed = ServerSettings(listen="127.0.0.1:0", grace_period_s=0.5, log_format="text", api_keys=("right-key",))
+    with ServerThread(TokenizerApp({"tiny": tiny_tokenizer_dir}, TokenizerLimits()), keyed) as tokenizer, \
+            ServerThread(ScriptedInference(tokenizer_content_hash(tiny_tokenizer_dir)), keyed) as inference:
+
+        async def scenario() -> Unavailable:
+            upstreams = Upstreams.connect(tokenizer.address, [inference.address], ChannelSettings(api_key="wrong"),
+                                          tracer_provider=None, breaker_threshold=5, breaker_reset_s=30.0)
+            try:
+                catalogue = Catalogue(upstreams, refresh_interval_s=30.0)
+                await catalogue.refresh()
+                assert not catalogue.served and catalogue.health()[""] is False
+                with pytest.raises(Unavailable) as exc_info:
+                    catalogue.lookup("tiny")
+                return exc_info.value
+            finally:
+                await upstreams.close()
+
+        refusal = asyncio.run(scenario())
+        assert refusal.reason == "UPSTREAM_AUTH_FAILED"
+        assert "your API key is not the problem" in refusal.message
