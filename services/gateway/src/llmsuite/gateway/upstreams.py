@@ -42,7 +42,10 @@ log = logging.getLogger("llmsuite.gateway.upstreams")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 TOKENIZER_SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
-SPILL_OVER_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+# A replica's answers, before its first message, that another replica may not share. CANCELLED
+# here is the replica's doing (ours would surface as asyncio.CancelledError): a server that
+# begins to drain cancels the calls it has received but not yet handed to a handler.
+SPILL_OVER_CODES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 REQUEST_ID_HEADER = "x-request-id"
 # A gRPC target URI (dns:///name:port, ipv4:a:1,b:2, unix:/path, ...) rather than host:port.
 _URI_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:(?!\d+$)(?!\d+,)")
