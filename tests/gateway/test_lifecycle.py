@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import ServiceProcess, free_ports, processes, watch_health
+from support import BIN, ServiceProcess, free_ports, processes, watch_health
 
 from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
@@ -176,3 +177,17 @@ def test_requests_spread_over_replicas_behind_one_target_and_survive_losing_one(
             after = requests_seen()
             assert all(b > a for a, b in zip(before[1:], after, strict=True)), (before, after)
             assert check(gw.address) == SERVING
+
+
+def test_startup_timeout_gives_up_and_sigterm_ends_a_wait_without_one():
+    nowhere = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    done = subprocess.run([str(BIN / "llmsuite-gateway"), "--listen", "127.0.0.1:0", "--tokenizer", nowhere[0],
+                           "--inference", nowhere[1], "--startup-timeout", "1", "--log-format", "text"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "no model became servable within --startup-timeout 1s" in done.stderr
+
+    waiting = gateway(*nowhere, wait=False)  # no --startup-timeout: it would wait for ever
+    with processes(waiting):
+        assert check(waiting.address) == NOT_SERVING
+        assert waiting.terminate() == 0  # a stop request ends the wait at once
