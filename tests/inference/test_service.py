@@ -346,3 +346,18 @@ def test_device_cuda_without_a_gpu_fails_at_start_with_a_clear_message(tiny_mode
             health_timeout=30):
         pass
     assert "CUDA" in str(exc_info.value)
+
+
+def test_ids_from_another_tokenizer_are_refused_not_generated(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).info
+    request = start(max_new_tokens=2)
+    request.start.expected_tokenizer_hash = "sha256:" + "0" * 64
+    with pytest.raises(grpc.RpcError) as exc_info:
+        list(stub.Generate(iter([request])))
+    assert exc_info.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = error_details(exc_info.value)
+    assert details["reason"] == "TOKENIZER_MISMATCH" and details["retry_after_s"] > 0
+    assert details["metadata"]["tokenizer_content_hash"] == info.tokenizer_content_hash
+    request.start.expected_tokenizer_hash = info.tokenizer_content_hash  # the right pairing generates
+    tokens, (final,) = collect(stub.Generate(iter([request])))
+    assert len(tokens) == 2 and final.finish_reason == common_pb2.FINISH_REASON_LENGTH

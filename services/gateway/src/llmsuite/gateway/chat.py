@@ -121,7 +121,7 @@ class ChatSession:
                 self._history_ids = []
                 self._stream = await s.up.open_generate(inference_pb2.GenerateStart(
                     request_id=self._request_id, model=model.name, prompt_token_ids=full_ids, sampling=forwarded,
-                    session=True),
+                    session=True, expected_tokenizer_hash=model.content_hash),
                     s.catalogue.replicas_for(model, chat_key(self._messages, s.limits.affinity_key_chars)),
                     time_limit_s=deadline.upstream_timeout_s)
                 self._stream_hash = model.content_hash

@@ -151,7 +151,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             detok = model.tokenizer.detokenizer(prompt_ids, skip_special_tokens=not req.keep_special_tokens)
             stream = await self.up.open_generate(inference_pb2.GenerateStart(
                 request_id=current_request_id() or new_request_id(), model=req.model, prompt_token_ids=prompt_ids,
-                sampling=self.forwarded_sampling(req.sampling), truncate_prompt=req.truncate_prompt),
+                sampling=self.forwarded_sampling(req.sampling), truncate_prompt=req.truncate_prompt,
+                expected_tokenizer_hash=model.content_hash),
                 candidates, time_limit_s=deadline.upstream_timeout_s, dialed=dialed)
             used = len(prompt_ids)
             try:

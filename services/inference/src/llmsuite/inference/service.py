@@ -94,6 +94,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         _validate_start(start)
         request_id = start.request_id or new_request_id()
         set_request_id(request_id)
+        if start.expected_tokenizer_hash:
+            self._check_pairing(start.model, start.expected_tokenizer_hash)
         start_params = sampling_from_proto(start.sampling, field="start.sampling")
         flush_every = start.stream_options.flush_every_tokens or 1
         try:
@@ -159,6 +161,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             session.close()
+
+    def _check_pairing(self, model: str, expected_hash: str) -> None:
+        """Ids from another tokenizer would mean other words here: refuse rather than generate."""
+        actual = self._engine.model_info(model).tokenizer_hash
+        if actual != expected_hash:
+            raise Unavailable(
+                f"model {model!r} on this replica is paired with tokenizer {actual}, not the {expected_hash} "
+                "that produced the prompt ids; another replica (or a refreshed catalogue) may serve it",
+                reason="TOKENIZER_MISMATCH", retry_after_s=1.0,
+                metadata={"model": model, "tokenizer_content_hash": actual})
 
     @staticmethod
     def _tokens(request_id: str, sequence: int, turn: int, tokens: list[GeneratedToken]) -> pb.GenerateResponse:

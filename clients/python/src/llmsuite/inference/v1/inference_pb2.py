@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmsuite.common.v1 import common_pb2 as llmsuite_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%llmsuite/inference/v1/inference.proto\x12\x15llmsuite.inference.v1\x1a\x1fllmsuite/common/v1/common.proto\"\xbe\x01\n\x0fGenerateRequest\x12\x35\n\x05start\x18\x01 \x01(\x0b\x32$.llmsuite.inference.v1.GenerateStartH\x00\x12\x33\n\x04turn\x18\x02 \x01(\x0b\x32#.llmsuite.inference.v1.GenerateTurnH\x00\x12\x37\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32%.llmsuite.inference.v1.GenerateCancelH\x00\x42\x06\n\x04kind\"+\n\rStreamOptions\x12\x1a\n\x12\x66lush_every_tokens\x18\x01 \x01(\r\"\xea\x01\n\rGenerateStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x0f\n\x07session\x18\x05 \x01(\x08\x12\x17\n\x0ftruncate_prompt\x18\x06 \x01(\x08\x12<\n\x0estream_options\x18\x07 \x01(\x0b\x32$.llmsuite.inference.v1.StreamOptions\"\x91\x01\n\x0cGenerateTurn\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12 \n\x13keep_history_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x16\n\x14_keep_history_tokens\" \n\x0eGenerateCancel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\x04\x12\x0c\n\x04turn\x18\x03 \x01(\r\x12\x38\n\x06tokens\x18\x04 \x01(\x0b\x32&.llmsuite.inference.v1.GeneratedTokensH\x00\x12\x35\n\x05\x66inal\x18\x05 \x01(\x0b\x32$.llmsuite.inference.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"\\\n\x0fGeneratedTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x36\n\x08logprobs\x18\x02 \x03(\x0b\x32$.llmsuite.common.v1.PositionLogprobs\"\xde\x01\n\rGenerateFinal\x12\x37\n\rfinish_reason\x18\x01 \x01(\x0e\x32 .llmsuite.common.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.llmsuite.common.v1.Usage\x12,\n\x07timings\x18\x03 \x01(\x0b\x32\x1b.llmsuite.common.v1.Timings\x12\"\n\x15matched_stop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_matched_stop_token_id\"\x13\n\x11ListModelsRequest\"F\n\x12ListModelsResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .llmsuite.inference.v1.ModelInfo\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"F\n\x14GetModelInfoResponse\x12.\n\x04info\x18\x01 \x01(\x0b\x32 .llmsuite.inference.v1.ModelInfo\"\xaf\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x08 \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\t \x01(\r\x12\x10\n\x08head_dim\x18\n \x01(\r\x12\x16\n\x0ekv_cache_dtype\x18\x0b \x01(\t\x12\x19\n\x11uses_position_ids\x18\x0c \x01(\x08\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x0e \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x16tokenizer_content_hash\x18\x0f \x01(\t\x12\x30\n\x05stats\x18\x10 \x01(\x0b\x32!.llmsuite.inference.v1.ModelStatsB\x0f\n\r_bos_token_id\"\xd7\x03\n\nModelStats\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x10\n\x08sessions\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x17\n\x0f\x63\x61ncelled_total\x18\x07 \x01(\x04\x12\x1a\n\x12time_limited_total\x18\x08 \x01(\x04\x12\x1d\n\x15kv_cache_budget_bytes\x18\t \x01(\x04\x12\x1f\n\x17kv_cache_reserved_bytes\x18\n \x01(\x04\x12\x16\n\x0erejected_total\x18\x0b \x01(\x04\x12$\n\x1cprefix_cache_evictions_total\x18\x0c \x01(\x04\x12\x19\n\x11\x64\x65\x63ode_batch_rows\x18\r \x01(\r\x12\x13\n\x0bsteps_total\x18\x0e \x01(\x04\x12\x1c\n\x14prefix_cache_entries\x18\x0f \x01(\r\x12%\n\x1dprefix_cache_hit_tokens_total\x18\x10 \x01(\x04\x12\'\n\x1fprefix_cache_query_tokens_total\x18\x11 \x01(\x04\x32\xbf\x02\n\x10InferenceService\x12_\n\x08Generate\x12&.llmsuite.inference.v1.GenerateRequest\x1a\'.llmsuite.inference.v1.GenerateResponse(\x01\x30\x01\x12\x61\n\nListModels\x12(.llmsuite.inference.v1.ListModelsRequest\x1a).llmsuite.inference.v1.ListModelsResponse\x12g\n\x0cGetModelInfo\x12*.llmsuite.inference.v1.GetModelInfoRequest\x1a+.llmsuite.inference.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%llmsuite/inference/v1/inference.proto\x12\x15llmsuite.inference.v1\x1a\x1fllmsuite/common/v1/common.proto\"\xbe\x01\n\x0fGenerateRequest\x12\x35\n\x05start\x18\x01 \x01(\x0b\x32$.llmsuite.inference.v1.GenerateStartH\x00\x12\x33\n\x04turn\x18\x02 \x01(\x0b\x32#.llmsuite.inference.v1.GenerateTurnH\x00\x12\x37\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32%.llmsuite.inference.v1.GenerateCancelH\x00\x42\x06\n\x04kind\"+\n\rStreamOptions\x12\x1a\n\x12\x66lush_every_tokens\x18\x01 \x01(\r\"\x8b\x02\n\rGenerateStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x0f\n\x07session\x18\x05 \x01(\x08\x12\x17\n\x0ftruncate_prompt\x18\x06 \x01(\x08\x12<\n\x0estream_options\x18\x07 \x01(\x0b\x32$.llmsuite.inference.v1.StreamOptions\x12\x1f\n\x17\x65xpected_tokenizer_hash\x18\x08 \x01(\t\"\x91\x01\n\x0cGenerateTurn\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12 \n\x13keep_history_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x16\n\x14_keep_history_tokens\" \n\x0eGenerateCancel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\x04\x12\x0c\n\x04turn\x18\x03 \x01(\r\x12\x38\n\x06tokens\x18\x04 \x01(\x0b\x32&.llmsuite.inference.v1.GeneratedTokensH\x00\x12\x35\n\x05\x66inal\x18\x05 \x01(\x0b\x32$.llmsuite.inference.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"\\\n\x0fGeneratedTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x36\n\x08logprobs\x18\x02 \x03(\x0b\x32$.llmsuite.common.v1.PositionLogprobs\"\xde\x01\n\rGenerateFinal\x12\x37\n\rfinish_reason\x18\x01 \x01(\x0e\x32 .llmsuite.common.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.llmsuite.common.v1.Usage\x12,\n\x07timings\x18\x03 \x01(\x0b\x32\x1b.llmsuite.common.v1.Timings\x12\"\n\x15matched_stop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_matched_stop_token_id\"\x13\n\x11ListModelsRequest\"F\n\x12ListModelsResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .llmsuite.inference.v1.ModelInfo\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"F\n\x14GetModelInfoResponse\x12.\n\x04info\x18\x01 \x01(\x0b\x32 .llmsuite.inference.v1.ModelInfo\"\xaf\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x08 \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\t \x01(\r\x12\x10\n\x08head_dim\x18\n \x01(\r\x12\x16\n\x0ekv_cache_dtype\x18\x0b \x01(\t\x12\x19\n\x11uses_position_ids\x18\x0c \x01(\x08\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x0e \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x16tokenizer_content_hash\x18\x0f \x01(\t\x12\x30\n\x05stats\x18\x10 \x01(\x0b\x32!.llmsuite.inference.v1.ModelStatsB\x0f\n\r_bos_token_id\"\xd7\x03\n\nModelStats\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x10\n\x08sessions\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x17\n\x0f\x63\x61ncelled_total\x18\x07 \x01(\x04\x12\x1a\n\x12time_limited_total\x18\x08 \x01(\x04\x12\x1d\n\x15kv_cache_budget_bytes\x18\t \x01(\x04\x12\x1f\n\x17kv_cache_reserved_bytes\x18\n \x01(\x04\x12\x16\n\x0erejected_total\x18\x0b \x01(\x04\x12$\n\x1cprefix_cache_evictions_total\x18\x0c \x01(\x04\x12\x19\n\x11\x64\x65\x63ode_batch_rows\x18\r \x01(\r\x12\x13\n\x0bsteps_total\x18\x0e \x01(\x04\x12\x1c\n\x14prefix_cache_entries\x18\x0f \x01(\r\x12%\n\x1dprefix_cache_hit_tokens_total\x18\x10 \x01(\x04\x12\'\n\x1fprefix_cache_query_tokens_total\x18\x11 \x01(\x04\x32\xbf\x02\n\x10InferenceService\x12_\n\x08Generate\x12&.llmsuite.inference.v1.GenerateRequest\x1a\'.llmsuite.inference.v1.GenerateResponse(\x01\x30\x01\x12\x61\n\nListModels\x12(.llmsuite.inference.v1.ListModelsRequest\x1a).llmsuite.inference.v1.ListModelsResponse\x12g\n\x0cGetModelInfo\x12*.llmsuite.inference.v1.GetModelInfoRequest\x1a+.llmsuite.inference.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMOPTIONS']._serialized_start=290
   _globals['_STREAMOPTIONS']._serialized_end=333
   _globals['_GENERATESTART']._serialized_start=336
-  _globals['_GENERATESTART']._serialized_end=570
-  _globals['_GENERATETURN']._serialized_start=573
-  _globals['_GENERATETURN']._serialized_end=718
-  _globals['_GENERATECANCEL']._serialized_start=720
-  _globals['_GENERATECANCEL']._serialized_end=752
-  _globals['_GENERATERESPONSE']._serialized_start=755
-  _globals['_GENERATERESPONSE']._serialized_end=953
-  _globals['_GENERATEDTOKENS']._serialized_start=955
-  _globals['_GENERATEDTOKENS']._serialized_end=1047
-  _globals['_GENERATEFINAL']._serialized_start=1050
-  _globals['_GENERATEFINAL']._serialized_end=1272
-  _globals['_LISTMODELSREQUEST']._serialized_start=1274
-  _globals['_LISTMODELSREQUEST']._serialized_end=1293
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1295
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1365
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1367
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1403
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1405
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1475
-  _globals['_MODELINFO']._serialized_start=1478
-  _globals['_MODELINFO']._serialized_end=1909
-  _globals['_MODELSTATS']._serialized_start=1912
-  _globals['_MODELSTATS']._serialized_end=2383
-  _globals['_INFERENCESERVICE']._serialized_start=2386
-  _globals['_INFERENCESERVICE']._serialized_end=2705
+  _globals['_GENERATESTART']._serialized_end=603
+  _globals['_GENERATETURN']._serialized_start=606
+  _globals['_GENERATETURN']._serialized_end=751
+  _globals['_GENERATECANCEL']._serialized_start=753
+  _globals['_GENERATECANCEL']._serialized_end=785
+  _globals['_GENERATERESPONSE']._serialized_start=788
+  _globals['_GENERATERESPONSE']._serialized_end=986
+  _globals['_GENERATEDTOKENS']._serialized_start=988
+  _globals['_GENERATEDTOKENS']._serialized_end=1080
+  _globals['_GENERATEFINAL']._serialized_start=1083
+  _globals['_GENERATEFINAL']._serialized_end=1305
+  _globals['_LISTMODELSREQUEST']._serialized_start=1307
+  _globals['_LISTMODELSREQUEST']._serialized_end=1326
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1328
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1398
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1400
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1436
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1438
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1508
+  _globals['_MODELINFO']._serialized_start=1511
+  _globals['_MODELINFO']._serialized_end=1942
+  _globals['_MODELSTATS']._serialized_start=1945
+  _globals['_MODELSTATS']._serialized_end=2416
+  _globals['_INFERENCESERVICE']._serialized_start=2419
+  _globals['_INFERENCESERVICE']._serialized_end=2738
 # @@protoc_insertion_point(module_scope)

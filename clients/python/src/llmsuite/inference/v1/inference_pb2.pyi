@@ -24,7 +24,7 @@ class StreamOptions(_message.Message):
     def __init__(self, flush_every_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateStart(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "session", "truncate_prompt", "stream_options")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "session", "truncate_prompt", "stream_options", "expected_tokenizer_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class GenerateStart(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     STREAM_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -39,7 +40,8 @@ class GenerateStart(_message.Message):
     session: bool
     truncate_prompt: bool
     stream_options: StreamOptions
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., session: _Optional[bool] = ..., truncate_prompt: _Optional[bool] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ...) -> None: ...
+    expected_tokenizer_hash: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., session: _Optional[bool] = ..., truncate_prompt: _Optional[bool] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ..., expected_tokenizer_hash: _Optional[str] = ...) -> None: ...
 
 class GenerateTurn(_message.Message):
     __slots__ = ("token_ids", "sampling", "keep_history_tokens")
