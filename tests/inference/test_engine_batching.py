@@ -262,3 +262,41 @@ def test_rows_join_leave_and_are_extracted_without_changing_logits(tiny_llama_di
     assert tokens == expected
     if decoder.uses_position_ids:
         assert len({join_at[n] for n in prompts}) > 1
+
+
+def test_fresh_prompts_arriving_together_share_one_prefill_forward(load_engine: Any, tiny_llama_dir: Path) -> None:
+    log = StepLog()
+    engine = load_engine({"tiny": tiny_llama_dir}, step_observer=log, max_running=16, prefix_cache=False,
+                         prefill_chunk_tokens=256)
+    requests = [Request(i, (tuple(range(30 + 7 * i, 30 + 7 * i + 10 + 3 * i)),), max_new_tokens=6)
+                for i in range(6)]
+    alone = asyncio.run(run_alone(engine, "tiny", requests))
+    log.reports.clear()
+    batched = asyncio.run(run_mixed(engine, "tiny", requests))  # all six start at once
+    assert batched == alone
+    prompt_tokens = sum(len(r.turns[0]) for r in requests)
+    assert sum(r.prefill_tokens for r in log.reports) == prompt_tokens
+    # Fewer prefill forwards than prompts: fresh prompts in line were prefilled together.
+    assert sum(r.prefill_forwards for r in log.reports) < len(requests)
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_prompts_prefilled_together_decode_like_prompts_prefilled_alone(tiny_llama_dir: Path, tiny_gpt2_dir: Path,
+                                                                        cpu_settings: Any, model: str) -> None:
+    decoder = OnnxDecoder.load(_models(tiny_llama_dir, tiny_gpt2_dir)[model], cpu_settings)
+    ops = KvOps(decoder.placement, decoder.placement.providers(), decoder.signature.num_layers,
+                decoder.signature.kv_dtype)
+    lengths = (7, 19, 12) if decoder.uses_position_ids else (12, 12, 12)
+    prompts = [list(range(5 + 9 * i, 5 + 9 * i + n)) for i, n in enumerate(lengths)]
+    steps = 8
+    batch, logits = DecodeBatch.prefill(decoder, ops, [0, 1, 2], prompts, padded=decoder.uses_position_ids)
+    assert batch.lengths == list(lengths) and batch.padded_length == max(lengths)
+    tokens = [[int(t)] for t in np.argmax(logits, axis=1)]
+    for _ in range(steps - 1):
+        logits = batch.forward([t[-1] for t in tokens])
+        for row, row_tokens in enumerate(tokens):
+            row_tokens.append(int(np.argmax(logits[row])))
+    assert tokens == [_greedy_alone(decoder, prompt, steps) for prompt in prompts]
+    if not decoder.uses_position_ids:
+        with pytest.raises(ValueError):
+            DecodeBatch.prefill(decoder, ops, [0, 1], [[5, 6, 7], [5, 6]], padded=False)

@@ -203,18 +203,18 @@ def test_auto_falls_back_to_cpu_with_a_warning(tiny_llama_dir: Path, monkeypatch
 
 def test_session_options_follow_settings() -> None:
     options = device_module.session_options(
-        EngineSettings(intra_op_threads=3, inter_op_threads=2, graph_optimization="basic", intra_op_spinning=True)
+        EngineSettings(intra_op_threads=3, inter_op_threads=2, graph_optimization="basic", intra_op_spinning=False)
     )
     assert options.intra_op_num_threads == 3
     assert options.inter_op_num_threads == 2
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_default_threads_are_the_cpus_this_process_may_use() -> None:
     options = device_module.session_options(EngineSettings())
     assert options.intra_op_num_threads == device_module.available_cores() <= len(os.sched_getaffinity(0))
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
 
 @pytest.mark.parametrize("bad", [{"device": "gpu"}, {"device": "cuda:x"}, {"graph_optimization": "max"},

@@ -51,8 +51,8 @@ def build_parser() -> EnvArgumentParser:
                    help="ONNX Runtime threads per operator (0 = the CPUs this process may use: its "
                         "affinity mask and cgroup quota)")
     e.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction, default=defaults.intra_op_spinning,
-                   help="let idle ONNX Runtime threads busy-wait: lower latency when the process has its cores "
-                        "to itself, CPU taken from the gateway and tokenizer when it shares them")
+                   help="let ONNX Runtime threads busy-wait briefly between operators instead of sleeping at once "
+                        "(lower per-token latency; --no-intra-op-spinning gives the CPU back to neighbours sooner)")
     e.add_argument("--inter-op-threads", type=int, default=defaults.inter_op_threads,
                    help="ONNX Runtime threads across operators (0 = its default)")
     e.add_argument("--graph-optimization", choices=["none", "basic", "extended", "all"],

@@ -81,6 +81,22 @@ class DecodeBatch(Generic[RowKey]):
         tensors = self._ops.join(self.cache.tensors, cache.tensors, target - self.cache.length, target - cache.length)
         return BatchLayout(keys, lengths, KvCache(tensors, target, cache.bytes_per_token, self.cache.rows + 1))
 
+    def with_batch(self, other: DecodeBatch[RowKey]) -> BatchLayout[RowKey]:
+        """This batch with every row of `other` after its own (see `with_row`)."""
+        if other.cache is None:
+            return BatchLayout(self.keys, self.lengths, self.cache)
+        if not self.padded and self.keys and (other.padded_length != self.padded_length
+                                              or len(set(other.lengths)) > 1):
+            raise ValueError("an unpadded batch only takes rows of its own length")
+        keys, lengths = [*self.keys, *other.keys], [*self.lengths, *other.lengths]
+        if self.cache is None:
+            return BatchLayout(keys, lengths, other.cache)
+        target = max(self.cache.length, other.cache.length)
+        tensors = self._ops.join(self.cache.tensors, other.cache.tensors, target - self.cache.length,
+                                 target - other.cache.length)
+        return BatchLayout(keys, lengths,
+                           KvCache(tensors, target, self.cache.bytes_per_token, self.cache.rows + other.cache.rows))
+
     def without_rows(self, keys: Sequence[RowKey]) -> BatchLayout[RowKey]:
         """The batch without `keys`, compacted (see `with_row` for why it is not applied here)."""
         leaving = set(keys)
@@ -104,6 +120,29 @@ class DecodeBatch(Generic[RowKey]):
         row = self.keys.index(key)
         tensors = self._ops.reshape(self.cache.tensors, [row], drop_front=self.cache.length - self.lengths[row])
         return KvCache(tensors, self.lengths[row], self.cache.bytes_per_token, 1)
+
+    @classmethod
+    def prefill(cls, decoder: OnnxDecoder, ops: KvOps, keys: Sequence[RowKey], prompts: Sequence[Sequence[int]],
+                *, padded: bool) -> tuple[DecodeBatch[RowKey], np.ndarray]:
+        """Prefills several prompts with no past in ONE forward, left-padded to the longest (an
+        unpadded batch needs equal lengths); returns the batch holding their KV, laid out as
+        any batch is, and each row's last-position logits [rows, vocab]."""
+        if not padded and len({len(p) for p in prompts}) > 1:
+            raise ValueError("prompts of an unpadded batch must have equal lengths")
+        sig = decoder.signature
+        rows, width = len(prompts), max(len(p) for p in prompts)
+        input_ids = np.zeros((rows, width), dtype=sig.input_ids_dtype)
+        attention_mask = np.zeros((rows, width), dtype=sig.attention_mask_dtype)
+        position_ids = np.zeros((rows, width), dtype=sig.position_ids_dtype)
+        for row, prompt in enumerate(prompts):
+            pad = width - len(prompt)
+            input_ids[row, pad:] = prompt
+            attention_mask[row, pad:] = 1
+            position_ids[row, pad:] = np.arange(len(prompt))
+        logits, cache = decoder.run(input_ids, attention_mask, position_ids, decoder.empty_cache(rows))
+        batch: DecodeBatch[RowKey] = cls(decoder, ops, padded=padded)
+        batch.apply(BatchLayout(list(keys), [len(p) for p in prompts], cache))
+        return batch, logits[:, -1, :]
 
     def forward(self, last_tokens: Sequence[int]) -> np.ndarray:
         """Feeds each row's newest token (in row order); returns logits [rows, vocab]."""

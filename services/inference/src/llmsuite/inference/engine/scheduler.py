@@ -427,18 +427,19 @@ class Scheduler:
                 return False
         started = time.perf_counter()
         self._retire(endings)
-        prefill_tokens = self._prefill()
+        prefill_tokens, prefill_forwards = self._prefill()
         decode_rows, decode_forwards = self._decode()
         elapsed = time.perf_counter() - started
         with self._cond:
-            if prefill_tokens or decode_forwards:
+            if prefill_forwards or decode_forwards:
                 self._counters["steps"] += 1
                 self._step_s = elapsed if self._step_s == 0.0 else 0.9 * self._step_s + 0.1 * elapsed
             if decode_forwards:
                 self._last_decode_rows = decode_rows
-        if self._observer is not None and (prefill_tokens or decode_forwards):
+        if self._observer is not None and (prefill_forwards or decode_forwards):
             try:
-                self._observer(StepReport(self.name, decode_rows, decode_forwards, prefill_tokens, elapsed))
+                self._observer(StepReport(self.name, decode_rows, decode_forwards, prefill_tokens, elapsed,
+                                          prefill_forwards))
             except Exception:  # metrics must never stop generation
                 logger.exception("scheduler %s: step observer failed", self.name)
         return True
@@ -517,15 +518,29 @@ class Scheduler:
                 ending.turn.cache, ending.turn.batch = None, None
                 self._finish(ending, kv=kept[id(ending.turn)])
 
-    def _prefill(self) -> int:
-        """Feeds up to prefill_chunk_tokens prompt tokens, oldest admitted prompt first."""
+    def _prefill(self) -> tuple[int, int]:
+        """Feeds up to prefill_chunk_tokens prompt tokens, oldest admitted prompt first;
+        returns (tokens, forwards).
+
+        Fresh prompts (nothing cached, short enough to finish within the budget) that are
+        next in line are prefilled together in one left-padded forward; a continuation or a
+        long prompt gets a chunk of its own, continuing from its cache.
+        """
         budget = self.prefill_chunk_tokens
-        fed = 0
+        fed = forwards = 0
         while budget > 0:
             with self._cond:
-                turn = next((t for t in self._prefilling if not t.cancel_requested), None)
-            if turn is None:
+                waiting = [t for t in self._prefilling if not t.cancel_requested]
+            if not waiting:
                 break
+            group = self._fresh_group(waiting, budget)
+            if len(group) > 1:
+                fed += sum(len(t.pending) for t in group)
+                budget -= len(group) * max(len(t.pending) for t in group)
+                forwards += 1
+                self._prefill_together(group)
+                continue
+            turn = waiting[0]
             chunk = turn.pending[:budget]
             started = time.monotonic()
             if turn.first_forward_at is None:
@@ -544,6 +559,7 @@ class Scheduler:
             turn.cache = result.cache
             del turn.pending[:len(chunk)]
             fed += len(chunk)
+            forwards += 1
             budget -= len(chunk)
             if turn.pending:
                 continue
@@ -553,7 +569,65 @@ class Scheduler:
                 self._retire([ending])
             else:
                 self._join(turn)
-        return fed
+        return fed, forwards
+
+    def _fresh_group(self, waiting: Sequence[Turn], budget: int) -> list[Turn]:
+        """The prompts next in line that can share one prefill forward within `budget` padded
+        tokens: nothing cached, whole prompt fed at once (equal lengths without position_ids)."""
+        group: list[Turn] = []
+        width = 0
+        for turn in waiting:
+            fresh = turn.hit is None and turn.cache is None and turn.first_forward_at is None
+            if not fresh or (not self._padded and group and len(turn.pending) != width):
+                break
+            wider = max(width, len(turn.pending))
+            if (len(group) + 1) * wider > budget:
+                break
+            group.append(turn)
+            width = wider
+        return group
+
+    def _prefill_together(self, group: list[Turn]) -> None:
+        """One forward for every prompt of `group`; the rows that go on join a decode batch."""
+        started = time.monotonic()
+        for turn in group:
+            turn.first_forward_at = started
+        try:
+            batch, logits = DecodeBatch.prefill(self.decoder, self._ops, group, [t.pending for t in group],
+                                                padded=self._padded)
+        except Exception as exc:
+            logger.exception("model %s: batched prefill failed", self.name)
+            self._fail(group, exc)
+            return
+        elapsed = time.monotonic() - started
+        tokens = sum(len(t.pending) for t in group)
+        self.prefill_estimate.observe(tokens, elapsed)
+        for turn in group:
+            turn.prefill_s += elapsed
+            turn.pending = []
+            turn.batch = batch
+        endings = [e for e in (self._emit(t, token) for t, token in
+                               zip(group, choose_batch([t.sampler for t in group], logits, self._sampling_pool),
+                                   strict=True)) if e is not None]
+        self._retire(endings)
+        if not len(batch):
+            return
+        target = next((b for b in self._batches if b.accepts(batch.padded_length)), None)
+        if target is None:
+            target = DecodeBatch(self.decoder, self._ops, padded=self._padded)
+        try:
+            layout = target.with_batch(batch)
+        except Exception as exc:
+            logger.exception("model %s: joining the batch failed", self.name)
+            self._fail(list(batch.keys), exc)
+            return
+        with self._cond:
+            target.apply(layout)
+            if target not in self._batches:
+                self._batches.append(target)
+            for turn in batch.keys:
+                self._prefilling.remove(turn)
+                turn.batch = target
 
     def _join(self, turn: Turn) -> None:
         """Moves a prefilled turn into a batch (KV work outside the lock, bookkeeping inside)."""

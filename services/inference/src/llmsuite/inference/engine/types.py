@@ -21,8 +21,9 @@ class EngineSettings:
     device: "auto" (CUDA when it really works, else CPU with a warning), "cpu", "cuda"
     or "cuda:N" (fail at load unless CUDA is really active). intra_op_threads 0 = the CPUs
     this process may use (affinity mask and cgroup quota), not every core of the host;
-    intra_op_spinning lets idle ONNX Runtime threads busy-wait (lower latency when the
-    process owns its cores, stolen CPU when it shares them with the gateway and tokenizer).
+    intra_op_spinning lets ONNX Runtime threads busy-wait briefly between operators (they
+    still sleep when there is no work); measured beside the gateway and tokenizer on 2
+    cores it is the faster setting (docs/performance.md), so it is on by default.
 
     Admission is by KV memory: the rows running in the batch (prefilling or decoding)
     reserve the KV bytes they can grow to (prompt + max_new_tokens, padded to the batch's
@@ -41,7 +42,7 @@ class EngineSettings:
     device: str = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    intra_op_spinning: bool = False
+    intra_op_spinning: bool = True
     graph_optimization: str = "all"
     max_running: int = 32
     max_queued: int = 64
@@ -207,3 +208,4 @@ class StepReport:
     decode_forwards: int  # >1 only for exports that cannot be left-padded (one forward per length)
     prefill_tokens: int  # prompt tokens fed this step
     seconds: float  # wall time of the step's model work
+    prefill_forwards: int = 0  # prefill forwards run this step (fresh prompts share one)
