@@ -42,7 +42,10 @@ class WorkSettings:
     """How tokenizer work is scheduled, and when being behind means not serving."""
 
     worker_threads: int = 4
-    max_queued: int = 32
+    # A gateway sends one Encode per request it admits, so a burst as large as its
+    # concurrency arrives at once; a waiting request holds only its already-received
+    # message, so the bound is about latency, and 256 absorbs a c=64 burst several times.
+    max_queued: int = 256
     # Health turns NOT_SERVING once a request has waited this long for a worker (every
     # worker busy and none finishing), and SERVING again once waits fall under half.
     stall_after_s: float = 10.0
