@@ -35,6 +35,7 @@ class Script:
     """What the scripted replica does with the next Generate calls."""
 
     refuse_with: LlmsuiteError | None = None  # raised before any token
+    bare_abort: grpc.StatusCode | None = None  # a status with no llmsuite details, as grpc-core gives one
     tokens: int = 8  # then a LENGTH final, unless one of the below
     forever: bool = False  # tokens until cancelled; ignores its deadline
     honour_deadline: bool = False  # with forever: a TIME_LIMIT final shortly before its deadline
@@ -87,6 +88,8 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         self.deadlines.append(context.time_remaining())
         if script.refuse_with is not None:
             raise script.refuse_with
+        if script.bare_abort is not None:
+            await context.abort(script.bare_abort, "Internal error from Core")
         usage = common_pb2.Usage(prompt_tokens=len(first.start.prompt_token_ids))
         sent = 0
         try:

@@ -88,6 +88,30 @@ def test_upstream_refusing_the_gateways_credentials_is_not_the_callers_bad_key(g
     assert_no_internals(error)
 
 
+def test_a_transport_internal_before_the_first_token_is_spilled_over(tokenizer_server, scripted,
+                                                                        tiny_tokenizer_dir):
+    """grpc-core answers a call racing a replica's shutdown with a bare INTERNAL (no
+    llmsuite ErrorInfo): that says nothing about the request, so another replica gets it."""
+    failing, failing_server = scripted
+    failing.script = Script(bare_abort=grpc.StatusCode.INTERNAL)
+    healthy = ScriptedInference(tokenizer_content_hash(tiny_tokenizer_dir))
+    with ServerThread(healthy) as healthy_server, \
+            running_gateway(tokenizer_server.address, [failing_server.address, healthy_server.address]) as gw, \
+            gw.channel() as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        for _ in range(4):  # round-robin puts the failing replica first in half of them
+            reply = stub.Generate(pb.GenerateRequest(model="tiny", prompt="Hi", sampling=SAMPLING))
+            assert reply.summary.usage.completion_tokens == 8  # the scripted default
+        assert failing.starts and len(healthy.starts) == 4
+        failing.script = Script(bare_abort=grpc.StatusCode.INTERNAL)
+    # Alone, it is UNAVAILABLE with a retry hint, not an INTERNAL blamed on the caller's request.
+    with running_gateway(tokenizer_server.address, [failing_server.address]) as gw, gw.channel() as ch:
+        error = failure(lambda: gateway_pb2_grpc.GatewayServiceStub(ch).Generate(
+            pb.GenerateRequest(model="tiny", prompt="Hi", sampling=SAMPLING)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and error_details(error)["retry_after_s"] > 0
+        assert_no_internals(error)
+
+
 def test_a_stream_that_ends_early_is_the_same_error_on_every_path(gateway):
     app, stub = gateway
     app.script = Script(tokens=3, end_early=True)

@@ -20,6 +20,9 @@ through `llmsuite.gateway.upstreams`, which hands any `AioRpcError` to
   with a generic message, since grpc's own text names internal addresses.
 - An upstream bug (INTERNAL) stays INTERNAL and points at the request id,
   which the gateway forwards upstream, so the upstream's log line is findable.
+  An INTERNAL without an llmsuite ErrorInfo came from the transport, not a
+  handler (a call racing the replica's shutdown): UNAVAILABLE, and before the
+  first message the gateway spills it over to another replica.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ def from_upstream(exc: grpc.aio.AioRpcError, upstream: str) -> LlmsuiteError:
             f"the {upstream} service refused this gateway's own credentials; the gateway's operator must fix "
             "its upstream configuration (--upstream-api-key, --upstream-tls-*); your API key is not the problem",
             reason="UPSTREAM_AUTH_FAILED", metadata={"upstream": upstream, "upstream_code": code.name})
+    if is_transport_failure(exc):
+        return unavailable(upstream)
     if code is grpc.StatusCode.INTERNAL:
         error = LlmsuiteError(
             f"the {upstream} service failed with an internal error; its logs name request id "
@@ -107,6 +112,14 @@ def from_upstream(exc: grpc.aio.AioRpcError, upstream: str) -> LlmsuiteError:
                            metadata={**metadata, "upstream": upstream},
                            retry_after_s=retry_after_s if retry_after_s is not None else DEFAULT_RETRY_AFTER_S)
     return unavailable(upstream)
+
+
+def is_transport_failure(exc: grpc.aio.AioRpcError) -> bool:
+    """An INTERNAL that no llmsuite handler produced: every status our servers raise carries
+    an ErrorInfo, so one without it came from the transport (grpc-core answers a call that
+    races a server's shutdown with INTERNAL "Internal error from Core"). It says nothing
+    about the request: the replica is going away, like UNAVAILABLE."""
+    return exc.code() is grpc.StatusCode.INTERNAL and "reason" not in error_details(exc)
 
 
 def unavailable(upstream: str, *, reason: str = "UPSTREAM_UNAVAILABLE") -> Unavailable:

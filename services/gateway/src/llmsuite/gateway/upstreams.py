@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmsuite.client.connection import auth_metadata
 from llmsuite.gateway.circuit_breaker import CircuitBreaker
 from llmsuite.gateway.metrics import GatewayMetrics
-from llmsuite.gateway.upstream_errors import ended_early, from_upstream, unavailable
+from llmsuite.gateway.upstream_errors import ended_early, from_upstream, is_transport_failure, unavailable
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmsuite.runtime.calls import on_call_done
 from llmsuite.runtime.channels import ChannelSettings, create_channel
@@ -329,7 +329,7 @@ class Upstreams:
             except grpc.aio.AioRpcError as exc:
                 replica.record(exc.code(), callers_deadline=True)
                 error = from_upstream(exc, "inference")
-                if exc.code() in SPILL_OVER_CODES:
+                if exc.code() in SPILL_OVER_CODES or is_transport_failure(exc):
                     log.info("replica refused; spilling over", extra={"replica": replica.target,
                                                                        "code": exc.code().name})
                     last_error, refused = error, (replica, exc.code())
