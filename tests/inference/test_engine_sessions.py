@@ -47,7 +47,9 @@ def test_second_turn_reuses_the_cache_and_matches_a_cold_request(engine: Any, co
 
         second, result_2 = await helpers.run_turn(session, TURN_2, greedy(6))
         assert result_2.usage.cached_tokens == len(history) - 1
-        assert result_2.usage.prompt_tokens == len(TURN_2)
+        # Computed: the new ids, and the first turn's last token (sampled, never fed until now).
+        assert result_2.usage.prompt_tokens == len(TURN_2) + 1
+        assert result_2.usage.prompt_tokens + result_2.usage.cached_tokens == len(history) + len(TURN_2)
         fresh, fresh_result = await helpers.generate_once(cold, "tiny", history + TURN_2, greedy(6))
         assert ids(second) == fresh
         assert fresh_result.usage.cached_tokens == 0

@@ -109,7 +109,10 @@ def test_generation_moves_the_per_request_metrics(server, stub):
         return tiny(after, name) - tiny(before, name)
 
     assert moved("llmsuite_inference_generation_tokens_total") == 16
-    assert moved("llmsuite_inference_prompt_tokens_total") == 2 * len(PROMPT)
+    # The second run of the same prompt reuses its KV: computed + cached is the whole prompt both times.
+    assert moved("llmsuite_inference_prompt_tokens_total") + moved("llmsuite_inference_cached_tokens_total") == \
+        2 * len(PROMPT)
+    assert moved("llmsuite_inference_cached_tokens_total") == len(PROMPT) - 1
     assert moved("llmsuite_inference_time_to_first_token_seconds_count") == 2
     assert moved("llmsuite_inference_inter_token_latency_seconds_count") == 2 * 7  # between 8 tokens: 7 gaps
     assert moved("llmsuite_inference_request_duration_seconds_count") == 2

@@ -221,7 +221,8 @@ def test_session_turn_reuses_kv_and_matches_a_fresh_request(stub):
     gen1, (final1,) = collect(turn1)
     assert {r.turn for r in turn1} == {1}
     assert final1.usage.cached_tokens == len(prompt) + len(gen0) - 1
-    assert final1.usage.prompt_tokens == len(follow_up)
+    # Computed this turn: the follow-up and turn 0's last token (sampled, never fed until now).
+    assert final1.usage.prompt_tokens == len(follow_up) + 1
     fresh, (fresh_final,) = collect(stub.Generate(iter([start(prompt=prompt + gen0 + follow_up, max_new_tokens=5)])))
     assert gen1 == fresh
     # The same conversation sent as one request reuses the session's KV from the prefix cache.

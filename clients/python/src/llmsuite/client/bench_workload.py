@@ -11,7 +11,7 @@ Prompts of exact length:
   token boundary found with Tokenize offsets and the cut text is tokenized again to
   prove its length; the few cuts that re-tokenize differently (a word cut in the middle
   may merge) are moved and checked again. Counting uses the same tokenizer and the same
-  special-token setting as the request itself, so usage.prompt_tokens equals the target.
+  special-token setting as the request itself, so usage.prompt_tokens + cached_tokens equals the target.
 """
 
 from __future__ import annotations

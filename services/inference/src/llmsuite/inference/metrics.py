@@ -69,7 +69,8 @@ class InferenceMetrics:
             "Time a turn spent in its prefill forwards.",
             model, buckets=QUEUE_BUCKETS, registry=None)
         self.prompt_tokens = Counter(
-            "llmsuite_inference_prompt_tokens", "New prompt tokens of finished turns.", model, registry=None)
+            "llmsuite_inference_prompt_tokens",
+            "Prompt tokens finished turns computed (their context minus cached tokens).", model, registry=None)
         self.cached_tokens = Counter(
             "llmsuite_inference_cached_tokens",
             "Context tokens of finished turns whose KV cache was reused instead of recomputed.",

@@ -348,10 +348,8 @@ class Scheduler:
                 retained_session=session.multi_turn, truncate_prompt=truncate_prompt,
             )
             context = kept_history + new_ids
-            kept_new = len(new_ids)
             if drop:
                 context = context[drop:]  # positions shift: the prefix cache finds what still matches
-                kept_new = min(len(new_ids), len(context))
             reserved = min(self._context_length, len(context) + params.max_new_tokens)
             self._check_fits_budget(reserved)
             if deadline is not None:
@@ -366,7 +364,7 @@ class Scheduler:
                 params=params,
                 sampler=TokenSampler(params, self._vocab_size, context),
                 stop_token_ids=stop_ids,
-                prompt_tokens=kept_new,
+                prompt_tokens=len(context),  # until admission finds what is cached
                 reserved_tokens=reserved,
                 deadline=deadline,
                 deliver=deliver,
@@ -476,6 +474,7 @@ class Scheduler:
             turn.hit = hit
             turn.cached_tokens = hit.length if hit is not None else 0
             turn.pending = context[turn.cached_tokens:]
+            turn.prompt_tokens = len(turn.pending)
             self._counters["prefix_cache_query_tokens"] += len(context)
             self._counters["prefix_cache_hit_tokens"] += turn.cached_tokens
             self._prefilling.append(turn)

@@ -118,7 +118,9 @@ class GeneratedToken:
 
 @dataclass(frozen=True)
 class TurnUsage:
-    """prompt_tokens: this turn's new ids; cached_tokens: tokens whose KV was reused, not recomputed."""
+    """The turn's context (session history and new ids) split in two: prompt_tokens were
+    prefilled by this turn, cached_tokens came from the prefix cache. Their sum is the
+    whole context the output was conditioned on."""
 
     prompt_tokens: int
     completion_tokens: int
