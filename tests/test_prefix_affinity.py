@@ -4,8 +4,8 @@ Two inference replicas behind one gateway. Stateless clients re-send each conver
 full every turn. With affinity, every turn of a conversation lands on the replica that
 computed the turn before, so its prefix cache covers the history; with plain round-robin,
 turns alternate replicas and most of the history is recomputed. The prefix-cache hit rate
-(hit / query tokens, from the replicas' own stats) must be higher with affinity, and both
-replicas must still get work.
+(hit / query tokens, from the replicas' own stats) must be higher with affinity, and many
+distinct conversations must still spread over both replicas.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
 SAMPLING = common_pb2.SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
 CONVERSATIONS = 5  # odd: plain round-robin over 2 replicas then moves each conversation every turn
 TURNS = 3
+# Distinct first turns sent to check that affinity still spreads load. The rendezvous hash
+# includes each replica's address, and the ports differ every run, so which replica a given
+# conversation lands on is random: 5 conversations all land on one replica 1 run in 16, but
+# 24 do so with probability 2**-23.
+SPREAD_PROMPTS = 24
 
 
 def _inference(model_dir) -> ServiceProcess:
@@ -53,6 +58,18 @@ def _run_conversations(gateway: ServiceProcess, replicas: list[ServiceProcess], 
     return hit / query, [a.requests_total - b.requests_total for a, b in pairs]
 
 
+def _first_turns(gateway: ServiceProcess, replicas: list[ServiceProcess]) -> list[int]:
+    """Sends SPREAD_PROMPTS distinct one-token requests; returns the requests each replica served."""
+    before = [_stats(r).requests_total for r in replicas]
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        for i in range(SPREAD_PROMPTS):
+            stub.Generate(pb.GenerateRequest(
+                model="tiny", prompt=f"Spread check {i}: an opening line long enough to make an affinity key.",
+                sampling=common_pb2.SamplingParams(max_new_tokens=1, temperature=0.0)))
+    return [_stats(r).requests_total - b for r, b in zip(replicas, before, strict=True)]
+
+
 def test_affinity_keeps_conversations_on_the_replica_that_holds_their_kv(tiny_model_dir) -> None:
     tokenizer = ServiceProcess(["llmsuite-tokenizer", "--listen", "127.0.0.1:0", "--model", f"tiny={tiny_model_dir}"])
     replicas = [_inference(tiny_model_dir), _inference(tiny_model_dir)]
@@ -66,6 +83,9 @@ def test_affinity_keeps_conversations_on_the_replica_that_holds_their_kv(tiny_mo
             # Each run has its own conversations, so neither reuses the other's KV.
             affine, affine_served = _run_conversations(gateways["64"], replicas, "affine")
             spread, spread_served = _run_conversations(gateways["0"], replicas, "round-robin")
-    assert all(affine_served) and all(spread_served), (affine_served, spread_served)
+            many_served = _first_turns(gateways["64"], replicas)
+    assert sum(affine_served) == sum(spread_served) == CONVERSATIONS * TURNS, (affine_served, spread_served)
+    assert all(spread_served), spread_served
+    assert all(many_served), many_served
     # With affinity, turns 2 and 3 reuse everything but the newly added text.
     assert affine > 0.5 and affine > spread, (affine, spread)
