@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmsuite.cluster import wait_serving
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -47,21 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_serving(address: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"{address}: process exited with {proc.returncode}")
-            with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.1)
-    raise SystemExit(f"{address} not SERVING within {timeout_s}s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -88,7 +73,7 @@ def cluster(model_dir: Path, intra_op_threads: int) -> Iterator[tuple[dict[str, 
             for name, argv in commands.items():
                 proc = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], env=env, stdout=log, stderr=log)
                 procs.append(proc)
-                wait_serving(addresses[name], proc)
+                wait_serving(name, addresses[name], proc, timeout_s=300)
             yield addresses, {name: proc.pid for name, proc in zip(commands, procs, strict=True)}
         finally:
             for proc in reversed(procs):

@@ -72,7 +72,7 @@ def _verdict(met: bool | None) -> str:
 def _memory_line(memory: dict[str, Any]) -> str:
     budget = memory["reported_kv_budget"]
     budget_text = ", ".join(f"{k} = {v:,}" for k, v in budget.items()) if budget else \
-        "the service reports no KV budget (ModelInfo has no such field yet)"
+        "no KV budget seen (no GetModelInfo sample was taken during the run)"
     return (f"inference process peak RSS (VmHWM) {_fmt(memory['vm_hwm_mib'])} MiB; model weights "
             f"{_fmt(memory['model_weights_mib'])} MiB; peak KV cache seen in GetModelInfo "
             f"{_fmt(memory['peak_kv_cache_mib'])} MiB (peak running {memory['peak_running']}, queued "

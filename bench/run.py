@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +45,7 @@ import onnxruntime as ort
 import performance_doc
 from reference import GreedyRun, ReferenceSession, greedy
 
+from llmsuite.cluster import wait_serving
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,31 +88,14 @@ class Cluster:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         try:
-            self._wait_serving()
+            # The launcher waits for each service in turn; the gateway comes last.
+            assert self.proc is not None
+            wait_serving("the cluster", self.address("gateway"), self.proc, timeout_s=600.0,
+                         log_hint=f"see {self.log_path}")
         except BaseException:
             self.__exit__()
             raise
         return self
-
-    def _wait_serving(self, timeout_s: float = 600.0) -> None:
-        # The launcher waits for each service in turn; the gateway comes last.
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address("gateway")) as channel:
-            from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"the cluster exited ({self.proc.returncode}); see {self.log_path}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.25)
-        raise SystemExit(f"the cluster was not SERVING within {timeout_s:.0f}s; see {self.log_path}")
 
     def service_pid(self, service: str) -> int | None:
         """The launcher's child running llmsuite-SERVICE (each is exec'd in place, so its parent is the launcher)."""
@@ -205,24 +188,13 @@ class MemoryWatch:
                 self.peak_kv_bytes = max(self.peak_kv_bytes, info.stats.kv_cache_bytes)
                 self.peak_running = max(self.peak_running, info.stats.running)
                 self.peak_queued = max(self.peak_queued, info.stats.queued)
-                self.budget = _reported_budget(info)
+                self.budget = {"kv_cache_budget_bytes": info.stats.kv_cache_budget_bytes}
 
     def __exit__(self, *exc: object) -> None:
         if self.pid is not None:
             self.hwm_kib = _status_kib(self.pid, "VmHWM")  # the process's peak, read before it stops
         self._stop.set()
         self._thread.join(10)
-
-
-def _reported_budget(info: inference_pb2.ModelInfo) -> dict[str, int]:
-    """Any KV budget the service reports. ModelInfo has none today; the batching engine
-    may add one (a field whose name says budget or capacity), and it then shows up here."""
-    found = {}
-    for message in (info, info.stats):
-        for descriptor, value in message.ListFields():
-            if isinstance(value, int) and any(w in descriptor.name for w in ("budget", "capacity", "max_kv")):
-                found[descriptor.name] = value
-    return found
 
 
 def llmsuite_bench(cluster: Cluster, options: list[str], json_path: Path) -> tuple[dict[str, Any], list[str]]:

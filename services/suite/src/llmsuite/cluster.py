@@ -96,21 +96,21 @@ def _wait_for_trouble(procs: Sequence[subprocess.Popen[bytes]]) -> str:
             os.close(fd)
 
 
-def _wait_serving(name: str, address: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_serving(name: str, address: str, proc: subprocess.Popen[bytes], timeout_s: float,
+                 log_hint: str = "see its log above") -> None:
+    """Polls gRPC health at `address` until SERVING; gives up at once if `proc` exits."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise SystemExit(f"{name} exited with code {proc.returncode}; see its log above")
-            try:
+                raise SystemExit(f"{name} exited with code {proc.returncode}; {log_hint}")
+            with contextlib.suppress(grpc.RpcError):
                 if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
                         health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
             time.sleep(0.2)
-    raise SystemExit(f"{name} at {address} did not become SERVING within {timeout_s:.0f}s")
+    raise SystemExit(f"{name} at {address} did not become SERVING within {timeout_s:.0f}s; {log_hint}")
 
 
 def _wait_http_ready(name: str, address: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.Popen(_child_argv([str(BIN / argv_[0]), *argv_[1:]]), env=env,
                                     start_new_session=True)
             procs.append((service, proc))
-            wait = _wait_http_ready if service == "openai" else _wait_serving
+            wait = _wait_http_ready if service == "openai" else wait_serving
             wait(service, address, proc, args.startup_timeout)
             print(f"  {service:<9} SERVING on {address}", file=sys.stderr, flush=True)
         print(f"""
