@@ -129,6 +129,11 @@ def test_bad_input_is_invalid_argument_with_gateway_field_names(stub):
     with pytest.raises(grpc.RpcError) as exc_info:
         stub.Generate(pb.GenerateRequest(model="nope", prompt="x"))
     assert exc_info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as exc_info:  # a Chat stream must open with `start`
+        list(stub.Chat(iter([pb.ChatRequest(turn=pb.ChatTurn(messages=[
+            common_pb2.ChatMessage(role="user", content="hi")]))])))
+    assert exc_info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(exc_info.value)["reason"] == "STREAM_NOT_STARTED"
     models = stub.ListModels(pb.ListModelsRequest()).models
     assert [m.name for m in models] == ["tiny"] and models[0].has_chat_template
     assert stub.CountTokens(pb.CountTokensRequest(model="tiny", texts=["a b", "c"])).total > 2

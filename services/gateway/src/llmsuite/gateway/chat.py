@@ -30,6 +30,7 @@ from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument
 from llmsuite.runtime.logs import current_request_id, new_request_id
+from llmsuite.runtime.messages import opening_message
 from llmsuite.tokenizer.v1 import tokenizer_pb2
 
 if TYPE_CHECKING:
@@ -53,12 +54,9 @@ class ChatSession:
             self._stream = None
 
     async def run(self, requests: AsyncIterator[pb.ChatRequest]) -> AsyncIterator[pb.ChatResponse]:
-        first = await anext(requests, None)
+        first = await opening_message(requests, "Chat")
         if first is None:
             return
-        if first.WhichOneof("kind") != "start":
-            raise InvalidArgument.for_field("start", "the first Chat message must be `start`",
-                                            reason="STREAM_NOT_STARTED")
         start = first.start
         if not start.model:
             raise InvalidArgument.for_field("start.model", "required", reason="MISSING_FIELD")

@@ -34,6 +34,7 @@ from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, LlmsuiteError, Unavailable
 from llmsuite.runtime.logs import new_request_id, set_request_id
+from llmsuite.runtime.messages import opening_message
 from llmsuite.runtime.server import deferred_servicer
 
 log = logging.getLogger("llmsuite.inference")
@@ -84,12 +85,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request_iterator: AsyncIterator[pb.GenerateRequest],
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         requests = aiter(request_iterator)
-        first = await anext(requests, None)
+        first = await opening_message(requests, "Generate")
         if first is None:
             return
-        if first.WhichOneof("kind") != "start":
-            raise InvalidArgument.for_field("start", "the first message must be `start`",
-                                            reason="STREAM_NOT_STARTED")
         start = first.start
         _validate_start(start)
         request_id = start.request_id or new_request_id()

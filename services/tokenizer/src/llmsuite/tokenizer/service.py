@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from llmsuite.runtime.errors import InvalidArgument
 from llmsuite.runtime.health import HealthReporter
 from llmsuite.runtime.logs import new_request_id
+from llmsuite.runtime.messages import opening_message
 from llmsuite.tokenizer import convert
 from llmsuite.tokenizer.engine import TokenizerLimits, TokenizerRegistry
 from llmsuite.tokenizer.metrics import TokenizerMetrics
@@ -115,12 +116,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def DecodeStream(self, request_iterator: AsyncIterator[tokenizer_pb2.DecodeStreamRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[tokenizer_pb2.DecodeStreamResponse]:
-        first = await anext(aiter(request_iterator), None)
+        first = await opening_message(aiter(request_iterator), "DecodeStream")
         if first is None:
             return
-        if first.WhichOneof("kind") != "start":
-            raise InvalidArgument.for_field("start", "the first DecodeStream message must be `start`",
-                                            reason="STREAM_NOT_STARTED")
         start = first.start
         tok = self._registry.get(_require_model(start.model))
         request_id = start.request_id or new_request_id()
