@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from llmsuite.builder import encoder
 from llmsuite.builder.model import ARCHITECTURES, PRESETS, build_model, parameter_count
 
 
@@ -27,13 +28,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", choices=ARCHITECTURES, default="llama",
                         help="llama: RoPE + GQA + position_ids (default); gpt2: learned positions, MHA")
     parser.add_argument("--force", action="store_true", help="replace a model already in --out")
+    parser.add_argument("--kind", choices=("decoder", "encoder"), default="decoder",
+                        help="decoder: a causal LM for generation (default); encoder: a BERT-style sentence "
+                             "encoder for embeddings (Optimum feature-extraction layout with sentence-transformers "
+                             "mean pooling; --preset tiny or bench, --arch is ignored)")
     return parser
+
+
+def _build_encoder(args: argparse.Namespace) -> int:
+    config = encoder.build_encoder(args.out, preset=args.preset, seed=args.seed, force=args.force)
+    print(f"built encoder preset {args.preset} ({encoder.parameter_count(config):,} parameters, "
+          f"vocab {config.vocab_size}, {config.hidden_size} dimensions, context {config.max_position_embeddings}) "
+          f"in {args.out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     started = time.perf_counter()
     try:
+        if args.kind == "encoder":
+            return _build_encoder(args)
         config = build_model(args.out, preset=args.preset, arch=args.arch, seed=args.seed, force=args.force)
     except FileExistsError as exc:
         print(f"llmsuite-build-model: {exc} (pass --force)", file=sys.stderr)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from llmsuite.inference.engine import EngineSettings
+from llmsuite.inference.engine.encoder import PoolingOverride
 from llmsuite.inference.service import InferenceApp
 from llmsuite.runtime.logs import configure_logging
 from llmsuite.runtime.server import serve
@@ -35,6 +36,21 @@ def byte_size(text: str) -> int:
     if match is None or (match.group(2) and match.group(2).upper() not in _UNITS):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: auto, 512MiB, 4GiB, 1000000)")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def pooling_overrides(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Repeated `--pooling NAME=MODE[:normalize|:no-normalize]`, checked at start."""
+    overrides: dict[str, str] = {}
+    for value in values:
+        name, sep, spec = value.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--pooling {value!r}: expected NAME=MODE[:normalize|:no-normalize]")
+        try:
+            PoolingOverride.parse(spec)
+        except ValueError as exc:
+            raise SystemExit(f"--pooling {value!r}: {exc}") from None
+        overrides[name.strip()] = spec.strip()
+    return tuple(overrides.items())
 
 
 def build_parser() -> EnvArgumentParser:
@@ -80,6 +96,16 @@ def build_parser() -> EnvArgumentParser:
                         "or session turn then recomputes it)")
     e.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=defaults.warmup,
                    help="run a warm-up generation at load (health turns SERVING after it)")
+    m = parser.add_argument_group("embedding models (Optimum feature-extraction exports, served by Embed)")
+    m.add_argument("--pooling", action="append", default=[], metavar="NAME=MODE[:normalize|:no-normalize]",
+                   help="pool model NAME's token states with MODE (cls, mean or last) instead of what its "
+                        "modules.json / 1_Pooling say; normalisation stays as the files say unless given "
+                        "(repeatable; the env var takes a comma-separated list)")
+    m.add_argument("--embed-batch-tokens", type=int, default=defaults.embed_batch_tokens,
+                   help="most padded tokens (rows x longest row) in one embedding forward: inputs of concurrent "
+                        "requests share forwards up to this size")
+    m.add_argument("--embed-max-queued-inputs", type=int, default=defaults.embed_max_queued_inputs,
+                   help="inputs waiting per embedding model before new requests get RESOURCE_EXHAUSTED")
     add_server_arguments(parser, default_listen=DEFAULT_LISTEN)
     return parser
 
@@ -94,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_running=args.max_running, max_queued=args.max_queued, max_sessions=args.max_sessions,
         kv_cache_bytes=args.kv_cache_bytes, prefix_cache=args.prefix_cache,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
-        session_idle_timeout_s=args.session_idle_timeout, warmup=args.warmup)
+        session_idle_timeout_s=args.session_idle_timeout, warmup=args.warmup,
+        embed_batch_tokens=args.embed_batch_tokens, embed_max_queued_inputs=args.embed_max_queued_inputs,
+        pooling=pooling_overrides(args.pooling))
     app = InferenceApp(model_specs(args.model), engine_settings)
     try:
         asyncio.run(serve(settings, app, tracer_provider=build_tracer_provider(settings.telemetry)))

@@ -10,6 +10,7 @@ from typing import cast
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.inference.engine import FinishReason, GeneratedToken, ModelInfo, SamplingParams, TurnResult
+from llmsuite.inference.engine.embedding import EmbeddingResult
 from llmsuite.inference.engine.types import EngineStats
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.errors import InvalidArgument
@@ -92,4 +93,16 @@ def model_info_to_proto(info: ModelInfo, stats: EngineStats) -> inference_pb2.Mo
     )
     if info.bos_token_id is not None:
         msg.bos_token_id = info.bos_token_id
+    if info.kind == "embedding":
+        msg.kind = common_pb2.MODEL_KIND_EMBEDDING
+        msg.embedding_dimensions = info.embedding_dimensions
+        msg.pooling.CopyFrom(common_pb2.PoolingInfo(mode=info.pooling, normalize=info.normalize))
+    else:
+        msg.kind = common_pb2.MODEL_KIND_GENERATION
     return msg
+
+
+def embeddings_to_proto(request_id: str, result: EmbeddingResult) -> inference_pb2.EmbedResponse:
+    return inference_pb2.EmbedResponse(
+        request_id=request_id, embeddings=[common_pb2.Embedding(values=vector.tolist()) for vector in result.vectors],
+        usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens))

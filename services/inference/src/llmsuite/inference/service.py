@@ -20,7 +20,13 @@ from pathlib import Path
 import grpc
 from prometheus_client.registry import Collector
 
-from llmsuite.inference.convert import final_to_proto, logprobs_to_proto, model_info_to_proto, sampling_from_proto
+from llmsuite.inference.convert import (
+    embeddings_to_proto,
+    final_to_proto,
+    logprobs_to_proto,
+    model_info_to_proto,
+    sampling_from_proto,
+)
 from llmsuite.inference.engine import (
     EngineSettings,
     FinishReason,
@@ -202,6 +208,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 return
         finally:
             inbox.put_nowait(_END)
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument.for_field("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters",
+                                            limit=str(MAX_REQUEST_ID_CHARS))
+        if not request.model:
+            raise InvalidArgument.for_field("model", "required: a model name given to --model NAME=DIR",
+                                            reason="MISSING_FIELD")
+        request_id = request.request_id or new_request_id()
+        set_request_id(request_id)
+        if request.expected_tokenizer_hash:
+            self._check_pairing(request.model, request.expected_tokenizer_hash)
+        remaining = context.time_remaining()
+        try:
+            result = await self._engine.embed(
+                request.model, [list(i.token_ids) for i in request.inputs], dimensions=request.dimensions,
+                truncate=request.truncate, deadline=time.monotonic() + remaining if remaining is not None else None)
+        except LlmsuiteError as exc:
+            self._metrics.rejected_by_engine(request.model, exc)
+            raise
+        return embeddings_to_proto(request_id, result)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:

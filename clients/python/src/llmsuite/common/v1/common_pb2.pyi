@@ -24,6 +24,12 @@ class TruncationSide(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_SIDE_UNSPECIFIED: _ClassVar[TruncationSide]
     TRUNCATION_SIDE_RIGHT: _ClassVar[TruncationSide]
     TRUNCATION_SIDE_LEFT: _ClassVar[TruncationSide]
+
+class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
+    MODEL_KIND_GENERATION: _ClassVar[ModelKind]
+    MODEL_KIND_EMBEDDING: _ClassVar[ModelKind]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -33,6 +39,9 @@ FINISH_REASON_CONTEXT_FULL: FinishReason
 TRUNCATION_SIDE_UNSPECIFIED: TruncationSide
 TRUNCATION_SIDE_RIGHT: TruncationSide
 TRUNCATION_SIDE_LEFT: TruncationSide
+MODEL_KIND_UNSPECIFIED: ModelKind
+MODEL_KIND_GENERATION: ModelKind
+MODEL_KIND_EMBEDDING: ModelKind
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop_token_ids", "stop_strings", "ignore_eos", "logprobs", "top_logprobs")
@@ -127,3 +136,23 @@ class Encoding(_message.Message):
     offsets: _containers.RepeatedCompositeFieldContainer[CharSpan]
     truncated: bool
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[_Union[CharSpan, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class PoolingInfo(_message.Message):
+    __slots__ = ("mode", "normalize")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    normalize: bool
+    def __init__(self, mode: _Optional[str] = ..., normalize: _Optional[bool] = ...) -> None: ...

@@ -116,7 +116,7 @@ class GetModelInfoResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "execution_provider", "device", "context_length", "vocab_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "kv_cache_dtype", "uses_position_ids", "eos_token_ids", "bos_token_id", "tokenizer_content_hash", "stats")
+    __slots__ = ("name", "architecture", "execution_provider", "device", "context_length", "vocab_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "kv_cache_dtype", "uses_position_ids", "eos_token_ids", "bos_token_id", "tokenizer_content_hash", "stats", "kind", "embedding_dimensions", "pooling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,9 @@ class ModelInfo(_message.Message):
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     execution_provider: str
@@ -149,7 +152,10 @@ class ModelInfo(_message.Message):
     bos_token_id: int
     tokenizer_content_hash: str
     stats: ModelStats
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., execution_provider: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., uses_position_ids: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_content_hash: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ...) -> None: ...
+    kind: _common_pb2.ModelKind
+    embedding_dimensions: int
+    pooling: _common_pb2.PoolingInfo
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., execution_provider: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., uses_position_ids: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_content_hash: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., embedding_dimensions: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.PoolingInfo, _Mapping]] = ...) -> None: ...
 
 class ModelStats(_message.Message):
     __slots__ = ("running", "queued", "sessions", "cached_tokens", "kv_cache_bytes", "requests_total", "cancelled_total", "time_limited_total", "kv_cache_budget_bytes", "kv_cache_reserved_bytes", "rejected_total", "prefix_cache_evictions_total", "decode_batch_rows", "steps_total", "prefix_cache_entries", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total")
@@ -188,3 +194,29 @@ class ModelStats(_message.Message):
     prefix_cache_hit_tokens_total: int
     prefix_cache_query_tokens_total: int
     def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., requests_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., time_limited_total: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., kv_cache_reserved_bytes: _Optional[int] = ..., rejected_total: _Optional[int] = ..., prefix_cache_evictions_total: _Optional[int] = ..., decode_batch_rows: _Optional[int] = ..., steps_total: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., prefix_cache_query_tokens_total: _Optional[int] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("request_id", "model", "inputs", "dimensions", "truncate", "expected_tokenizer_hash")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenIds]
+    dimensions: int
+    truncate: bool
+    expected_tokenizer_hash: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_common_pb2.TokenIds, _Mapping]]] = ..., dimensions: _Optional[int] = ..., truncate: _Optional[bool] = ..., expected_tokenizer_hash: _Optional[str] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("request_id", "embeddings", "usage")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    embeddings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Embedding]
+    usage: _common_pb2.Usage
+    def __init__(self, request_id: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[_common_pb2.Embedding, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class InferenceServiceStub:
                 request_serializer=llmsuite_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=llmsuite_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmsuite.inference.v1.InferenceService/Embed',
+                request_serializer=llmsuite_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llmsuite_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -87,6 +92,16 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One vector per input, for embedding models (ModelInfo.kind
+        MODEL_KIND_EMBEDDING). Inputs from concurrent calls share forwards; see
+        docs/design.md. Generate on an embedding model, or Embed on a generation
+        model, is INVALID_ARGUMENT (reason WRONG_MODEL_KIND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +119,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=llmsuite_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
                     response_serializer=llmsuite_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmsuite_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=llmsuite_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +207,33 @@ class InferenceService:
             '/llmsuite.inference.v1.InferenceService/GetModelInfo',
             llmsuite_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
             llmsuite_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmsuite.inference.v1.InferenceService/Embed',
+            llmsuite_dot_inference_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            llmsuite_dot_inference_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from llmsuite.inference.engine.device import default_kv_budget_bytes, intra_op_threads
+from llmsuite.inference.engine.embedding import EmbeddingQueue, EmbeddingResult, load_embedding_model
+from llmsuite.inference.engine.encoder import is_embedding_export
 from llmsuite.inference.engine.errors import ModelLoadError
 from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
@@ -28,7 +30,7 @@ from llmsuite.inference.engine.types import (
     SamplingParams,
     TurnResult,
 )
-from llmsuite.runtime.errors import NotFound
+from llmsuite.runtime.errors import InvalidArgument, NotFound
 from llmsuite.runtime.tokenizer_hash import tokenizer_content_hash
 
 logger = logging.getLogger(__name__)
@@ -150,8 +152,10 @@ class GenerationSession:
 class InferenceEngine:
     """Serves a fixed set of models loaded at start; one scheduler (queue + worker thread) each."""
 
-    def __init__(self, models: Mapping[str, _LoadedModel]) -> None:
+    def __init__(self, models: Mapping[str, _LoadedModel],
+                 embedders: Mapping[str, EmbeddingQueue] | None = None) -> None:
         self._models = dict(models)
+        self._embedders = dict(embedders or {})
 
     @classmethod
     def load(cls, models: Mapping[str, Path], settings: EngineSettings, *,
@@ -163,8 +167,13 @@ class InferenceEngine:
         Each model gets the whole kv_cache_bytes budget (or the device-sized default, split
         evenly between the models)."""
         loaded: dict[str, _LoadedModel] = {}
+        embedders: dict[str, EmbeddingQueue] = {}
         try:
             for name, directory in models.items():
+                if is_embedding_export(Path(directory)):  # no KV: an encoder, served by Embed
+                    embedders[name] = load_embedding_model(name, Path(directory), settings,
+                                                           step_observer=step_observer)
+                    continue
                 try:
                     decoder = OnnxDecoder.load(Path(directory), settings)
                     estimate = PrefillEstimate.measure(decoder) if settings.warmup else PrefillEstimate()
@@ -186,28 +195,77 @@ class InferenceEngine:
         except BaseException:
             for model in loaded.values():
                 model.scheduler.stop()
+            for queue in embedders.values():
+                queue.stop()
             raise
-        return cls(loaded)
+        return cls(loaded, embedders)
 
     def _model(self, name: str) -> _LoadedModel:
         try:
             return self._models[name]
         except KeyError:
-            raise NotFound(
-                f"model {name!r} is not served here (available: {', '.join(sorted(self._models))})",
+            if name in self._embedders:
+                raise _wrong_kind(name, "an embedding model: call Embed") from None
+            raise self._not_found(name) from None
+
+    def _embedder(self, name: str) -> EmbeddingQueue:
+        try:
+            return self._embedders[name]
+        except KeyError:
+            if name in self._models:
+                raise _wrong_kind(name, "a generation model, and its export has no hidden-state output to pool; "
+                                  "serve an embedding export (Optimum --task feature-extraction) for Embed") from None
+            raise self._not_found(name) from None
+
+    def _not_found(self, name: str) -> NotFound:
+        available = sorted([*self._models, *self._embedders])
+        return NotFound(
+                f"model {name!r} is not served here (available: {', '.join(available)})",
                 reason="MODEL_NOT_FOUND",
                 metadata={"model": name},
-            ) from None
+            )
 
     def list_models(self) -> list[ModelInfo]:
-        return [model.info for model in self._models.values()]
+        return [model.info for model in self._models.values()] + [q.info for q in self._embedders.values()]
 
     def model_info(self, name: str) -> ModelInfo:
         """Raises NotFound (MODEL_NOT_FOUND) for a name that is not loaded."""
+        if name in self._embedders:
+            return self._embedders[name].info
         return self._model(name).info
 
     def stats(self, name: str) -> EngineStats:
+        if name in self._embedders:
+            return self._embedders[name].stats()
         return self._model(name).scheduler.stats()
+
+    async def embed(self, model: str, inputs: Sequence[Sequence[int]], *, dimensions: int = 0,
+                    truncate: bool = False, deadline: float | None = None) -> EmbeddingResult:
+        """One vector per input from an embedding model; inputs of concurrent calls share forwards.
+
+        Raises InvalidArgument (empty or over-long input, dimensions out of range, WRONG_MODEL_KIND),
+        ResourceExhausted (queue full), DeadlineExceeded. Cancelling the caller drops its queued inputs.
+        """
+        queue = self._embedder(model)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[EmbeddingResult | BaseException] = loop.create_future()
+
+        def settle(result: EmbeddingResult | BaseException) -> None:
+            if not answer.done():
+                answer.set_result(result)
+
+        def deliver(result: EmbeddingResult | BaseException) -> None:
+            loop.call_soon_threadsafe(settle, result)
+
+        job = queue.submit(inputs, dimensions=dimensions, truncate=truncate, deadline=deadline, deliver=deliver)
+        try:
+            result = await answer
+        except asyncio.CancelledError:
+            queue.cancel(job)
+            raise
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def open_session(self, model: str, *, multi_turn: bool) -> GenerationSession:
         """multi_turn=True: a session that takes further turns (counts against max_sessions);
@@ -219,3 +277,10 @@ class InferenceEngine:
         """Stops every scheduler (running turns end CANCELLED) and frees all sessions and KV."""
         for model in self._models.values():
             await asyncio.to_thread(model.scheduler.stop)
+        for queue in self._embedders.values():
+            await asyncio.to_thread(queue.stop)
+
+
+def _wrong_kind(name: str, what: str) -> InvalidArgument:
+    return InvalidArgument.for_field("model", f"model {name!r} is {what}", reason="WRONG_MODEL_KIND",
+                                     model=name)

@@ -37,6 +37,10 @@ class EngineSettings:
     prefill_chunk_tokens bounds the prompt tokens fed per scheduler step, so running
     streams keep receiving tokens while a long prompt is processed. warmup runs forwards
     at load and measures prefill speed for deadline checks.
+
+    Embedding models (engine/embedding.py) pack queued inputs into forwards of at most
+    embed_batch_tokens padded tokens and hold at most embed_max_queued_inputs inputs
+    waiting; pooling overrides the model files' pooling per model name.
     """
 
     device: str = "auto"
@@ -52,6 +56,9 @@ class EngineSettings:
     prefill_chunk_tokens: int = 256
     session_idle_timeout_s: float = 300.0
     warmup: bool = True
+    embed_batch_tokens: int = 8192
+    embed_max_queued_inputs: int = 4096
+    pooling: tuple[tuple[str, str], ...] = ()  # (model name, "MODE[:normalize|:no-normalize]")
 
     def __post_init__(self) -> None:
         if not _DEVICE_PATTERN.match(self.device):
@@ -61,7 +68,8 @@ class EngineSettings:
         for name in ("intra_op_threads", "inter_op_threads", "max_queued", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_running", "max_sessions", "prefill_chunk_tokens"):
+        for name in ("max_running", "max_sessions", "prefill_chunk_tokens", "embed_batch_tokens",
+                     "embed_max_queued_inputs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.session_idle_timeout_s <= 0:
@@ -174,6 +182,10 @@ class ModelInfo:
     bos_token_id: int | None
     tokenizer_hash: str
     directory: Path
+    kind: str = "generation"  # or "embedding"
+    embedding_dimensions: int = 0  # embedding models: the vector length
+    pooling: str = ""  # embedding models: "cls", "mean" or "last"
+    normalize: bool = False  # embedding models: vectors are L2-normalised
 
 
 @dataclass(frozen=True)
