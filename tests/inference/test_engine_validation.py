@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,17 @@ CASES = [
     (OK_PROMPT, {"top_k": -1}, "sampling.top_k", "INVALID_FIELD"),
     (OK_PROMPT, {"repetition_penalty": 0.0}, "sampling.repetition_penalty", "INVALID_FIELD"),
     (OK_PROMPT, {"repetition_penalty": 10.5}, "sampling.repetition_penalty", "INVALID_FIELD"),
+    # Values that cannot give a distribution (llmsuite.runtime.sampling_limits): float32 overflow
+    # made them NaN logits mid-step before they were refused here.
+    (OK_PROMPT, {"temperature": 1e-38, "top_p": 0.9}, "sampling.temperature", "INVALID_FIELD"),
+    (OK_PROMPT, {"temperature": 0.0099}, "sampling.temperature", "INVALID_FIELD"),
+    (OK_PROMPT, {"temperature": float("inf")}, "sampling.temperature", "INVALID_FIELD"),
+    (OK_PROMPT, {"top_p": float("nan")}, "sampling.top_p", "INVALID_FIELD"),
+    (OK_PROMPT, {"top_p": float("inf")}, "sampling.top_p", "INVALID_FIELD"),
+    (OK_PROMPT, {"repetition_penalty": 1.4e-45, "top_p": 0.5}, "sampling.repetition_penalty", "INVALID_FIELD"),
+    (OK_PROMPT, {"repetition_penalty": 0.0099}, "sampling.repetition_penalty", "INVALID_FIELD"),
+    (OK_PROMPT, {"repetition_penalty": float("nan")}, "sampling.repetition_penalty", "INVALID_FIELD"),
+    (OK_PROMPT, {"repetition_penalty": float("-inf")}, "sampling.repetition_penalty", "INVALID_FIELD"),
     (OK_PROMPT, {"max_new_tokens": 0}, "sampling.max_new_tokens", "INVALID_FIELD"),
     (OK_PROMPT, {"max_new_tokens": 513}, "sampling.max_new_tokens", "INVALID_FIELD"),
     (OK_PROMPT, {"top_logprobs": 21}, "sampling.top_logprobs", "INVALID_FIELD"),
@@ -63,5 +75,15 @@ def test_bad_input_names_the_field(engine: Any, helpers: Any, prompt: list[int],
 def test_the_same_values_pass_when_in_range(engine: Any, helpers: Any) -> None:
     edge = replace(OK, temperature=100.0, top_p=1.0, top_k=0, repetition_penalty=10.0, max_new_tokens=4,
                    top_logprobs=20, seed=2**64 - 1, stop_token_ids=(1023,))
+    tokens, _ = asyncio.run(helpers.generate_once(engine, "tiny", OK_PROMPT, edge))
+    assert len(tokens) <= 4
+
+
+def test_the_floors_pass_as_float32_carries_them(engine: Any, helpers: Any) -> None:
+    """A gRPC caller who sends 0.01 sends float32(0.01), a hair below the float64 0.01."""
+    floor = struct.unpack("f", struct.pack("f", 0.01))[0]
+    assert floor < 0.01
+    edge = replace(OK, temperature=floor, top_p=struct.unpack("f", struct.pack("f", 1e-30))[0],
+                   repetition_penalty=floor, seed=1)
     tokens, _ = asyncio.run(helpers.generate_once(engine, "tiny", OK_PROMPT, edge))
     assert len(tokens) <= 4

@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmsuite.inference.engine.sampling import (
+    NonFiniteLogits,
     TokenSampler,
     apply_repetition_penalty,
     candidate_distribution,
+    choose_batch,
     log_softmax,
 )
 from llmsuite.inference.engine.types import SamplingParams
@@ -148,3 +150,65 @@ def test_sampled_token_always_satisfies_the_filters(seed: int, temperature: floa
     assert full[: len(candidates) - 1].sum() < top_p + 1e-6  # float32 sampler, float64 reference
     token = TokenSampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed), VOCAB)
     assert token.choose(logits).token_id in set(candidates.tolist())
+
+
+# ---- logits that cannot give a distribution ----------------------------------------------------
+
+ROW_SETTINGS = [
+    SamplingParams(temperature=0.0),  # plain greedy: the batch's shared argmax
+    SamplingParams(temperature=0.0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.7, seed=3),
+    SamplingParams(temperature=1.2, top_k=5, top_p=0.8, seed=4),
+    SamplingParams(temperature=0.9, top_p=0.5, seed=6, logprobs=True, top_logprobs=3),
+]
+
+
+def fresh_samplers() -> list[TokenSampler]:
+    return [TokenSampler(params, VOCAB, (1, 2, 3)) for params in ROW_SETTINGS]
+
+
+def spoiled(row: np.ndarray, how: str) -> np.ndarray:
+    row = row.copy()
+    if how == "nan":
+        row[11] = np.nan
+    elif how == "+inf":
+        row[11] = np.inf
+    else:
+        row[:] = -np.inf
+    return row
+
+
+@pytest.mark.parametrize("how, described", [("nan", "NaN"), ("+inf", "+inf"), ("all -inf", "only -inf")])
+@pytest.mark.parametrize("bad_row", range(len(ROW_SETTINGS)))
+def test_a_non_finite_row_ends_alone_and_every_other_row_draws_as_it_would_alone(bad_row: int, how: str,
+                                                                                  described: str) -> None:
+    logits = np.stack([random_logits(20 + r) for r in range(len(ROW_SETTINGS))])
+    alone = [sampler.choose(logits[r]) for r, sampler in enumerate(fresh_samplers())]
+    logits[bad_row] = spoiled(logits[bad_row], how)
+    batch = choose_batch(fresh_samplers(), logits)
+    for row, token in enumerate(batch):
+        if row == bad_row:
+            assert isinstance(token, NonFiniteLogits) and described in str(token)
+        else:
+            assert token == alone[row]
+
+
+def test_minus_inf_on_some_tokens_is_a_mask_not_a_fault() -> None:
+    logits = random_logits(30)
+    logits[::2] = -np.inf
+    for sampler in fresh_samplers():
+        token = choose_batch([sampler], logits[None, :])[0]
+        assert not isinstance(token, NonFiniteLogits) and token.token_id % 2 == 1
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-38, top_p=0.9, seed=1),  # values validation now refuses, sampled anyway
+    SamplingParams(temperature=0.0, repetition_penalty=1e-45),
+    SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1e-45, seed=1),
+], ids=["tiny-temperature", "tiny-penalty-greedy", "tiny-penalty-top-p"])
+def test_overflowing_settings_raise_non_finite_logits_never_index_error(params: SamplingParams) -> None:
+    logits = random_logits(40, scale=5.0)
+    sampler = TokenSampler(params, VOCAB, tuple(range(VOCAB)))
+    with pytest.raises(NonFiniteLogits):
+        sampler.choose(logits)
+    assert isinstance(choose_batch([sampler], logits[None, :])[0], NonFiniteLogits)

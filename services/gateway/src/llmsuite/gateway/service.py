@@ -36,6 +36,7 @@ from llmsuite.runtime.errors import InvalidArgument, LlmsuiteError, Unavailable
 from llmsuite.runtime.health import HealthReporter
 from llmsuite.runtime.logs import current_request_id, new_request_id
 from llmsuite.runtime.messages import DEFAULT_MAX_NEW_TOKENS
+from llmsuite.runtime.sampling_limits import check_sampling_values
 from llmsuite.runtime.server import deferred_servicer
 from llmsuite.tokenizer.v1 import tokenizer_pb2
 
@@ -83,6 +84,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     # -- admission -------------------------------------------------------------------------------------------
 
     def check_sampling(self, sampling: common_pb2.SamplingParams) -> tuple[int, tuple[str, ...]]:
+        # The replica checks these too; refusing here spares a tokenizer call and a replica slot.
+        check_sampling_values(
+            temperature=sampling.temperature if sampling.HasField("temperature") else None,
+            top_p=sampling.top_p if sampling.HasField("top_p") else None,
+            repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else None)
         max_new = sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         if max_new > self.limits.max_new_tokens:
             raise InvalidArgument.for_field("sampling.max_new_tokens",

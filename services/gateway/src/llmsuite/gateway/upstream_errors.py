@@ -20,6 +20,12 @@ through `llmsuite.gateway.upstreams`, which hands any `AioRpcError` to
   with a generic message, since grpc's own text names internal addresses.
 - An upstream bug (INTERNAL) stays INTERNAL and points at the request id,
   which the gateway forwards upstream, so the upstream's log line is findable.
+  A replica's named model faults (NUMERIC_ERROR, MODEL_ERROR: this request's
+  rows failed, the replica serves on) keep their reason and message, so the
+  caller can tell them apart; they are not spilled over, since another replica
+  of the same model would compute the same thing.
+- A replica whose engine gave up (UNAVAILABLE ENGINE_FAILED) is going away: like
+  any UNAVAILABLE before the first message, the request spills over.
   An INTERNAL without an llmsuite ErrorInfo came from the transport, not a
   handler (a call racing the replica's shutdown): UNAVAILABLE, and before the
   first message the gateway spills it over to another replica.
@@ -36,6 +42,7 @@ from llmsuite.runtime.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
+    Internal,
     InvalidArgument,
     LlmsuiteError,
     NotFound,
@@ -58,6 +65,8 @@ _CALLERS_OWN: dict[grpc.StatusCode, type[LlmsuiteError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
+# INTERNAL reasons an inference replica gives for one request's rows (docs/errors.md).
+MODEL_FAULT_REASONS = frozenset({"NUMERIC_ERROR", "MODEL_ERROR"})
 _CREDENTIALS_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 DEFAULT_RETRY_AFTER_S = 1.0
 
@@ -101,6 +110,9 @@ def from_upstream(exc: grpc.aio.AioRpcError, upstream: str) -> LlmsuiteError:
             reason="UPSTREAM_AUTH_FAILED", metadata={"upstream": upstream, "upstream_code": code.name})
     if is_transport_failure(exc):
         return unavailable(upstream)
+    if code is grpc.StatusCode.INTERNAL and reason in MODEL_FAULT_REASONS:
+        return Internal(f"{exc.details()} (request id {current_request_id() or 'unknown'})", reason=reason,
+                        metadata={**metadata, "upstream": upstream})
     if code is grpc.StatusCode.INTERNAL:
         error = LlmsuiteError(
             f"the {upstream} service failed with an internal error; its logs name request id "

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from llmsuite.inference.engine import EngineSettings
 from llmsuite.inference.engine.encoder import PoolingOverride
+from llmsuite.inference.engine.fault_injection import BreakOnToken
 from llmsuite.inference.service import InferenceApp
 from llmsuite.runtime.logs import configure_logging
 from llmsuite.runtime.server import serve
@@ -96,6 +97,15 @@ def build_parser() -> EnvArgumentParser:
                         "or session turn then recomputes it)")
     e.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=defaults.warmup,
                    help="run a warm-up generation at load (health turns SERVING after it)")
+    e.add_argument("--max-step-failures", type=int, default=defaults.max_step_failures,
+                   help="a failed step (a forward raising, an allocation failing) ends only the requests it was "
+                        "computing; the engine then checks its model still runs with up to this many one-token "
+                        "forwards (or tolerates this many scheduler steps failing in a row) before it gives up: "
+                        "every request fails with UNAVAILABLE ENGINE_FAILED, health turns NOT_SERVING and the "
+                        "process exits with status 70 for its orchestrator to restart it")
+    # TEST ONLY, hidden from --help (docs/reliability.md): breaks the decoder for good once a
+    # forward reads this token id, so tests can watch a real process give up and exit.
+    e.add_argument("--test-only-break-on-token-id", type=int, default=None, help=argparse.SUPPRESS)
     m = parser.add_argument_group("embedding models (Optimum feature-extraction exports, served by Embed)")
     m.add_argument("--pooling", action="append", default=[], metavar="NAME=MODE[:normalize|:no-normalize]",
                    help="pool model NAME's token states with MODE (cls, mean or last) instead of what its "
@@ -122,8 +132,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         session_idle_timeout_s=args.session_idle_timeout, warmup=args.warmup,
         embed_batch_tokens=args.embed_batch_tokens, embed_max_queued_inputs=args.embed_max_queued_inputs,
-        pooling=pooling_overrides(args.pooling))
-    app = InferenceApp(model_specs(args.model), engine_settings)
+        pooling=pooling_overrides(args.pooling), max_step_failures=args.max_step_failures)
+    fault = None if args.test_only_break_on_token_id is None else BreakOnToken(args.test_only_break_on_token_id)
+    app = InferenceApp(model_specs(args.model), engine_settings, prepare_decoder=fault)
     try:
         asyncio.run(serve(settings, app, tracer_provider=build_tracer_provider(settings.telemetry)))
     except KeyboardInterrupt:

@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client.registry import Collector
@@ -39,9 +40,13 @@ from llmsuite.inference.metrics import InferenceMetrics
 from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument, LlmsuiteError, Unavailable
+from llmsuite.runtime.health import HealthReporter
 from llmsuite.runtime.logs import new_request_id, set_request_id
 from llmsuite.runtime.messages import opening_message
 from llmsuite.runtime.server import deferred_servicer
+
+if TYPE_CHECKING:  # the servicer never touches the decoder; only tests' fault injection does
+    from llmsuite.inference.engine.onnx_model import OnnxDecoder
 
 log = logging.getLogger("llmsuite.inference")
 
@@ -244,16 +249,50 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 class InferenceApp:
-    """The inference service as the bootstrap sees it (see runtime.server.ServiceApp)."""
+    """The inference service as the bootstrap sees it (see runtime.server.ServiceApp).
+
+    When a model's engine gives up (it cannot step; EngineSettings.max_step_failures), health
+    turns NOT_SERVING at once for the model and the service, and `wait_failed` returns, so that
+    `serve` drains and exits non-zero for the orchestrator to restart the process.
+    """
 
     service_names: Sequence[str] = (SERVICE_NAME,)
 
-    def __init__(self, models: dict[str, Path], settings: EngineSettings) -> None:
+    def __init__(self, models: dict[str, Path], settings: EngineSettings, *,
+                 prepare_decoder: Callable[[OnnxDecoder], None] | None = None) -> None:
         self._models = models
         self._settings = settings
+        self._prepare_decoder = prepare_decoder  # tests only: fault injection
         self.engine: InferenceEngine | None = None
         self._servicer: InferenceServicer | None = None
+        self._health: HealthReporter | None = None
+        self._failed: asyncio.Future[str] | None = None
+        self._reporting: set[asyncio.Task[None]] = set()
         self.metrics = InferenceMetrics(lambda: self.engine)
+
+    def attach_health(self, reporter: HealthReporter) -> None:
+        self._health = reporter
+
+    def _failure(self) -> asyncio.Future[str]:
+        if self._failed is None:
+            self._failed = asyncio.get_running_loop().create_future()
+        return self._failed
+
+    async def wait_failed(self) -> str:
+        """Returns (with the cause) once a model's engine has given up; never while all serve."""
+        return await self._failure()
+
+    def _model_failed(self, model: str, cause: str) -> None:
+        """On the event loop: health NOT_SERVING for everything this process reports, then
+        `wait_failed` returns. A process with one failed model exits whole: an orchestrator
+        restarts processes, not models."""
+        log.error("model failed; reporting NOT_SERVING and exiting", extra={"model": model, "error": cause})
+        if self._health is not None:
+            task = asyncio.ensure_future(self._health.report(False))
+            self._reporting.add(task)
+            task.add_done_callback(self._reporting.discard)
+        if not self._failure().done():
+            self._failure().set_result(f"model {model}: {cause}")
 
     def collectors(self) -> Sequence[Collector]:
         return self.metrics.collectors()
@@ -270,8 +309,15 @@ class InferenceApp:
             self._ready), server)
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._failure()
+
+        def model_failed(model: str, cause: str) -> None:  # on a scheduler thread
+            loop.call_soon_threadsafe(self._model_failed, model, cause)
+
         self.engine = await asyncio.to_thread(InferenceEngine.load, self._models, self._settings,
-                                              step_observer=self.metrics.observe_step)
+                                              step_observer=self.metrics.observe_step,
+                                              on_model_failed=model_failed, prepare_decoder=self._prepare_decoder)
         self._servicer = InferenceServicer(self.engine, self.metrics)
         for info in self.engine.list_models():
             log.info("model ready", extra={"model": info.name, "architecture": info.architecture,

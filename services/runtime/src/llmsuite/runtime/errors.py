@@ -105,5 +105,13 @@ class PermissionDenied(LlmsuiteError):
 
 
 @dataclass
+class Internal(LlmsuiteError):
+    """A fault on the server's side that has a name (the model produced NaN logits, a forward
+    failed), as opposed to a bug: callers get its reason and message, never a traceback."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+@dataclass
 class Cancelled(LlmsuiteError):
     code: grpc.StatusCode = grpc.StatusCode.CANCELLED

@@ -34,7 +34,13 @@ from llmsuite.runtime.tracing import server_interceptor
 
 log = logging.getLogger("llmsuite.server")
 
-__all__ = ["REQUEST_ID_HEADER", "RunningServer", "ServiceApp", "deferred_servicer", "serve", "start_server"]
+__all__ = ["EXIT_CANNOT_SERVE", "REQUEST_ID_HEADER", "RunningServer", "ServiceApp", "deferred_servicer", "serve",
+           "start_server"]
+
+# The exit status of a process whose app reported it can no longer serve (EX_SOFTWARE in
+# sysexits.h): distinct from 1 (failed to start) and from a signal, so logs and restart
+# counters say which it was.
+EXIT_CANNOT_SERVE = 70
 
 
 class ServiceApp(Protocol):
@@ -61,7 +67,9 @@ class ServiceApp(Protocol):
     # "/llmsuite.tokenizer.v1.TokenizerService/Reload") that only API keys
     # with the `admin` scope may call; and `attach_health(reporter:
     # HealthReporter)`, called before `start()`, for apps whose health can
-    # change while they run.
+    # change while they run; and `async wait_failed() -> str`, which returns (with
+    # the cause) once the app can no longer serve at all: `serve` then drains and
+    # exits with EXIT_CANNOT_SERVE so that an orchestrator restarts the process.
 
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
@@ -321,11 +329,33 @@ async def serve(settings: ServerSettings, app: ServiceApp, *, tracer_provider: A
     except Exception as exc:  # a clear one-line reason beats a traceback for bad config or files
         log.error("failed to start", extra={"error": f"{type(exc).__name__}: {exc}"})
         raise SystemExit(1) from exc
-    await stop_requested.wait()
-    log.info("shutdown requested")
+    cause = await _stop_or_failure(app, stop_requested)
+    if cause is None:
+        log.info("shutdown requested")
+    else:
+        log.error("cannot serve any more; draining, then exiting to be restarted",
+                  extra={"error": cause, "exit_status": EXIT_CANNOT_SERVE})
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal skips the drain delay
         loop.add_signal_handler(sig, running.stop_now)
     await running.stop()
     if tracer_provider is not None:
         with contextlib.suppress(Exception):
             tracer_provider.shutdown()
+    if cause is not None:
+        raise SystemExit(EXIT_CANNOT_SERVE)
+
+
+async def _stop_or_failure(app: ServiceApp, stop_requested: asyncio.Event) -> str | None:
+    """Waits for a stop request (None) or for the app to report it cannot serve (the cause)."""
+    wait_failed: Callable[[], Awaitable[str]] | None = getattr(app, "wait_failed", None)
+    stopping = asyncio.ensure_future(stop_requested.wait())
+    if wait_failed is None:
+        await stopping
+        return None
+    failing = asyncio.ensure_future(wait_failed())
+    await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+    for task in (stopping, failing):
+        task.cancel()
+    if stopping.done() and not stopping.cancelled():
+        return None
+    return failing.result()

@@ -45,7 +45,8 @@ class EnvArgumentParser(argparse.ArgumentParser):
             if raw is not None and raw != "":
                 action.default = _from_env(raw, action)
                 action.required = False
-            action.help = f"{action.help or ''} [env: {var}]".strip()
+            if action.help != argparse.SUPPRESS:  # a hidden option stays hidden
+                action.help = f"{action.help or ''} [env: {var}]".strip()
             action._env_applied = True  # type: ignore[attr-defined]
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:

@@ -32,6 +32,7 @@ from llmsuite.client import AsyncLlmsuiteClient, ChatMessage, Completion, Llmsui
 from llmsuite.gateway.openai import errors, responses
 from llmsuite.gateway.openai.errors import ApiError
 from llmsuite.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
+from llmsuite.runtime.errors import InvalidArgument
 
 log = logging.getLogger("llmsuite.openai")
 
@@ -149,6 +150,10 @@ class OpenAiApi:
         refused = parsed.unsupported_fields()  # type: ignore[attr-defined]
         if refused:
             raise errors.unsupported(refused)
+        try:
+            parsed.check_sampling_values()  # type: ignore[attr-defined]
+        except InvalidArgument as exc:
+            raise errors.invalid_field(exc) from None
         return parsed
 
     def _too_large(self) -> ApiError:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from llmsuite.client.errors import LlmsuiteError
+from llmsuite.runtime.errors import InvalidArgument
 
 
 @dataclass
@@ -122,6 +123,12 @@ def from_validation(error: ValidationError) -> ApiError:
         return ApiError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     reason = first["msg"].removeprefix("Value error, ")
     return ApiError(400, f"Invalid value for '{param}': {reason}", param=param, code="invalid_value")
+
+
+def invalid_field(error: InvalidArgument) -> ApiError:
+    """The 400 for a value the adapter refuses itself, shaped as the gateway's own refusal would be."""
+    param = error.violations[0].field if error.violations else None
+    return ApiError(400, error.message, param=param, code=error.reason.lower())
 
 
 def unsupported(fields: list[tuple[str, str]]) -> ApiError:

@@ -5,8 +5,10 @@ field nobody here knows is a 400 naming it, never silently coerced or
 ignored. Fields that OpenAI defines but llmsuite cannot honour (tools,
 penalties, `n > 1`) are declared so that their neutral value passes and
 anything else is refused by name (`unsupported_fields`). Value ranges the
-gateway already checks (temperature, top_p, stop strings, caps) are left to
-it, so the limits live in one place.
+gateway checks (stop strings, caps) are left to it. Temperature, top_p and
+repetition_penalty are checked here too, with the gateway's own function
+(`llmsuite.runtime.sampling_limits`): JSON numbers are float64 and the protos
+hold float32, so 1e-50 would reach the gateway as 0 (greedy) and 1e39 as inf.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmsuite.runtime.sampling_limits import check_sampling_values
 
 
 class _Strict(BaseModel):
@@ -53,6 +57,11 @@ class _Sampling(_Strict):
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             return value
         raise ValueError("must be a string or a list of strings")
+
+    def check_sampling_values(self) -> None:
+        """Raises llmsuite.runtime's InvalidArgument naming the parameter as sent (`temperature`)."""
+        check_sampling_values(temperature=self.temperature, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty, field_prefix="")
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """(field, why) for every OpenAI field set to something llmsuite cannot do."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,10 +159,15 @@ class InferenceEngine:
 
     @classmethod
     def load(cls, models: Mapping[str, Path], settings: EngineSettings, *,
-             step_observer: StepObserver | None = None) -> InferenceEngine:
+             step_observer: StepObserver | None = None,
+             on_model_failed: Callable[[str, str], None] | None = None,
+             prepare_decoder: Callable[[OnnxDecoder], None] | None = None) -> InferenceEngine:
         """Blocking: loads and warms up every model. Raises ModelLoadError naming the model
         and what is wrong (missing files, unsupported layout, requested device unavailable).
         `step_observer` is called on the scheduler thread after every step (metrics); it must be quick.
+        `on_model_failed(model, cause)` is called once, on that model's scheduler thread, when
+        its engine gives up (see EngineSettings.max_step_failures). `prepare_decoder` runs on
+        each decoder after warm-up, before serving (tests inject faults with it).
 
         Each model gets the whole kv_cache_bytes budget (or the device-sized default, split
         evenly between the models)."""
@@ -181,10 +186,14 @@ class InferenceEngine:
                                    decoder.signature.kv_dtype, intra_op_threads(settings))
                 except ModelLoadError as exc:
                     raise ModelLoadError(f"model {name!r}: {exc}") from exc
+                if prepare_decoder is not None:
+                    prepare_decoder(decoder)
                 budget = settings.kv_cache_bytes or default_kv_budget_bytes(decoder.placement) // len(models)
+                on_failed = (None if on_model_failed is None
+                             else lambda cause, model=name: on_model_failed(model, cause))
                 scheduler = Scheduler(name, decoder, settings, kv_ops=kv_ops, kv_budget_bytes=budget,
                                       prefill_estimate=estimate, step_observer=step_observer,
-                                      sampling_threads=intra_op_threads(settings))
+                                      sampling_threads=intra_op_threads(settings), on_failed=on_failed)
                 scheduler.start()
                 loaded[name] = _LoadedModel(_model_info(name, decoder), scheduler)
                 logger.info(

@@ -8,6 +8,10 @@ matter what other requests run beside it.
 Reported logprobs are log-softmax of the model's raw logits, before the penalty,
 temperature and filters: they describe the model, not the sampling settings, which is
 what callers comparing or scoring continuations need.
+
+A row whose logits cannot give a distribution (a NaN or +inf anywhere, or nothing but
+-inf, from the model itself or from a penalty or temperature that overflowed float32)
+yields `NonFiniteLogits` for that row instead of a token; the other rows are untouched.
 """
 
 from __future__ import annotations
@@ -20,13 +24,24 @@ import numpy as np
 from llmsuite.inference.engine.types import GeneratedToken, SamplingParams, TokenLogprob
 
 
+class NonFiniteLogits(ArithmeticError):
+    """A row's logits (raw, or after penalty and temperature) hold NaN or +inf, or only -inf."""
+
+
+def _describe(peak: float) -> str:
+    if np.isnan(peak):
+        return "NaN"
+    return "+inf" if peak > 0 else "only -inf"
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """HF semantics: for tokens already seen, divide positive logits and multiply negative ones."""
     if penalty == 1.0 or not seen.any():
         return logits
     penalized = logits.copy()
     values = penalized[seen]
-    penalized[seen] = np.where(values > 0, values / penalty, values * penalty)
+    with np.errstate(over="ignore"):  # an overflow is caught where it matters: NonFiniteLogits
+        penalized[seen] = np.where(values > 0, values / penalty, values * penalty)
     return penalized
 
 
@@ -60,13 +75,18 @@ def _candidate_weights(logits: np.ndarray, temperature: float, top_k: int, top_p
     than 1 - top_p of the mass, none of them is needed).
     """
     vocab = logits.shape[0]
-    scaled = logits.astype(np.float32) / np.float32(temperature)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, as one scalar
+        scaled = logits.astype(np.float32) / np.float32(temperature)
     if 0 < top_k < vocab:
         pool = np.sort(np.argpartition(-scaled, top_k - 1)[:top_k])
         scaled = scaled[pool]
     else:
         pool = None
-    weights = np.exp(scaled - scaled.max())
+    peak = scaled.max()  # NaN anywhere makes it NaN: one scalar check covers the whole row
+    if not np.isfinite(peak):
+        raise NonFiniteLogits(f"logits after temperature {temperature:g} hold {_describe(float(peak))}")
+    # Every weight is now in [0, 1] and the peak's is 1: the sum is >= 1 and the nucleus never empty.
+    weights = np.exp(scaled - peak)
     if top_p < 1.0:
         total = weights.sum(dtype=np.float64)
         heavy = np.flatnonzero(weights >= (1.0 - top_p) * total / weights.shape[0])
@@ -96,11 +116,15 @@ class TokenSampler:
                              and not self._wants_logprobs)
 
     def choose(self, logits: np.ndarray) -> GeneratedToken:
-        """Samples one token from a row of raw logits and records it as seen."""
+        """Samples one token from a row of raw logits and records it as seen; raises
+        NonFiniteLogits when the row cannot give a distribution."""
         params = self.params
         adjusted = apply_repetition_penalty(logits, self._seen, params.repetition_penalty)
         if params.temperature == 0.0:
-            token_id = int(np.argmax(adjusted))
+            token_id = int(np.argmax(adjusted))  # argmax picks a NaN when there is one
+            peak = float(adjusted[token_id])
+            if not np.isfinite(peak):
+                raise NonFiniteLogits(f"logits after the repetition penalty hold {_describe(peak)}")
         else:
             candidates, weights = _candidate_weights(adjusted, params.temperature, params.top_k, params.top_p)
             cumulative = np.cumsum(weights, dtype=np.float64)
@@ -124,27 +148,39 @@ class TokenSampler:
 
 
 def choose_batch(samplers: Sequence[TokenSampler], logits: np.ndarray,
-                 pool: ThreadPoolExecutor | None = None) -> list[GeneratedToken]:
-    """One token per row of `logits` [rows, vocab], row r drawn by samplers[r].
+                 pool: ThreadPoolExecutor | None = None) -> list[GeneratedToken | NonFiniteLogits]:
+    """One token per row of `logits` [rows, vocab], row r drawn by samplers[r]; a row whose
+    logits cannot give a distribution gets NonFiniteLogits instead, and no other row notices.
 
-    Plain greedy rows (the common serving case) share one vectorized argmax; the rest run
-    their own sampler, which keeps per-row seeds, penalties and logprobs independent of
-    whatever else is in the batch. Those rows run on `pool` when given: numpy releases the
-    GIL, and the cores are idle between forwards anyway.
+    One argmax over the whole batch serves both the plain greedy rows (the common serving
+    case) and the numeric check: a row's argmax lands on a NaN if it has one, on +inf if it
+    has one, and on -inf only when every entry is -inf, so the row's peak is finite exactly
+    when the row is usable. The remaining rows run their own sampler, which keeps per-row
+    seeds, penalties and logprobs independent of whatever else is in the batch. Those rows
+    run on `pool` when given: numpy releases the GIL, and the cores are idle between forwards.
     """
-    greedy_rows = [row for row, sampler in enumerate(samplers) if sampler.plain_greedy]
-    tokens: list[GeneratedToken | None] = [None] * len(samplers)
-    if greedy_rows:
-        greedy = logits if len(greedy_rows) == len(samplers) else logits[greedy_rows]
-        picks = np.argmax(greedy, axis=1)
-        for row, token_id in zip(greedy_rows, picks.tolist(), strict=True):
+    rows = len(samplers)
+    picks = np.argmax(logits, axis=1)
+    peaks = logits[np.arange(rows), picks]
+    usable = np.isfinite(peaks)
+    tokens: list[GeneratedToken | NonFiniteLogits | None] = [None] * rows
+    for row in np.flatnonzero(~usable).tolist():
+        tokens[row] = NonFiniteLogits(f"the model's logits hold {_describe(float(peaks[row]))}")
+    for row, (token_id, ok) in enumerate(zip(picks.tolist(), usable.tolist(), strict=True)):
+        if ok and samplers[row].plain_greedy:
             tokens[row] = GeneratedToken(int(token_id))
     other_rows = [row for row, token in enumerate(tokens) if token is None]
+
+    def choose(row: int) -> GeneratedToken | NonFiniteLogits:
+        try:
+            return samplers[row].choose(logits[row])
+        except NonFiniteLogits as exc:  # finite logits that a penalty or temperature overflowed
+            return exc
+
     if pool is not None and len(other_rows) > 1:
-        for row, token in zip(other_rows, pool.map(lambda r: samplers[r].choose(logits[r]), other_rows),
-                              strict=True):
+        for row, token in zip(other_rows, pool.map(choose, other_rows), strict=True):
             tokens[row] = token
     else:
         for row in other_rows:
-            tokens[row] = samplers[row].choose(logits[row])
+            tokens[row] = choose(row)
     return tokens  # type: ignore[return-value]

@@ -43,7 +43,7 @@ from llmsuite.inference.engine.batch import DecodeBatch
 from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
 from llmsuite.inference.engine.prefix_cache import CacheEntry, PrefixCache, PrefixHit
-from llmsuite.inference.engine.sampling import TokenSampler, choose_batch
+from llmsuite.inference.engine.sampling import NonFiniteLogits, TokenSampler, choose_batch
 from llmsuite.inference.engine.types import (
     EngineSettings,
     EngineStats,
@@ -59,7 +59,9 @@ from llmsuite.inference.engine.validation import tokens_to_drop, validate_prompt
 from llmsuite.runtime.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
+    LlmsuiteError,
     ResourceExhausted,
     Unavailable,
 )
@@ -71,6 +73,12 @@ _COUNTER_FOR_REASON = {FinishReason.CANCELLED: "cancelled", FinishReason.TIME_LI
 # A turn ends with TIME_LIMIT this long (plus two steps' worth) before its deadline, so its
 # final message, carrying everything generated so far, reaches the client in time.
 TIME_LIMIT_MARGIN_S = 0.05
+# After a step that failed, the engine checks that its model still runs with a one-token
+# forward, up to max_step_failures times, waiting this long (doubling) between tries.
+PROBE_BACKOFF_S = 0.05
+# How ONNX Runtime and CUDA word an allocation that failed (their errors are RuntimeErrors,
+# not MemoryError): such a failure is capacity (OUT_OF_MEMORY), not a broken model.
+_ALLOCATION_FAILURE_WORDS = ("failed to allocate", "bad_alloc", "out of memory")
 
 
 @dataclass
@@ -82,6 +90,8 @@ class TurnFailed:
 
 Delivery = Callable[[GeneratedToken | TurnResult | TurnFailed], None]
 StepObserver = Callable[[StepReport], None]
+# Called once, on the worker thread, with a one-line cause, when the engine gives up.
+FailureObserver = Callable[[str], None]
 
 
 class PrefillEstimate:
@@ -185,7 +195,8 @@ class Scheduler:
 
     def __init__(self, name: str, decoder: OnnxDecoder, settings: EngineSettings, *,
                  kv_ops: KvOps, kv_budget_bytes: int, prefill_estimate: PrefillEstimate | None = None,
-                 step_observer: StepObserver | None = None, sampling_threads: int = 1) -> None:
+                 step_observer: StepObserver | None = None, sampling_threads: int = 1,
+                 on_failed: FailureObserver | None = None) -> None:
         self.name = name
         self.decoder = decoder
         self.settings = settings
@@ -195,6 +206,13 @@ class Scheduler:
         self.prefill_chunk_tokens = settings.prefill_chunk_tokens
         self._ops = kv_ops
         self._observer = step_observer
+        self._on_failed = on_failed
+        self._failure: str | None = None  # set once the engine gave up: every call is refused
+        self._step_faulted = False  # a row failed for a fault of the model or the engine this step
+        # Rows failed this step, out of the batch (KV dropped) but not told yet: whether their
+        # error is their own (MODEL_ERROR, OUT_OF_MEMORY) or ENGINE_FAILED depends on whether the
+        # model still runs, which `_work` checks after the step.
+        self._failed_rows: list[tuple[Turn, LlmsuiteError]] = []
         self._sampling_pool = (ThreadPoolExecutor(sampling_threads, thread_name_prefix=f"sampling-{name}")
                                if sampling_threads > 1 else None)
         self._bytes_per_token = decoder.kv_bytes_per_token
@@ -233,6 +251,7 @@ class Scheduler:
             self._thread.join()
         if self._sampling_pool is not None:
             self._sampling_pool.shutdown()
+        self._tell_failed_rows(engine_failed=False)  # stopped mid-check: they failed on their own account
         with self._cond:
             for turn in [*self._decoding(), *self._prefilling, *self._waiting]:
                 turn.cache, turn.batch = None, None
@@ -244,16 +263,33 @@ class Scheduler:
             self._sessions.clear()
 
     def _work(self) -> None:
+        """Steps until stopped. A step that fails is contained: the rows it touched fail (their
+        KV freed), one ERROR with the traceback is logged, and the engine checks its model
+        still runs (`_model_still_runs`) before going on. When it does not, or when steps keep
+        failing outside any forward, the engine gives up (`_give_up`): never a silent retry."""
+        failed_in_a_row = 0  # steps that raised out of step(): bookkeeping, not one forward
         while True:
             with self._cond:
                 if self._stopping:
                     return
             try:
                 progressed = self.step()
-            except Exception:  # a bug in housekeeping must not kill the worker silently
-                logger.exception("scheduler %s: step failed", self.name)
-                time.sleep(0.1)  # and must not spin at full speed if it repeats
+            except Exception as exc:
+                failed_in_a_row += 1
+                logger.exception("model %s: scheduler step failed (%d in a row, limit %d); ending every "
+                                 "running row", self.name, failed_in_a_row, self.settings.max_step_failures)
+                self._fail_admitted(exc)
+                if failed_in_a_row >= self.settings.max_step_failures:
+                    self._give_up(f"{failed_in_a_row} scheduler steps in a row failed, the last with "
+                                  f"{type(exc).__name__}: {exc}")
+                    return
+                self._tell_failed_rows(engine_failed=False)
                 continue
+            failed_in_a_row = 0
+            if self._step_faulted:
+                if not self._model_still_runs():
+                    return
+                self._tell_failed_rows(engine_failed=False)
             if progressed:
                 continue
             with self._cond:
@@ -266,10 +302,68 @@ class Scheduler:
                     delay = 0.05 if delay is None else min(delay, 0.05)
                 self._cond.wait(timeout=delay)
 
+    def _model_still_runs(self) -> bool:
+        """After a failed step: a one-token forward from an empty cache, tried up to
+        max_step_failures times with a doubling pause. True when one works (the failure
+        belonged to the rows that failed); otherwise the engine gives up and this is False."""
+        tries = self.settings.max_step_failures
+        for attempt in range(1, tries + 1):
+            try:
+                self.decoder.forward([0], self.decoder.empty_cache())
+                return True
+            except Exception as exc:
+                logger.error("model %s: check forward %d of %d failed: %s: %s", self.name, attempt, tries,
+                             type(exc).__name__, exc)
+                cause = f"{type(exc).__name__}: {exc}"
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopping, timeout=PROBE_BACKOFF_S * 2 ** (attempt - 1)):
+                    return False
+        self._give_up(f"the model failed {tries} check forwards in a row after a failed step, the last with {cause}")
+        return False
+
+    def _give_up(self, cause: str) -> None:
+        """The engine cannot step: later calls are refused, the failure observer (the service:
+        health NOT_SERVING, then exit) is told first, then every turn (running, failed this
+        step or queued) fails with UNAVAILABLE ENGINE_FAILED and all KV is freed."""
+        with self._cond:
+            self._failure = cause
+        logger.error("model %s: engine failed, no longer serving: %s", self.name, cause)
+        if self._on_failed is not None:
+            try:
+                self._on_failed(cause)
+            except Exception:  # e.g. the service's event loop already closed: nobody left to tell
+                logger.exception("model %s: the failure observer failed", self.name)
+        self._tell_failed_rows(engine_failed=True)
+        with self._cond:
+            error = self._engine_failed()
+            for turn in [*self._decoding(), *self._prefilling, *self._waiting]:
+                turn.cache, turn.batch = None, None
+                self._finish(_Ending(turn, None, error=error), kv=None)
+            self._batches.clear()
+            self._prefix.clear()
+
+    def _tell_failed_rows(self, *, engine_failed: bool) -> None:
+        with self._cond:
+            failed, self._failed_rows = self._failed_rows, []
+            for turn, error in failed:
+                self._finish(_Ending(turn, None, error=self._engine_failed() if engine_failed else error), kv=None)
+
+    def _engine_failed(self) -> Unavailable:
+        return Unavailable(f"model {self.name!r} on this replica cannot run its model any more and is restarting; "
+                           "retry on another replica", reason="ENGINE_FAILED", retry_after_s=1.0,
+                           metadata={"model": self.name})
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine gave up, or None while it serves."""
+        return self._failure
+
     # ---- sessions --------------------------------------------------------------------
 
     def open_session(self, *, multi_turn: bool) -> SessionState:
         with self._cond:
+            if self._failure is not None:
+                raise self._engine_failed()
             if self._stopping:
                 raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING")
             if multi_turn and self._multi_turn_sessions() >= self.settings.max_sessions:
@@ -325,6 +419,8 @@ class Scheduler:
         kept_history = session.history if keep_history is None else session.history[:keep_history]
         new_ids = validate_prompt(new_token_ids, self._vocab_size, allow_empty=bool(kept_history))
         with self._cond:
+            if self._failure is not None:
+                raise self._engine_failed()
             if self._stopping:
                 raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING")
             if session.closed:
@@ -416,6 +512,7 @@ class Scheduler:
 
     def step(self) -> bool:
         """Housekeeping, one prefill budget and one decode forward; False when there was nothing to do."""
+        self._step_faulted = False
         with self._cond:
             now = time.monotonic()
             endings = self._collect_interrupted(now)
@@ -500,15 +597,20 @@ class Scheduler:
             return
         kept: dict[int, KvCache | None] = {}
         by_batch: dict[int, tuple[DecodeBatch[Turn], list[Turn]]] = {}
-        for ending in endings:
-            turn = ending.turn
-            keep = ending.error is None and self.settings.prefix_cache
-            if turn.batch is not None:
-                kept[id(turn)] = turn.batch.extract(turn) if keep else None
-                by_batch.setdefault(id(turn.batch), (turn.batch, []))[1].append(turn)
-            else:
-                kept[id(turn)] = turn.cache if keep else None
-        layouts = [(batch, batch.without_rows(leaving)) for batch, leaving in by_batch.values()]
+        try:
+            for ending in endings:
+                turn = ending.turn
+                keep = ending.error is None and self.settings.prefix_cache
+                if turn.batch is not None:
+                    kept[id(turn)] = turn.batch.extract(turn) if keep else None
+                    by_batch.setdefault(id(turn.batch), (turn.batch, []))[1].append(turn)
+                else:
+                    kept[id(turn)] = turn.cache if keep else None
+            layouts = [(batch, batch.without_rows(leaving)) for batch, leaving in by_batch.values()]
+        except Exception as exc:
+            logger.exception("model %s: releasing the KV of ending rows failed; dropping their batches", self.name)
+            self._retire_dropping_batches(endings, exc)
+            return
         with self._cond:
             for batch, layout in layouts:
                 batch.apply(layout)
@@ -516,6 +618,23 @@ class Scheduler:
             for ending in endings:
                 ending.turn.cache, ending.turn.batch = None, None
                 self._finish(ending, kv=kept[id(ending.turn)])
+
+    def _retire_dropping_batches(self, endings: Sequence[_Ending], error: BaseException) -> None:
+        """When the KV work of `_retire` failed: the ending turns still end as they would have
+        (their KV is not kept), and every other row of their batches fails, since a batch
+        whose rows cannot be removed cannot run again. Dropping a whole batch needs no KV work."""
+        ending_turns = {id(e.turn) for e in endings}
+        batches = {id(e.turn.batch): e.turn.batch for e in endings if e.turn.batch is not None}
+        casualties: list[Turn] = []
+        with self._cond:
+            for batch in batches.values():
+                casualties += [t for t in batch.keys if id(t) not in ending_turns]
+                batch.apply(batch.without_rows(list(batch.keys)))
+            self._batches = [b for b in self._batches if len(b)]
+            for ending in endings:
+                ending.turn.cache, ending.turn.batch = None, None
+                self._finish(ending, kv=None)
+        self._fail(casualties, error)
 
     def _prefill(self) -> tuple[int, int]:
         """Feeds up to prefill_chunk_tokens prompt tokens, oldest admitted prompt first;
@@ -562,7 +681,7 @@ class Scheduler:
             budget -= len(chunk)
             if turn.pending:
                 continue
-            token = turn.sampler.choose(result.logits[-1])
+            (token,) = choose_batch([turn.sampler], result.logits[-1:])
             ending = self._emit(turn, token)
             if ending is not None:
                 self._retire([ending])
@@ -670,8 +789,17 @@ class Scheduler:
             self._retire(endings)
         return rows, forwards
 
-    def _emit(self, turn: Turn, token: GeneratedToken) -> _Ending | None:
-        """Records and delivers one sampled token; returns an ending when it was the turn's last."""
+    def _emit(self, turn: Turn, token: GeneratedToken | NonFiniteLogits) -> _Ending | None:
+        """Records and delivers one sampled token; returns an ending when it was the turn's last
+        (or when its logits could not be sampled: NUMERIC_ERROR, only this row ends)."""
+        if isinstance(token, NonFiniteLogits):
+            logger.warning("model %s: non-finite logits at position %d; ending that request with NUMERIC_ERROR: %s",
+                           self.name, len(turn.session.history), token)
+            return _Ending(turn, None, error=Internal(
+                f"model {self.name!r} produced logits that cannot be sampled ({token}) for output token "
+                f"{turn.generated + 1} of this request; it ends here, and other requests are not affected",
+                reason="NUMERIC_ERROR",
+                metadata={"model": self.name, "output_tokens": str(turn.generated)}))
         now = time.monotonic()
         turn.generated += 1
         if turn.first_token_at is None:
@@ -689,13 +817,39 @@ class Scheduler:
         return None
 
     def _fail(self, turns: Iterable[Turn], error: BaseException) -> None:
+        """Takes `turns` out of the batch (their KV is dropped; the caller has logged the
+        traceback) and marks the step as faulted; `_work` tells them after the step."""
+        self._step_faulted = True
+        caller_error = self._caller_error(error)
         with self._cond:
             self._batches = [b for b in self._batches if len(b)]
             for turn in turns:
                 if turn in self._prefilling:
                     self._prefilling.remove(turn)
                 turn.cache, turn.batch = None, None
-                self._finish(_Ending(turn, None, error=error), kv=None)
+                if not turn.finished and all(turn is not t for t, _ in self._failed_rows):
+                    self._failed_rows.append((turn, caller_error))
+
+    def _fail_admitted(self, error: BaseException) -> None:
+        """After a step failed outside any forward: the rows' state is unknown, so every admitted
+        row ends (queued turns stay queued) and every batch is dropped with its KV."""
+        with self._cond:
+            turns = [*self._decoding(), *self._prefilling]
+            self._batches.clear()
+        self._fail(turns, error)
+
+    def _caller_error(self, error: BaseException) -> LlmsuiteError:
+        """What a caller sees for a fault of the model or the engine: OUT_OF_MEMORY when an
+        allocation failed (capacity: a retry may fit), MODEL_ERROR for anything else."""
+        if isinstance(error, LlmsuiteError):
+            return error
+        if isinstance(error, MemoryError) or any(w in str(error).lower() for w in _ALLOCATION_FAILURE_WORDS):
+            return ResourceExhausted(
+                f"model {self.name!r} ran out of memory computing this request; retry later or send less",
+                reason="OUT_OF_MEMORY", retry_after_s=5.0, metadata={"model": self.name})
+        return Internal(f"model {self.name!r} failed computing this request ({type(error).__name__}); the "
+                        "server's log has the details; other requests are not affected",
+                        reason="MODEL_ERROR", metadata={"model": self.name})
 
     def _finish(self, ending: _Ending, kv: KvCache | None) -> None:
         """Ends a turn (caller holds the lock): hands its KV to the session or frees it, delivers its last item."""

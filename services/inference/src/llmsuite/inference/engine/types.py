@@ -38,6 +38,12 @@ class EngineSettings:
     streams keep receiving tokens while a long prompt is processed. warmup runs forwards
     at load and measures prefill speed for deadline checks.
 
+    A step that fails (a forward raising, an allocation failing) ends only the rows it
+    was computing; the engine then checks its model still runs with a one-token forward,
+    up to max_step_failures tries, and so many scheduler steps failing in a row outside
+    any forward count the same way. Past that the engine gives up: every turn fails with
+    UNAVAILABLE ENGINE_FAILED and the service reports NOT_SERVING and exits.
+
     Embedding models (engine/embedding.py) pack queued inputs into forwards of at most
     embed_batch_tokens padded tokens and hold at most embed_max_queued_inputs inputs
     waiting; pooling overrides the model files' pooling per model name.
@@ -59,6 +65,7 @@ class EngineSettings:
     embed_batch_tokens: int = 8192
     embed_max_queued_inputs: int = 4096
     pooling: tuple[tuple[str, str], ...] = ()  # (model name, "MODE[:normalize|:no-normalize]")
+    max_step_failures: int = 3
 
     def __post_init__(self) -> None:
         if not _DEVICE_PATTERN.match(self.device):
@@ -69,7 +76,7 @@ class EngineSettings:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("max_running", "max_sessions", "prefill_chunk_tokens", "embed_batch_tokens",
-                     "embed_max_queued_inputs"):
+                     "embed_max_queued_inputs", "max_step_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.session_idle_timeout_s <= 0:

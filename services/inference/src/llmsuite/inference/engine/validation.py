@@ -12,9 +12,8 @@ import numpy as np
 
 from llmsuite.inference.engine.types import SamplingParams
 from llmsuite.runtime.errors import InvalidArgument
+from llmsuite.runtime.sampling_limits import check_sampling_values
 
-MAX_TEMPERATURE = 100.0
-MAX_REPETITION_PENALTY = 10.0
 MAX_TOP_LOGPROBS = 20
 _MAX_SEED = 2**64
 
@@ -40,22 +39,16 @@ def validate_prompt(token_ids: Sequence[int], vocab_size: int, *, allow_empty: b
 
 
 def validate_sampling(params: SamplingParams, *, vocab_size: int, context_length: int) -> None:
-    """Rejects values that are negative, absurd, or impossible for this model."""
+    """Rejects values that are negative, absurd, impossible for this model, or that cannot give
+    a distribution to sample from (llmsuite.runtime.sampling_limits says which and why)."""
 
     def bad(field: str, description: str, reason: str = "INVALID_FIELD") -> InvalidArgument:
         return InvalidArgument.for_field(f"sampling.{field}", description, reason=reason)
 
-    if not (isinstance(params.temperature, int | float) and 0.0 <= params.temperature <= MAX_TEMPERATURE):
-        raise bad("temperature", f"must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {params.temperature}")
-    if not (0.0 < params.top_p <= 1.0):
-        raise bad("top_p", f"must be in (0, 1] (1 = off), got {params.top_p}")
+    check_sampling_values(temperature=params.temperature, top_p=params.top_p,
+                          repetition_penalty=params.repetition_penalty)
     if params.top_k < 0:
         raise bad("top_k", f"must be >= 0 (0 = off), got {params.top_k}")
-    if not (0.0 < params.repetition_penalty <= MAX_REPETITION_PENALTY):
-        raise bad(
-            "repetition_penalty",
-            f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off), got {params.repetition_penalty}",
-        )
     if not (1 <= params.max_new_tokens <= context_length):
         raise bad(
             "max_new_tokens", f"must be in [1, {context_length}] (the model's context), got {params.max_new_tokens}"
