@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from llmsuite.inference.engine import FinishReason, GeneratedToken, SamplingParams, TurnResult
-from llmsuite.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from llmsuite.runtime.errors import DeadlineExceeded, LlmsuiteError, ResourceExhausted, Unavailable
 
 PROMPT = [1, 4, 210, 33, 870, 12, 5]
 LONG = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
@@ -223,8 +223,11 @@ def test_a_failing_forward_fails_only_its_turn(engine: Any, monkeypatch: pytest.
 
     async def scenario() -> None:
         session = engine.open_session("tiny", multi_turn=True)
-        with pytest.raises(RuntimeError, match="device lost"):
+        with pytest.raises(LlmsuiteError) as failed:
             await helpers.run_turn(session, PROMPT, SamplingParams(temperature=0, max_new_tokens=5))
+        # Named for the caller, with the cause left in the server's log.
+        assert (failed.value.code.name, failed.value.reason) == ("INTERNAL", "MODEL_ERROR")
+        assert "device lost" not in failed.value.message
         assert session.cached_tokens == 0 and engine.stats("tiny").running == 0
         # The session (history kept, cache dropped) and the engine keep working.
         _, result = await helpers.run_turn(session, [9, 10], SamplingParams(temperature=0, max_new_tokens=3))
