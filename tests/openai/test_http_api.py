@@ -57,6 +57,16 @@ BAD_BODIES = [
     ("/completions", with_(COMPLETION, temperature="hot"), "temperature", "invalid_value"),
     ("/completions", with_(COMPLETION, temperature=-1), "temperature", "invalid_field"),
     ("/completions", with_(COMPLETION, top_p=0), "top_p", "invalid_field"),
+    # Values that cannot give a distribution: refused by name, never NaN logits mid-batch.
+    ("/completions", with_(COMPLETION, temperature=1e-38, top_p=0.9), "temperature", "invalid_field"),
+    ("/completions", with_(COMPLETION, temperature=1e-50), "temperature", "invalid_field"),  # float32: 0
+    ("/completions", with_(COMPLETION, temperature=1e39), "temperature", "invalid_field"),  # float32: inf
+    ("/completions", b'{"model": "tiny", "prompt": "Hi", "temperature": NaN}', "temperature", "invalid_value"),
+    ("/completions", b'{"model": "tiny", "prompt": "Hi", "top_p": Infinity}', "top_p", "invalid_value"),
+    ("/completions", with_(COMPLETION, repetition_penalty=1e-45, top_p=0.5), "repetition_penalty",
+     "invalid_field"),
+    ("/chat/completions", with_(CHAT, temperature=0.001), "temperature", "invalid_field"),
+    ("/chat/completions", with_(CHAT, repetition_penalty=0.005), "repetition_penalty", "invalid_field"),
     ("/completions", with_(COMPLETION, max_tokens=0), "max_tokens", "invalid_value"),
     ("/completions", with_(COMPLETION, max_tokens=1.5), "max_tokens", "invalid_value"),
     ("/completions", with_(COMPLETION, max_tokens=2**40), "max_tokens", None),
@@ -122,6 +132,18 @@ def test_bad_bodies_get_a_400_naming_the_parameter(http, path, body, param, code
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = http.post(path, content=content, headers={"content-type": "application/json"})
     assert_openai_error(response, 400, param=param, code=code)
+
+
+def test_a_refused_sampling_value_names_its_limit(http):
+    response = http.post("/completions", json=with_(COMPLETION, temperature=1e-38, top_p=0.9))
+    error = assert_openai_error(response, 400, param="temperature", code="invalid_field")
+    assert error["message"].startswith("temperature: must be 0 (greedy) or in [0.01, 100]")
+
+
+def test_the_floors_themselves_are_served(http):
+    response = http.post("/completions", json=with_(COMPLETION, temperature=0.01, repetition_penalty=0.01,
+                                                     top_p=1e-30, seed=1))
+    assert response.status_code == 200, response.text
 
 
 def test_the_service_keeps_serving_after_bad_input(http):
