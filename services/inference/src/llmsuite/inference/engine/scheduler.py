@@ -353,11 +353,6 @@ class Scheduler:
                            "retry on another replica", reason="ENGINE_FAILED", retry_after_s=1.0,
                            metadata={"model": self.name})
 
-    @property
-    def failure(self) -> str | None:
-        """Why the engine gave up, or None while it serves."""
-        return self._failure
-
     # ---- sessions --------------------------------------------------------------------
 
     def open_session(self, *, multi_turn: bool) -> SessionState:
