@@ -33,6 +33,9 @@ from llmsuite.runtime.errors import LlmsuiteError
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_new_tokens=8, ignore_eos=True)
 POISON = 999  # a token id none of the other prompts holds
+# Watchers that must still be running when a fault strikes are given far more tokens than the
+# few steps it takes to submit the faulty request (the context is 512; the longest prompt 20).
+LONG_RUNNING = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
 
 
 class InjectedFaults:
@@ -207,16 +210,17 @@ def test_a_forward_that_fails_ends_only_the_request_it_computed(harness: Any, er
 def test_a_failed_decode_forward_ends_its_rows_frees_their_kv_and_the_engine_goes_on(harness: Any) -> None:
     faults = InjectedFaults()
     h = harness(faults.install, prefix_cache=False)
-    long_greedy = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
 
     async def scenario() -> None:
         expected = await alone(h.engine, SHORT, GREEDY)
-        watchers = [await started(h.session(), SHORT, long_greedy), await started(h.session(), LONG, long_greedy)]
+        prompts = (SHORT, LONG)
+        whole = [await alone(h.engine, prompt, LONG_RUNNING) for prompt in prompts]
+        watchers = await asyncio.gather(*(started(h.session(), prompt, LONG_RUNNING) for prompt in prompts))
         faults.arm_decode_failure(MemoryError())
-        for stream, tokens in watchers:
+        for (stream, tokens), alone_tokens in zip(watchers, whole, strict=True):
             got, end = await consume(stream, tokens)
             assert isinstance(end, LlmsuiteError) and end.reason == "OUT_OF_MEMORY", end
-            assert got == (await alone(h.engine, SHORT if stream is watchers[0][0] else LONG, long_greedy))[:len(got)]
+            assert got == alone_tokens[:len(got)]
         assert h.engine.stats("tiny").kv_bytes == 0  # no prefix cache: nothing may be left behind
         assert await alone(h.engine, SHORT, GREEDY) == expected
         assert h.failures == []
@@ -229,9 +233,7 @@ def test_a_decoder_broken_for_good_fails_every_turn_with_engine_failed(harness: 
     h = harness(breaker, max_running=3)
 
     async def scenario() -> None:
-        watchers = [await started(h.session(), SHORT, SamplingParams(temperature=0.0, max_new_tokens=200,
-                                                                      ignore_eos=True))
-                    for _ in range(2)]
+        watchers = await asyncio.gather(*(started(h.session(), SHORT, LONG_RUNNING) for _ in range(2)))
         bad_task = asyncio.ensure_future(consume(h.session().generate([*SHORT, POISON], GREEDY)))
         # max_running=3: this one waits in the queue (or, if the engine gave up first, is refused)
         queued_task = asyncio.ensure_future(consume(h.session().generate(LONG, GREEDY)))
@@ -289,8 +291,7 @@ def test_one_failed_scheduler_step_ends_the_running_rows_and_the_engine_goes_on(
 
     async def scenario() -> None:
         expected = await alone(h.engine, SHORT, GREEDY)
-        stream, tokens = await started(h.session(), SHORT, SamplingParams(temperature=0.0, max_new_tokens=200,
-                                                                          ignore_eos=True))
+        stream, tokens = await started(h.session(), SHORT, LONG_RUNNING)
         armed.set()
         _, end = await consume(stream, tokens)
         assert isinstance(end, LlmsuiteError) and (end.code.name, end.reason) == ("INTERNAL", "MODEL_ERROR"), end

@@ -125,11 +125,11 @@ def reason_of(error: grpc.RpcError | None) -> tuple[Any, str | None]:
 class Watchers:
     """Streams running in threads; started() returns once each has received a token."""
 
-    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, **changes: Any) -> None:
         self._stub = stub
         self._pool = ThreadPoolExecutor(len(WATCHERS))
         self._firsts = [threading.Event() for _ in WATCHERS]
-        self._futures = [self._pool.submit(generate, stub, prompt, sampling, first)
+        self._futures = [self._pool.submit(generate, stub, prompt, {**sampling, **changes}, first)
                          for (prompt, sampling), first in zip(WATCHERS, self._firsts, strict=True)]
 
     def started(self) -> None:
@@ -202,7 +202,8 @@ def test_a_model_that_cannot_run_fails_every_request_turns_not_serving_and_exits
         health = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service="model:tiny"), timeout=120)
         assert next(health).status == health_pb2.HealthCheckResponse.SERVING
-        watchers = Watchers(stub)
+        # Far more tokens than the few steps the failing request takes to arrive (context 512).
+        watchers = Watchers(stub, max_new_tokens=480)
         watchers.started()
 
         tokens, error = generate(stub, [5, 6, BREAK_ID], dict(GREEDY, max_new_tokens=4))
