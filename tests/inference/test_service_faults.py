@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from metrics_scrape import metrics_port, scrape
 from onnx import TensorProto, helper, numpy_helper
 from support import ServiceProcess
 
@@ -94,7 +95,7 @@ def inference(model_dir: Path, *extra: str) -> ServiceProcess:
 
 @pytest.fixture(scope="module")
 def server(faulty_model_dir: Path) -> Iterator[ServiceProcess]:
-    with inference(faulty_model_dir) as proc:
+    with inference(faulty_model_dir, "--metrics-listen", "127.0.0.1:0") as proc:
         yield proc
 
 
@@ -192,6 +193,9 @@ def test_faults_in_one_request_leave_the_requests_beside_it_untouched(server: Se
             assert status == health_pb2.HealthCheckResponse.SERVING
         stats = stub.GetModelInfo(pb.GetModelInfoRequest(model="tiny")).info.stats
         assert stats.running == 0
+    failed = scrape(metrics_port(server))
+    for reason in ("NUMERIC_ERROR", "MODEL_ERROR", "OUT_OF_MEMORY"):
+        assert failed.get("llmsuite_inference_requests_failed_total", model="tiny", reason=reason) == 1
     assert server.alive()
 
 

@@ -38,6 +38,8 @@ STEP_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 
 
 # Errors the engine uses to refuse work it cannot take (by their stable reason).
 _REJECTIONS = (ResourceExhausted, DeadlineExceeded, Unavailable)
+# Reasons of turns the model or the engine failed (docs/errors.md), whenever they struck.
+FAULT_REASONS = frozenset({"NUMERIC_ERROR", "MODEL_ERROR", "OUT_OF_MEMORY", "ENGINE_FAILED"})
 
 
 class InferenceMetrics:
@@ -82,6 +84,10 @@ class InferenceMetrics:
             "llmsuite_inference_requests_rejected",
             "Turns or sessions refused before they ran, by reason (ENGINE_OVERLOADED, "
             "TOO_MANY_SESSIONS, DEADLINE_TOO_SHORT, ENGINE_STOPPING).", ("model", "reason"), registry=None)
+        self.failed = Counter(
+            "llmsuite_inference_requests_failed",
+            "Turns the model or the engine failed, by reason (NUMERIC_ERROR, MODEL_ERROR, OUT_OF_MEMORY, "
+            "ENGINE_FAILED), before or after their first token.", ("model", "reason"), registry=None)
         self.batch_size = Histogram(
             "llmsuite_inference_batch_size",
             "Rows (sequences) decoded together in one scheduler step, for steps that decoded.",
@@ -98,7 +104,7 @@ class InferenceMetrics:
     def collectors(self) -> Sequence[Collector]:
         return (self.time_to_first_token, self.inter_token_latency, self.request_latency, self.queue_time,
                 self.prefill_time, self.prompt_tokens, self.cached_tokens, self.generated_tokens, self.rejected,
-                self.batch_size, self.step_tokens, self.step_duration, self._engine_stats)
+                self.failed, self.batch_size, self.step_tokens, self.step_duration, self._engine_stats)
 
     def observe_step(self, step: StepReport) -> None:
         """The engine's step observer: called on a scheduler's worker thread after
@@ -132,7 +138,9 @@ class InferenceMetrics:
                     self.generated_tokens.labels(model).inc()
                 yield item
         except LlmsuiteError as exc:
-            if not started:
+            if exc.reason in FAULT_REASONS:
+                self.failed.labels(model, exc.reason).inc()
+            elif not started:
                 self.rejected_by_engine(model, exc)
             raise
 
