@@ -26,6 +26,7 @@ from llmsuite.inference.engine import (
     SamplingParams,
     TurnResult,
 )
+from llmsuite.inference.engine.batch import DecodeBatch
 from llmsuite.inference.engine.fault_injection import BreakOnToken
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.runtime.errors import LlmsuiteError
@@ -299,3 +300,33 @@ def test_one_failed_scheduler_step_ends_the_running_rows_and_the_engine_goes_on(
 
     asyncio.run(scenario())
     assert h.failures == []
+
+
+def test_a_failed_kv_release_ends_the_batch_it_held_but_not_the_turn_that_finished(
+        harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = harness(None)
+    extract = DecodeBatch.extract
+    armed = threading.Event()
+
+    def failing_extract(self: DecodeBatch[Any], key: Any) -> Any:
+        if armed.is_set():
+            armed.clear()
+            raise MemoryError
+        return extract(self, key)
+
+    monkeypatch.setattr(DecodeBatch, "extract", failing_extract)
+
+    async def scenario() -> None:
+        expected = await alone(h.engine, TARGET, GREEDY)
+        stream, tokens = await started(h.session(), LONG, LONG_RUNNING)
+        armed.set()  # the next row to leave a batch with its KV kept is the one below, 8 tokens in
+        finished_tokens, finished = await consume(h.session().generate(TARGET, GREEDY))
+        assert isinstance(finished, TurnResult) and finished_tokens == expected  # its result stands
+        _, end = await consume(stream, tokens)
+        assert isinstance(end, LlmsuiteError) and end.reason == "OUT_OF_MEMORY", end  # its batch went down
+        assert await alone(h.engine, TARGET, GREEDY) == expected
+
+    asyncio.run(scenario())
+    assert h.failures == []
+    stats = h.engine.stats("tiny")
+    assert stats.running == 0 and stats.queued == 0
