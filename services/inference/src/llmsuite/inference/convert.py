@@ -11,7 +11,7 @@ from typing import cast
 from llmsuite.common.v1 import common_pb2
 from llmsuite.inference.engine import FinishReason, GeneratedToken, ModelInfo, SamplingParams, TurnResult
 from llmsuite.inference.engine.embedding import EmbeddingResult
-from llmsuite.inference.engine.types import EngineStats
+from llmsuite.inference.engine.types import Constraint, ConstraintKind, EngineStats
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.errors import InvalidArgument
 from llmsuite.runtime.messages import DEFAULT_MAX_NEW_TOKENS, duration
@@ -38,7 +38,21 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, *, field: str = "samplin
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
+        constraint=constraint_from_proto(msg.constraint, field=f"{field}.constraint")
+        if msg.HasField("constraint") else None,
     )
+
+
+def constraint_from_proto(msg: common_pb2.Constraint, *, field: str) -> Constraint:
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument.for_field(field, "set one of json_schema, json_object, regex, grammar or choice",
+                                        reason="CONSTRAINT_INVALID")
+    if kind == "choice":
+        return Constraint(ConstraintKind.CHOICE, choices=tuple(msg.choice.options))
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    return Constraint(ConstraintKind(kind), text=getattr(msg, kind))
 
 
 def finish_reason_to_proto(reason: FinishReason) -> common_pb2.FinishReason:

@@ -25,39 +25,45 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmsuite/common/v1/common.proto\x12\x12llmsuite.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\xbd\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8d\x02\n\x07Timings\x12-\n\nqueue_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cprefill_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x18mean_inter_token_latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"s\n\x10PositionLogprobs\x12\x30\n\x06\x63hosen\x18\x01 \x01(\x0b\x32 .llmsuite.common.v1.TokenLogprob\x12-\n\x03top\x18\x02 \x03(\x0b\x32 .llmsuite.common.v1.TokenLogprob\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"&\n\x08\x43harSpan\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"_\n\x08\x45ncoding\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x07offsets\x18\x02 \x03(\x0b\x32\x1c.llmsuite.common.v1.CharSpan\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\".\n\x0bPoolingInfo\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tnormalize\x18\x02 \x01(\x08*\xba\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x04\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x05*f\n\x0eTruncationSide\x12\x1f\n\x1bTRUNCATION_SIDE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRUNCATION_SIDE_RIGHT\x10\x01\x12\x18\n\x14TRUNCATION_SIDE_LEFT\x10\x02*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATION\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmsuite/common/v1/common.proto\x12\x12llmsuite.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\xf1\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x32\n\nconstraint\x18\x0c \x01(\x0b\x32\x1e.llmsuite.common.v1.ConstraintB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xf3\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12@\n\x0bjson_object\x18\x02 \x01(\x0b\x32).llmsuite.common.v1.Constraint.JsonObjectH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x37\n\x06\x63hoice\x18\x05 \x01(\x0b\x32%.llmsuite.common.v1.Constraint.ChoiceH\x00\x1a\x0c\n\nJsonObject\x1a\x19\n\x06\x43hoice\x12\x0f\n\x07options\x18\x01 \x03(\tB\x06\n\x04kind\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8d\x02\n\x07Timings\x12-\n\nqueue_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cprefill_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x18mean_inter_token_latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"s\n\x10PositionLogprobs\x12\x30\n\x06\x63hosen\x18\x01 \x01(\x0b\x32 .llmsuite.common.v1.TokenLogprob\x12-\n\x03top\x18\x02 \x03(\x0b\x32 .llmsuite.common.v1.TokenLogprob\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"&\n\x08\x43harSpan\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"_\n\x08\x45ncoding\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x07offsets\x18\x02 \x03(\x0b\x32\x1c.llmsuite.common.v1.CharSpan\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\".\n\x0bPoolingInfo\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tnormalize\x18\x02 \x01(\x08*\xd5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x04\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x05\x12\x19\n\x15\x46INISH_REASON_GRAMMAR\x10\x06*f\n\x0eTruncationSide\x12\x1f\n\x1bTRUNCATION_SIDE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRUNCATION_SIDE_RIGHT\x10\x01\x12\x18\n\x14TRUNCATION_SIDE_LEFT\x10\x02*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATION\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmsuite.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1235
-  _globals['_FINISHREASON']._serialized_end=1421
-  _globals['_TRUNCATIONSIDE']._serialized_start=1423
-  _globals['_TRUNCATIONSIDE']._serialized_end=1525
-  _globals['_MODELKIND']._serialized_start=1527
-  _globals['_MODELKIND']._serialized_end=1619
+  _globals['_FINISHREASON']._serialized_start=1533
+  _globals['_FINISHREASON']._serialized_end=1746
+  _globals['_TRUNCATIONSIDE']._serialized_start=1748
+  _globals['_TRUNCATIONSIDE']._serialized_end=1850
+  _globals['_MODELKIND']._serialized_start=1852
+  _globals['_MODELKIND']._serialized_end=1944
   _globals['_SAMPLINGPARAMS']._serialized_start=88
-  _globals['_SAMPLINGPARAMS']._serialized_end=405
-  _globals['_USAGE']._serialized_start=407
-  _globals['_USAGE']._serialized_end=487
-  _globals['_TIMINGS']._serialized_start=490
-  _globals['_TIMINGS']._serialized_end=759
-  _globals['_TOKENLOGPROB']._serialized_start=761
-  _globals['_TOKENLOGPROB']._serialized_end=810
-  _globals['_POSITIONLOGPROBS']._serialized_start=812
-  _globals['_POSITIONLOGPROBS']._serialized_end=927
-  _globals['_CHATMESSAGE']._serialized_start=929
-  _globals['_CHATMESSAGE']._serialized_end=987
-  _globals['_CHARSPAN']._serialized_start=989
-  _globals['_CHARSPAN']._serialized_end=1027
-  _globals['_ENCODING']._serialized_start=1029
-  _globals['_ENCODING']._serialized_end=1124
-  _globals['_TOKENIDS']._serialized_start=1126
-  _globals['_TOKENIDS']._serialized_end=1155
-  _globals['_EMBEDDING']._serialized_start=1157
-  _globals['_EMBEDDING']._serialized_end=1184
-  _globals['_POOLINGINFO']._serialized_start=1186
-  _globals['_POOLINGINFO']._serialized_end=1232
+  _globals['_SAMPLINGPARAMS']._serialized_end=457
+  _globals['_CONSTRAINT']._serialized_start=460
+  _globals['_CONSTRAINT']._serialized_end=703
+  _globals['_CONSTRAINT_JSONOBJECT']._serialized_start=656
+  _globals['_CONSTRAINT_JSONOBJECT']._serialized_end=668
+  _globals['_CONSTRAINT_CHOICE']._serialized_start=670
+  _globals['_CONSTRAINT_CHOICE']._serialized_end=695
+  _globals['_USAGE']._serialized_start=705
+  _globals['_USAGE']._serialized_end=785
+  _globals['_TIMINGS']._serialized_start=788
+  _globals['_TIMINGS']._serialized_end=1057
+  _globals['_TOKENLOGPROB']._serialized_start=1059
+  _globals['_TOKENLOGPROB']._serialized_end=1108
+  _globals['_POSITIONLOGPROBS']._serialized_start=1110
+  _globals['_POSITIONLOGPROBS']._serialized_end=1225
+  _globals['_CHATMESSAGE']._serialized_start=1227
+  _globals['_CHATMESSAGE']._serialized_end=1285
+  _globals['_CHARSPAN']._serialized_start=1287
+  _globals['_CHARSPAN']._serialized_end=1325
+  _globals['_ENCODING']._serialized_start=1327
+  _globals['_ENCODING']._serialized_end=1422
+  _globals['_TOKENIDS']._serialized_start=1424
+  _globals['_TOKENIDS']._serialized_end=1453
+  _globals['_EMBEDDING']._serialized_start=1455
+  _globals['_EMBEDDING']._serialized_end=1482
+  _globals['_POOLINGINFO']._serialized_start=1484
+  _globals['_POOLINGINFO']._serialized_end=1530
 # @@protoc_insertion_point(module_scope)

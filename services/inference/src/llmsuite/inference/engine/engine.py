@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmsuite.inference.engine.constraints import ConstraintCompiler
 from llmsuite.inference.engine.device import default_kv_budget_bytes, intra_op_threads
 from llmsuite.inference.engine.embedding import EmbeddingQueue, EmbeddingResult, load_embedding_model
 from llmsuite.inference.engine.encoder import is_embedding_export
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 class _LoadedModel:
     info: ModelInfo
     scheduler: Scheduler
+    constraints: ConstraintCompiler
 
 
 def _model_info(name: str, decoder: OnnxDecoder) -> ModelInfo:
@@ -69,9 +71,11 @@ class GenerationSession:
     (or a rewound prefix of it). Reusing earlier turns' KV is the prefix cache's job, so a
     turn gives the same tokens whether its prefix was cached, evicted or never computed."""
 
-    def __init__(self, model: str, scheduler: Scheduler, state: SessionState) -> None:
+    def __init__(self, model: str, scheduler: Scheduler, state: SessionState,
+                 constraints: ConstraintCompiler) -> None:
         self.model = model
         self._scheduler = scheduler
+        self._constraints = constraints
         self._state = state
         self._results: asyncio.Queue[GeneratedToken | TurnResult | TurnFailed] | None = None
 
@@ -97,7 +101,8 @@ class GenerationSession:
         """Runs one turn: yields each GeneratedToken as it is produced, then exactly one TurnResult.
 
         Errors (InvalidArgument, DeadlineExceeded, ResourceExhausted, FailedPrecondition
-        TURN_IN_PROGRESS) are raised before the first item. `deadline` is a
+        TURN_IN_PROGRESS) are raised before the first item; a constraint's grammar that fails
+        mid-generation (a per-step limit) raises InvalidArgument after its tokens so far. `deadline` is a
         time.monotonic() value. Leaving the loop early cancels the turn. `keep_history`
         rewinds first: only the first `keep_history` tokens of the history stay (regenerate a
         reply, edit the last message). `new_token_ids` may be empty only when history remains.
@@ -109,9 +114,11 @@ class GenerationSession:
         def deliver(item: GeneratedToken | TurnResult | TurnFailed) -> None:
             loop.call_soon_threadsafe(results.put_nowait, item)
 
+        # Compiled here, off the scheduler thread, before the turn takes a place in the queue.
+        grammar = await self._constraints.start_row(params.constraint) if params.constraint is not None else None
         turn = self._scheduler.submit(
             self._state, new_token_ids, params, deadline=deadline, truncate_prompt=truncate_prompt, deliver=deliver,
-            keep_history=keep_history,
+            keep_history=keep_history, grammar=grammar,
         )
         done = False
         try:
@@ -195,7 +202,10 @@ class InferenceEngine:
                                       prefill_estimate=estimate, step_observer=step_observer,
                                       sampling_threads=intra_op_threads(settings), on_failed=on_failed)
                 scheduler.start()
-                loaded[name] = _LoadedModel(_model_info(name, decoder), scheduler)
+                constraints = ConstraintCompiler(decoder.directory, decoder.signature.vocab_size,
+                                                 decoder.config.eos_token_ids,
+                                                 mask_threads=intra_op_threads(settings))
+                loaded[name] = _LoadedModel(_model_info(name, decoder), scheduler, constraints)
                 logger.info(
                     "loaded model %s from %s on %s (prefill ~%.2f ms/token, KV budget %.1f MiB = %d tokens)",
                     name, directory, decoder.placement.execution_provider, estimate.per_token_s * 1e3,
@@ -204,6 +214,7 @@ class InferenceEngine:
         except BaseException:
             for model in loaded.values():
                 model.scheduler.stop()
+                model.constraints.close()
             for queue in embedders.values():
                 queue.stop()
             raise
@@ -280,12 +291,14 @@ class InferenceEngine:
         """multi_turn=True: a session that takes further turns (counts against max_sessions);
         False: a single request. Either way ended turns leave their KV in the prefix cache."""
         loaded = self._model(model)
-        return GenerationSession(model, loaded.scheduler, loaded.scheduler.open_session(multi_turn=multi_turn))
+        return GenerationSession(model, loaded.scheduler, loaded.scheduler.open_session(multi_turn=multi_turn),
+                                 loaded.constraints)
 
     async def close(self) -> None:
         """Stops every scheduler (running turns end CANCELLED) and frees all sessions and KV."""
         for model in self._models.values():
             await asyncio.to_thread(model.scheduler.stop)
+            model.constraints.close()
         for queue in self._embedders.values():
             await asyncio.to_thread(queue.stop)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 
@@ -99,11 +100,24 @@ def _candidate_weights(logits: np.ndarray, temperature: float, top_k: int, top_p
     return (pool if pool is not None else np.arange(vocab)), weights
 
 
-class TokenSampler:
-    """Picks the tokens of one turn; remembers what it has seen for the repetition penalty."""
+class AllowedTokens(Protocol):
+    """A constrained row's grammar (engine/constraints.py): which tokens may come next."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, context_token_ids: Iterable[int] = ()) -> None:
+    def allowed(self) -> np.ndarray | None:
+        """bool [vocab]; None when the grammar failed (the row ends before this token counts)."""
+
+
+class TokenSampler:
+    """Picks the tokens of one turn; remembers what it has seen for the repetition penalty.
+
+    With a `grammar`, tokens it disallows are set to -inf after the penalty, before
+    temperature and filtering (greedy too), so only a token it allows can be drawn.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, context_token_ids: Iterable[int] = (),
+                 grammar: AllowedTokens | None = None) -> None:
         self.params = params
+        self.grammar = grammar
         # PCG64(None) draws a fresh seed from the OS: unseeded turns differ from each other.
         self._rng = np.random.Generator(np.random.PCG64(params.seed))
         self._seen = np.zeros(vocab_size, dtype=bool)
@@ -113,13 +127,16 @@ class TokenSampler:
         self._wants_logprobs = params.logprobs or params.top_logprobs > 0
         # Plain greedy rows of a batch are served by one argmax over the batch.
         self.plain_greedy = (params.temperature == 0.0 and params.repetition_penalty == 1.0
-                             and not self._wants_logprobs)
+                             and not self._wants_logprobs and grammar is None)
 
     def choose(self, logits: np.ndarray) -> GeneratedToken:
         """Samples one token from a row of raw logits and records it as seen; raises
         NonFiniteLogits when the row cannot give a distribution."""
         params = self.params
         adjusted = apply_repetition_penalty(logits, self._seen, params.repetition_penalty)
+        allowed = self.grammar.allowed() if self.grammar is not None else None
+        if allowed is not None:
+            adjusted = np.where(allowed, adjusted, np.float32(-np.inf))
         if params.temperature == 0.0:
             token_id = int(np.argmax(adjusted))  # argmax picks a NaN when there is one
             peak = float(adjusted[token_id])

@@ -40,6 +40,7 @@ from itertools import count
 from typing import Any
 
 from llmsuite.inference.engine.batch import DecodeBatch
+from llmsuite.inference.engine.constraints import RowGrammar
 from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
 from llmsuite.inference.engine.prefix_cache import CacheEntry, PrefixCache, PrefixHit
@@ -166,6 +167,7 @@ class Turn:
     deliver: Delivery
     submitted_at: float
     hit: PrefixHit | None = None  # the cached prefix found at admission
+    grammar: RowGrammar | None = None  # the sampling constraint's matcher (its sampler masks with it)
     cache: KvCache | None = None  # own KV while prefilling (unpadded, one row)
     pending: list[int] = field(default_factory=list)  # prompt ids still to feed
     batch: DecodeBatch[Turn] | None = None  # set while decoding
@@ -400,10 +402,11 @@ class Scheduler:
 
     def submit(self, session: SessionState, new_token_ids: Sequence[int], params: SamplingParams, *,
                deadline: float | None, truncate_prompt: bool, deliver: Delivery,
-               keep_history: int | None = None) -> Turn:
+               keep_history: int | None = None, grammar: RowGrammar | None = None) -> Turn:
         """Validates and queues a turn; raises the caller-facing error instead when it cannot run.
 
         keep_history rewinds the session first: only its first `keep_history` tokens stay.
+        grammar: the compiled params.constraint (ConstraintCompiler.start_row), fresh for this turn.
         """
         validate_sampling(params, vocab_size=self._vocab_size, context_length=self._context_length)
         if keep_history is not None and not 0 <= keep_history <= len(session.history):
@@ -453,13 +456,14 @@ class Scheduler:
             turn = Turn(
                 session=session,
                 params=params,
-                sampler=TokenSampler(params, self._vocab_size, context),
+                sampler=TokenSampler(params, self._vocab_size, context, grammar),
                 stop_token_ids=stop_ids,
                 prompt_tokens=len(context),  # until admission finds what is cached
                 reserved_tokens=reserved,
                 deadline=deadline,
                 deliver=deliver,
                 submitted_at=time.monotonic(),
+                grammar=grammar,
             )
             session.active = turn
             session.last_used = turn.submitted_at
@@ -795,6 +799,8 @@ class Scheduler:
                 f"{turn.generated + 1} of this request; it ends here, and other requests are not affected",
                 reason="NUMERIC_ERROR",
                 metadata={"model": self.name, "output_tokens": str(turn.generated)}))
+        if turn.grammar is not None and turn.grammar.failure is not None:
+            return _Ending(turn, None, error=turn.grammar.failure)  # sampled without a mask: not delivered
         now = time.monotonic()
         turn.generated += 1
         if turn.first_token_at is None:
@@ -804,6 +810,8 @@ class Scheduler:
         self._deliver(turn, token)
         if token.token_id in turn.stop_token_ids:
             return _Ending(turn, FinishReason.STOP, token.token_id)
+        if turn.grammar is not None and turn.grammar.advance(token.token_id):
+            return _Ending(turn, FinishReason.GRAMMAR)
         if turn.generated >= turn.params.max_new_tokens:
             return _Ending(turn, FinishReason.LENGTH)
         if len(turn.session.history) >= self._context_length:

@@ -83,6 +83,29 @@ class EngineSettings:
             raise ValueError("session_idle_timeout_s must be > 0")
 
 
+class ConstraintKind(enum.Enum):
+    """Which grammar language a Constraint's text is in."""
+
+    JSON_SCHEMA = "json_schema"
+    JSON_OBJECT = "json_object"
+    REGEX = "regex"
+    GRAMMAR = "grammar"  # llguidance's Lark dialect, or GBNF
+    CHOICE = "choice"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match (constrained decoding, engine/constraints.py).
+
+    `text` holds the schema, regex or grammar (empty for JSON_OBJECT); `choices` the
+    alternatives of CHOICE.
+    """
+
+    kind: ConstraintKind
+    text: str = ""
+    choices: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token of one turn.
@@ -92,6 +115,8 @@ class SamplingParams:
     stops at any of stop_token_ids and, unless ignore_eos, at the model's eos ids. logprobs
     and top_logprobs > 0 report log-softmax of the model's raw logits (before penalty,
     temperature and filtering) for the chosen token and the top_logprobs most likely ones.
+    constraint restricts every step to the tokens its grammar allows (logprobs still
+    describe the unconstrained model).
     """
 
     max_new_tokens: int = 16
@@ -104,6 +129,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
 
 
 class FinishReason(enum.Enum):
@@ -114,6 +140,7 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"  # cancel() or the consumer stopped iterating
     TIME_LIMIT = "time_limit"  # the deadline passed mid-generation
     CONTEXT_FULL = "context_full"  # a session reached the model's context length
+    GRAMMAR = "grammar"  # the constraint's grammar was complete: no token could extend the output
 
 
 @dataclass(frozen=True)
