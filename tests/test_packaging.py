@@ -40,15 +40,17 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "llmsuite.gateway.__main__": ("onnxruntime", "numpy", "onnx", "jinja2", "llmsuite.builder",
                                   "llmsuite.inference.engine", "llmsuite.inference.service",
                                   "llmsuite.tokenizer.engine", "llmsuite.tokenizer.service",
-                                  "starlette", "uvicorn", "pydantic"),
+                                  "starlette", "uvicorn", "pydantic", "llguidance"),
     # The HTTP API talks to the gateway over gRPC only: none of the gateway's internals.
     "llmsuite.gateway.openai.__main__": (*HEAVY, "llmsuite.builder", "llmsuite.inference", "llmsuite.tokenizer",
                                          "llmsuite.gateway.service", "llmsuite.gateway.upstreams"),
     "llmsuite.tokenizer.__main__": ("onnxruntime", "numpy", "onnx", "llmsuite.builder", "llmsuite.inference.engine",
                                     "llmsuite.gateway.service"),
     # onnx is allowed: the engine builds its KV-reshaping graphs with it.
-    "llmsuite.inference.__main__": ("tokenizers", "jinja2", "llmsuite.builder", "llmsuite.tokenizer.engine",
-                                    "llmsuite.gateway.service"),
+    # llguidance is allowed (constrained decoding), transformers never: llguidance reads
+    # tokenizer.json with its own Rust tokenizers.
+    "llmsuite.inference.__main__": ("tokenizers", "jinja2", "transformers", "llmsuite.builder",
+                                    "llmsuite.tokenizer.engine", "llmsuite.gateway.service"),
     "llmsuite.cluster": (*HEAVY, "llmsuite.runtime", "opentelemetry"),
 }
 

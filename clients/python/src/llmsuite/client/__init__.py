@@ -32,6 +32,7 @@ from llmsuite.client.errors import (
 from llmsuite.client.results import (
     ChatMessage,
     Completion,
+    Constraint,
     Encoding,
     ModelInfo,
     PositionLogprobs,
@@ -54,6 +55,7 @@ __all__ = [
     "ChatReply",
     "ChatSession",
     "Completion",
+    "Constraint",
     "DeadlineExceeded",
     "Encoding",
     "FailedPrecondition",

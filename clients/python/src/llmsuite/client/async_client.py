@@ -30,6 +30,7 @@ from llmsuite.client.errors import (
 from llmsuite.client.results import (
     ChatMessage,
     Completion,
+    Constraint,
     Encoding,
     ModelInfo,
     SamplingOptions,
@@ -99,6 +100,7 @@ class AsyncLlmsuiteClient:
         ignore_eos: bool = False,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        constraint: Constraint | None = None,
         add_special_tokens: bool | None = None,
         truncate_prompt: bool = False,
         keep_special_tokens: bool = False,
@@ -111,7 +113,8 @@ class AsyncLlmsuiteClient:
             gateway_pb2.GenerateRequest, prompt, model=model,
             sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs),
+                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
+                          constraint=constraint),
             add_special_tokens=add_special_tokens, truncate_prompt=truncate_prompt,
             keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids,
         )
@@ -138,6 +141,7 @@ class AsyncLlmsuiteClient:
         ignore_eos: bool = False,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        constraint: Constraint | None = None,
         add_special_tokens: bool | None = None,
         truncate_prompt: bool = False,
         keep_special_tokens: bool = False,
@@ -150,7 +154,8 @@ class AsyncLlmsuiteClient:
             gateway_pb2.GenerateStreamRequest, prompt, model=model,
             sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs),
+                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
+                          constraint=constraint),
             add_special_tokens=add_special_tokens, truncate_prompt=truncate_prompt,
             keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids,
         )

@@ -12,6 +12,7 @@ from llmsuite.client.errors import FieldViolation, InvalidRequest
 from llmsuite.client.results import (
     ChatMessage,
     Completion,
+    Constraint,
     Encoding,
     ModelInfo,
     PositionLogprobs,
@@ -25,7 +26,7 @@ from llmsuite.gateway.v1 import gateway_pb2
 
 SAMPLING_OPTIONS = frozenset({
     "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs",
+    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "constraint",
 })
 _REPEATED = {"stop_strings", "stop_token_ids"}
 
@@ -44,7 +45,9 @@ def sampling_params(options: Mapping[str, Any]) -> common_pb2.SamplingParams:
             continue
         field = "stop_strings" if name == "stop" else name
         try:
-            if field in _REPEATED:
+            if field == "constraint":
+                params.constraint.CopyFrom(constraint_proto(value))
+            elif field in _REPEATED:
                 getattr(params, field).extend([value] if isinstance(value, str | int) else value)
             else:
                 setattr(params, field, value)
@@ -53,6 +56,21 @@ def sampling_params(options: Mapping[str, Any]) -> common_pb2.SamplingParams:
             raise InvalidRequest(f"{path}: {exc}", reason="INVALID_FIELD",
                                  field_violations=[FieldViolation(path, str(exc))]) from None
     return params
+
+
+def constraint_proto(constraint: Constraint) -> common_pb2.Constraint:
+    if not isinstance(constraint, Constraint):
+        raise TypeError(f"expected a llmsuite.client.Constraint, got {type(constraint).__name__}")
+    msg = common_pb2.Constraint()
+    if constraint.kind == "choice":
+        msg.choice.options.extend(constraint.choices)
+    elif constraint.kind == "json_object":
+        msg.json_object.SetInParent()
+    elif constraint.kind in ("json_schema", "regex", "grammar"):
+        setattr(msg, constraint.kind, constraint.text)
+    else:
+        raise ValueError(f"unknown constraint kind {constraint.kind!r}")
+    return msg
 
 
 def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[ChatMessage]:

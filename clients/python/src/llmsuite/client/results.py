@@ -6,6 +6,8 @@ Where a result comes from one proto message, that message is kept on `.raw`
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypedDict
 
@@ -62,8 +64,8 @@ class TextChunk:
 class Completion:
     """A finished generation or chat reply.
 
-    `finish_reason` is lowercase: "length", "stop", "cancelled", "time_limit"
-    or "context_full". `matched_stop` is the stop string (str) or the stop /
+    `finish_reason` is lowercase: "length", "stop", "cancelled", "time_limit",
+    "context_full" or "grammar" (a `constraint` was complete). `matched_stop` is the stop string (str) or the stop /
     end-of-sequence token id (int) that ended the text, else None. `turn` is
     the reply's index in a chat session (0 for the first and for generate).
     """
@@ -123,6 +125,46 @@ class TokenCounts:
     request_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match (constrained decoding, enforced by the engine).
+
+    Build one with a class method: `Constraint.json_schema({...})`, `.json_object()`,
+    `.regex(...)`, `.grammar(...)` (Lark or GBNF) or `.choice([...])`, and pass it as the
+    `constraint` sampling option. A reply that completes its grammar ends with
+    finish_reason "grammar" (or "stop" when the model ended it where the grammar allowed).
+    """
+
+    kind: str
+    text: str = ""
+    choices: tuple[str, ...] = ()
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any] | str) -> Constraint:
+        """One JSON value valid against `schema` (a dict, or its JSON text)."""
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+
+    @classmethod
+    def json_object(cls) -> Constraint:
+        """Any JSON object."""
+        return cls("json_object")
+
+    @classmethod
+    def regex(cls, pattern: str) -> Constraint:
+        """Text that the regular expression matches as a whole (Rust regex syntax)."""
+        return cls("regex", pattern)
+
+    @classmethod
+    def grammar(cls, grammar: str) -> Constraint:
+        """Text of a context-free grammar: llguidance's Lark dialect, or GBNF."""
+        return cls("grammar", grammar)
+
+    @classmethod
+    def choice(cls, options: Iterable[str]) -> Constraint:
+        """Exactly one of `options`."""
+        return cls("choice", choices=tuple(options))
+
+
 class SamplingOptions(TypedDict, total=False):
     """Keyword arguments accepted wherever sampling can be set (see
     `llmsuite.common.v1.SamplingParams` for ranges and defaults; unset fields
@@ -139,3 +181,4 @@ class SamplingOptions(TypedDict, total=False):
     ignore_eos: bool
     logprobs: bool
     top_logprobs: int
+    constraint: Constraint

@@ -23,7 +23,8 @@ from typing import Any
 from llmsuite.client import Completion, PositionLogprobs, TextChunk, TokenLogprob, Usage
 from llmsuite.gateway.openai.errors import ApiError
 
-_FINISH_REASONS = {"stop": "stop", "length": "length", "time_limit": "length", "context_full": "length"}
+_FINISH_REASONS = {"stop": "stop", "grammar": "stop", "length": "length", "time_limit": "length",
+                   "context_full": "length"}
 
 
 class ServerCancelled(ApiError):
