@@ -43,6 +43,10 @@ def ratios(results: dict[str, Any], *, batch: int) -> list[dict[str, Any]]:
         (f"ITL p50 c={batch} / c=1", _div(p50(batch, "itl_ms"), p50(1, "itl_ms")), "<=", 4.0),
         (f"c={top} errors other than RESOURCE_EXHAUSTED", float(unexpected), "<=", 0.0),
     ]
+    constrained = results.get("constrained")
+    if constrained:
+        rows.append((f"c={constrained['concurrency']} under a JSON Schema / unconstrained output tok/s (issue 17)",
+                     _constraint_ratio(constrained), ">=", 0.85))
     out = []
     for name, value, op, target in rows:
         met = None if value is None else (value >= target if op == ">=" else value <= target)
@@ -98,6 +102,33 @@ def summary_text(results: dict[str, Any]) -> str:
     if results["note"]:
         lines.append(f"  note: {results['note']}")
     return "\n".join(lines)
+
+
+def _constraint_ratio(constrained: dict[str, Any]) -> float | None:
+    return _div(constrained["constrained_output_tokens_per_s"], constrained["plain_output_tokens_per_s"])
+
+
+def _constraint_section(constrained: dict[str, Any] | None) -> list[str]:
+    heading = ["### Constrained decoding (issue 17)", ""]
+    if not constrained:
+        return [*heading, "Not part of this run (`--constraint-concurrency 0`).", ""]
+    c = constrained["concurrency"]
+    return [
+        *heading,
+        f"{constrained['rounds']} rounds of `{constrained['commands']['plain']}` then "
+        f"`{constrained['commands']['constrained']}` on the same cluster: every request of the second under "
+        f"the JSON Schema in `{constrained['schema']}` (records of five typed fields, at least 100 of them, so "
+        "no output is complete within the output length and both sides generate the same number of tokens; "
+        "greedy, so the constrained rows leave the batch's shared argmax for the per-row sampler).",
+        "",
+        *_table(["", "output tokens/s", "ITL p50 per round (ms)", "errors", "wrong output length"],
+                [[f"c={c} {side}", _fmt(constrained[f"{side}_output_tokens_per_s"]),
+                  ", ".join(_fmt(v) for v in constrained["itl_p50_ms"][side]), constrained["errors"][side],
+                  constrained["length_mismatches"][side]] for side in ("plain", "constrained")]),
+        "",
+        f"Ratio {_fmt(_constraint_ratio(constrained), 3)} (target >= 0.85).",
+        "",
+    ]
 
 
 def _chat_ratio(chat: dict[str, Any]) -> float | None:
@@ -229,6 +260,7 @@ def render(results: dict[str, Any]) -> str:
         _memory_line(results["memory"]) + ".",
         "",
         *_chat_section(results.get("chat")),
+        *_constraint_section(results.get("constrained")),
         *_READING,
     ]
     return "\n".join(lines)

@@ -11,6 +11,8 @@
    ignored), sampling the inference process's memory and KV counters meanwhile. With
    --profile, py-spy records the inference and gateway processes meanwhile (to find what
    bounds a missed target); with --chat, issue 11's multi-turn workload follows.
+   Then issue 17's constrained level: c=16 with every request under a JSON Schema
+   (bench/structured_output.schema.json) against plain c=16, alternated on the same cluster.
 4. Stops the cluster, then runs the references on a quiet machine, straight on
    onnxruntime with the same session settings and the very prompt tokens the gateway
    sent (bench/reference.py): one sequence at a time, and one left-padded batch.
@@ -51,6 +53,7 @@ from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MODEL_NAME = "bench"
+STRUCTURED_OUTPUT_SCHEMA = Path(__file__).resolve().parent / "structured_output.schema.json"
 
 
 def _free_port() -> int:
@@ -243,6 +246,41 @@ def run_chat_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Path) ->
     }
 
 
+def run_constraint_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Issue 17's cost of constrained decoding: c=N with every request under a JSON Schema
+    against plain c=N, alternated (plain, constrained, plain, constrained) so that drift in a
+    shared machine's load falls on both sides."""
+    c = str(args.constraint_concurrency)
+    common = ["-c", c, "-n", str(args.constraint_requests), "--prompt-tokens", str(args.prompt_tokens),
+              "--output-tokens", str(args.output_tokens), "--warmup", "1", "--seed", str(args.seed + 2)]
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "constrained": []}
+    commands = {}
+    for round_ in range(args.constraint_rounds):
+        for side, extra in (("plain", []), ("constrained", ["--json-schema", str(STRUCTURED_OUTPUT_SCHEMA)])):
+            result, argv = llmsuite_bench(cluster, [*common, *extra], out_dir / f"constraint-{side}-{round_}.json")
+            (level,) = result["levels"]
+            runs[side].append(level)
+            commands[side] = shlex.join(argv)
+
+    def total(side: str, key: str) -> float:
+        return float(sum(level[key] for level in runs[side]))
+
+    def tokens_per_s(side: str) -> float | None:
+        seconds = total(side, "duration_s")
+        return total(side, "output_tokens") / seconds if seconds else None
+
+    return {
+        "concurrency": args.constraint_concurrency, "rounds": args.constraint_rounds, "commands": commands,
+        "schema": str(STRUCTURED_OUTPUT_SCHEMA.relative_to(REPO)),
+        "plain_output_tokens_per_s": tokens_per_s("plain"),
+        "constrained_output_tokens_per_s": tokens_per_s("constrained"),
+        "errors": {side: sum(sum(level["errors"].values()) for level in levels) for side, levels in runs.items()},
+        "length_mismatches": {side: sum(level["length_mismatches"] for level in levels)
+                              for side, levels in runs.items()},
+        "itl_p50_ms": {side: [level["itl_ms"]["p50"] for level in levels] for side, levels in runs.items()},
+    }
+
+
 @dataclass(frozen=True)
 class ReferenceResult:
     label: str
@@ -357,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--chat-prompt-tokens", type=int, default=200, help="tokens per user message")
     chat.add_argument("--chat-output-tokens", type=int, default=50, help="tokens per reply")
     chat.add_argument("--chat-conversations", type=int, default=3)
+    constraint = parser.add_argument_group("constrained decoding (issue 17)")
+    constraint.add_argument("--constraint-concurrency", type=int, default=16,
+                            help="concurrency of the plain and the constrained runs (0 skips them)")
+    constraint.add_argument("--constraint-requests", type=int, default=48, help="requests per run")
+    constraint.add_argument("--constraint-rounds", type=int, default=2,
+                            help="plain-then-constrained rounds, summed on each side")
     parser.add_argument("--profile", action="store_true",
                         help="record the inference and gateway processes with py-spy during the gateway levels "
                              "(speedscope files in --results-dir)")
@@ -381,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         services = {name: cluster.service_pid(name) for name in ("inference", "gateway")} if args.profile else {}
         with MemoryWatch(pid, cluster.address("inference")) as memory, profiling(services, args.results_dir):
             gateway, bench_argv = run_gateway_bench(cluster, args, args.results_dir)
+        constrained = (run_constraint_bench(cluster, args, args.results_dir)
+                       if args.constraint_concurrency > 0 else None)
         chat = run_chat_bench(cluster, args, args.results_dir) if args.chat else None
 
     prompts: dict[int, list[list[int]]] = {}
@@ -418,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                                               / 2**20, 1),
                    "reported_kv_budget": memory.budget or None},
         "chat": chat,
+        "constrained": constrained,
         "note": args.note,
     }
     results["ratios"] = performance_doc.ratios(results, batch=args.batch)

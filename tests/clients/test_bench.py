@@ -170,3 +170,23 @@ def test_bad_arguments_are_usage_errors(capsys):
     assert cli.main(["bench", "-n", "3", "-z", "2"]) == 2
     assert cli.main(["bench", "-c", "1,2,3", "-n", "1,2"]) == 2
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("target", ["gateway", "inference"])
+def test_json_schema_constrains_every_request(cluster, capsys, tmp_path, target):
+    endless = tmp_path / "endless.json"
+    endless.write_text(json.dumps({"type": "string", "minLength": 500}))
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"enum": ["yes"]}))
+    common = ["--target", target, "-c", "2", "-n", "4", "--prompt-tokens", "8", "--output-tokens", "12", "--json"]
+    code, out, _ = bench(capsys, cluster[target], *common, "--json-schema", str(endless))
+    assert code == 0
+    report = json.loads(out)
+    assert report["config"]["constraint"] == "json_schema"
+    (level,) = report["levels"]
+    assert (level["succeeded"], level["length_mismatches"], level["output_tokens"]) == (4, 0, 48)
+    # A schema whose only value is `"yes"` ends every request early: the constraint reached the engine.
+    code, out, _ = bench(capsys, cluster[target], *common, "--json-schema", str(short))
+    assert code == 0
+    (level,) = json.loads(out)["levels"]
+    assert level["succeeded"] == 4 and level["length_mismatches"] == 4 and level["output_tokens"] < 48

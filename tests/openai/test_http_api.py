@@ -113,8 +113,15 @@ BAD_BODIES = [
      "unsupported_parameter"),
     ("/chat/completions", with_(CHAT, tools=[{"type": "function", "function": {"name": "f"}}]), "tools",
      "unsupported_parameter"),
-    ("/chat/completions", with_(CHAT, response_format={"type": "json_object"}), "response_format",
+    ("/chat/completions", with_(CHAT, response_format={"type": "json_schema"}), "response_format",
      "unsupported_parameter"),
+    ("/chat/completions", with_(CHAT, response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     "response_format.json_schema.schema", "unsupported_parameter"),
+    ("/chat/completions", with_(CHAT, response_format={"type": "xml"}), "response_format.type", "invalid_value"),
+    ("/chat/completions", with_(CHAT, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nope"}}}), "response_format.json_schema.schema", "constraint_invalid"),
+    ("/chat/completions", with_(CHAT, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"not": {}}}}), "response_format.json_schema.schema", "constraint_unsupported"),
     ("/chat/completions", with_(CHAT, messages=[{"role": "user", "content": "word " * 9000}]), "messages",
      "context_length_exceeded"),
 ]

@@ -5,8 +5,12 @@ gateway returns for the same request."""
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Literal
 
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 from llmsuite.client import LlmsuiteClient
@@ -174,3 +178,54 @@ def test_errors_arrive_as_the_clients_exceptions(cluster, client):
     with pytest.raises(openai.BadRequestError) as too_hot:
         client.completions.create(model=MODEL, prompt="x", temperature=1000, stream=True)
     assert too_hot.value.param == "temperature"
+
+
+class Verdict(pydantic.BaseModel):
+    answer: Literal["yes", "no"]
+    confidence: int = pydantic.Field(ge=0, le=9)
+    note: str = pydantic.Field(max_length=6)
+
+
+VERDICT_SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {
+    "type": "integer", "minimum": 0, "maximum": 9}}, "required": ["answer", "confidence"],
+    "additionalProperties": False}
+
+
+def test_response_format_json_schema_is_enforced_streamed_and_not(client):
+    response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA}}
+    request = dict(model=MODEL, messages=CONVERSATION, max_tokens=40, temperature=0.0,
+                   response_format=response_format)
+    whole = client.chat.completions.create(**request)
+    (choice,) = whole.choices
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), VERDICT_SCHEMA)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                       client.chat.completions.create(**request, stream=True) if chunk.choices)
+    assert streamed == choice.message.content
+
+
+def test_beta_parse_returns_the_pydantic_model(client):
+    completion = client.beta.chat.completions.parse(model=MODEL, messages=CONVERSATION, max_tokens=60,
+                                                    temperature=0.0, response_format=Verdict)
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Verdict)
+    assert message.parsed == Verdict.model_validate_json(message.content)
+
+
+def test_response_format_json_object_writes_an_object(client):
+    response = client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=24, temperature=0.0,
+                                              response_format={"type": "json_object"})
+    (choice,) = response.choices
+    assert choice.message.content.startswith("{")
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    else:
+        assert choice.finish_reason == "length"
+
+
+def test_an_invalid_schema_is_a_400_naming_response_format(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=CONVERSATION, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nope"}}})
+    assert refused.value.code == "constraint_invalid"
+    assert refused.value.param == "response_format.json_schema.schema"

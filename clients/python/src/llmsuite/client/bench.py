@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--output-tokens", type=_length, default=LengthSpec.parse("128"), metavar="SPEC",
                        help="generated tokens per request, same forms (default 128)")
     shape.add_argument("--seed", type=int, default=0, help="seed for lengths and prompts (default 0)")
+    shape.add_argument("--json-schema", metavar="FILE", type=argparse.FileType("r", encoding="utf-8"),
+                       help="constrain every request to this JSON Schema (sampling.constraint.json_schema); "
+                            "to keep lengths exact, pick one whose output cannot be complete within "
+                            "--output-tokens")
     chat = parser.add_argument_group("multi-turn chat")
     chat.add_argument("--workload", choices=WORKLOADS, default="generate",
                       help="generate: independent requests; chat: conversations of --turns turns")
@@ -97,7 +101,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         concurrency=args.concurrency, requests=requests if args.duration is None else None,
         duration_s=args.duration, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
         seed=args.seed, warmup=args.warmup, workload=args.workload, turns=args.turns if chat else 1,
-        chat_mode=args.chat_mode if chat else None)
+        chat_mode=args.chat_mode if chat else None, json_schema=_read_schema(args.json_schema))
+
+
+def _read_schema(file: Any) -> str | None:
+    if file is None:
+        return None
+    with file:
+        text: str = file.read()
+    return text
 
 
 def run_command(settings: ConnectionSettings, args: argparse.Namespace) -> int:
@@ -130,9 +142,10 @@ async def _run(settings: ConnectionSettings, config: BenchConfig, progress: Prog
     try:
         target: Target
         if config.target == "gateway":
-            target = GatewayTarget(channel, call_options, config.model, config.tokenizer_model, config.chat_mode)
+            target = GatewayTarget(channel, call_options, config.model, config.tokenizer_model, config.chat_mode,
+                                   config.json_schema)
         else:
-            target = InferenceTarget(channel, call_options, config.model, config.chat_mode)
+            target = InferenceTarget(channel, call_options, config.model, config.chat_mode, config.json_schema)
         facts = await _model_facts(target, config)
         return await run(config, target, facts, progress)
     finally:

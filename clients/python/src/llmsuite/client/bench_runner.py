@@ -42,6 +42,7 @@ class BenchConfig:
     workload: str = "generate"
     turns: int = 1
     chat_mode: str | None = None
+    json_schema: str | None = None  # every request's sampling.constraint.json_schema
 
     def __post_init__(self) -> None:
         if (self.requests is None) == (self.duration_s is None):
@@ -69,6 +70,7 @@ class BenchConfig:
             "requests": list(self.requests) if self.requests is not None else None, "duration_s": self.duration_s,
             "prompt_tokens": str(self.prompt_tokens), "output_tokens": str(self.output_tokens), "seed": self.seed,
             "warmup": self.warmup, "sampling": "greedy, ignore_eos",
+            "constraint": "json_schema" if self.json_schema is not None else None,
         }
         if self.workload == "chat":
             out |= {"turns": self.turns, "chat_mode": self.chat_mode}

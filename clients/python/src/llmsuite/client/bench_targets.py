@@ -64,9 +64,13 @@ class Target(Protocol):
         """Runs every turn of `job` in order, stopping after the first that fails."""
 
 
-def _sampling(output_tokens: int) -> common_pb2.SamplingParams:
-    # Greedy with EOS ignored: every request generates exactly the length asked for.
-    return common_pb2.SamplingParams(max_new_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+def _sampling(output_tokens: int, json_schema: str | None) -> common_pb2.SamplingParams:
+    # Greedy with EOS ignored: every request generates exactly the length asked for (under a
+    # JSON Schema too, as long as the schema's output cannot be complete that soon).
+    params = common_pb2.SamplingParams(max_new_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    if json_schema is not None:
+        params.constraint.json_schema = json_schema
+    return params
 
 
 class _Turn:
@@ -126,12 +130,13 @@ class GatewayTarget:
     kind = "gateway"
 
     def __init__(self, channel: grpc.aio.Channel, call_options: Callable[[], dict[str, Any]], model: str,
-                 tokenizer_model: str, chat_mode: str | None) -> None:
+                 tokenizer_model: str, chat_mode: str | None, json_schema: str | None = None) -> None:
         self._stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         self._options = call_options
         self._model = model
         self._tokenizer_model = tokenizer_model
         self._chat_mode = chat_mode
+        self._json_schema = json_schema
 
     async def model_facts(self, model: str) -> ModelFacts:
         with rpc_errors():
@@ -172,7 +177,8 @@ class GatewayTarget:
                 call = self._stub.Chat(**self._options())
                 try:
                     await call.write(gateway_pb2.ChatRequest(start=gateway_pb2.ChatStart(
-                        model=self._model, messages=[*history, user], sampling=_sampling(job.output_tokens[t]))))
+                        model=self._model, messages=[*history, user],
+                        sampling=_sampling(job.output_tokens[t], self._json_schema))))
                     reply = await _read_chat_reply(call, state)
                     await _close(call)
                 finally:
@@ -185,7 +191,7 @@ class GatewayTarget:
             try:
                 async def session_turn(t: int, state: _Turn) -> None:
                     user = common_pb2.ChatMessage(role="user", content=job.prompts[t].text or "")
-                    sampling = _sampling(job.output_tokens[t])
+                    sampling = _sampling(job.output_tokens[t], self._json_schema)
                     request = gateway_pb2.ChatRequest(
                         start=gateway_pb2.ChatStart(model=self._model, messages=[user], sampling=sampling)
                     ) if t == 0 else gateway_pb2.ChatRequest(turn=gateway_pb2.ChatTurn(messages=[user],
@@ -200,7 +206,8 @@ class GatewayTarget:
 
     async def _generate(self, prompt: Prompt, output_tokens: int, state: _Turn) -> None:
         call = self._stub.GenerateStream(gateway_pb2.GenerateStreamRequest(
-            model=self._model, prompt=prompt.text or "", sampling=_sampling(output_tokens), return_token_ids=True),
+            model=self._model, prompt=prompt.text or "", sampling=_sampling(output_tokens, self._json_schema),
+            return_token_ids=True),
             **self._options())
         async for message in call:
             if message.WhichOneof("kind") == "delta":
@@ -239,11 +246,12 @@ class InferenceTarget:
     kind = "inference"
 
     def __init__(self, channel: grpc.aio.Channel, call_options: Callable[[], dict[str, Any]], model: str,
-                 chat_mode: str | None) -> None:
+                 chat_mode: str | None, json_schema: str | None = None) -> None:
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
         self._options = call_options
         self._model = model
         self._chat_mode = chat_mode
+        self._json_schema = json_schema
 
     async def model_facts(self, model: str) -> ModelFacts:
         with rpc_errors():
@@ -266,7 +274,7 @@ class InferenceTarget:
             call = self._stub.Generate(**self._options())
             try:
                 async def session_turn(t: int, state: _Turn) -> None:
-                    sampling = _sampling(job.output_tokens[t])
+                    sampling = _sampling(job.output_tokens[t], self._json_schema)
                     ids = job.prompts[t].token_ids
                     await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
                         model=self._model, prompt_token_ids=ids, sampling=sampling, session=True))
@@ -286,7 +294,8 @@ class InferenceTarget:
             call = self._stub.Generate(**self._options())
             try:
                 await call.write(inference_pb2.GenerateRequest(start=inference_pb2.GenerateStart(
-                    model=self._model, prompt_token_ids=prompt, sampling=_sampling(job.output_tokens[t]))))
+                    model=self._model, prompt_token_ids=prompt,
+                    sampling=_sampling(job.output_tokens[t], self._json_schema))))
                 await _read_inference_turn(call, state)
                 await _close(call)
             finally:

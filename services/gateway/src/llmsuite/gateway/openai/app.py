@@ -28,10 +28,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from llmsuite.client import AsyncLlmsuiteClient, ChatMessage, Completion, LlmsuiteError, TextChunk
+from llmsuite.client import AsyncLlmsuiteClient, ChatMessage, Completion, Constraint, LlmsuiteError, TextChunk
 from llmsuite.gateway.openai import errors, responses
 from llmsuite.gateway.openai.errors import ApiError
-from llmsuite.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
+from llmsuite.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
 from llmsuite.runtime.errors import InvalidArgument
 
 log = logging.getLogger("llmsuite.openai")
@@ -224,9 +224,11 @@ class OpenAiApi:
         req = await self._body(request, ChatCompletionRequest)
         client = self.client_for(request)
         sampling = self._sampling(req, req.max_new_tokens, bool(req.logprobs), req.top_logprobs)
+        sampling["constraint"] = _constraint(req.response_format)
         builder = responses.ResponseBuilder(chat=True, request_id=rid, created=int(time.time()), model=req.model,
                                             logprobs=bool(req.logprobs), include_usage=req.include_usage)
-        renames = request.state.renames = {"prompt": "messages", "max_tokens": req.max_tokens_param}
+        renames = request.state.renames = {"prompt": "messages", "max_tokens": req.max_tokens_param,
+                                           **_RESPONSE_FORMAT_RENAMES}
         # A stateless request carries the whole conversation: the history opens the
         # Chat stream and the last message asks for the one reply.
         *history, last = req.messages
@@ -286,6 +288,20 @@ class OpenAiApi:
         # On SIGTERM a stream may finish within the grace period; then it is cut (and its generation cancelled).
         return EventSourceResponse(events(), headers={REQUEST_ID_HEADER: request.state.request_id}, sep="\n",
                                    ping=self.settings.sse_ping_s, shutdown_grace_period=self.settings.shutdown_grace_s)
+
+
+# The gateway's names for what response_format became, as the caller sent it.
+_RESPONSE_FORMAT_RENAMES = {"constraint.json_schema": "response_format.json_schema.schema",
+                            "constraint.json_object": "response_format", "constraint": "response_format"}
+
+
+def _constraint(response_format: ResponseFormat | None) -> Constraint | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return Constraint.json_object()
+    assert response_format.json_schema is not None and response_format.json_schema.schema_ is not None
+    return Constraint.json_schema(response_format.json_schema.schema_)
 
 
 def _with_request_id(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

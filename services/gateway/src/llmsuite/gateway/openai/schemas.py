@@ -141,8 +141,20 @@ class ChatMessage(_Strict):
         return "system" if self.role == "developer" else self.role
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    # Accepted either way: the engine enforces every schema as strictly as OpenAI's strict mode.
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: str
+    """`json_object` and `json_schema` become the gateway's sampling constraint, enforced
+    token by token by the inference engine."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -167,8 +179,13 @@ class ChatCompletionRequest(_Sampling):
         for name in ("tool_choice", "function_call"):
             if getattr(self, name) not in (None, "none"):
                 refused.append((name, "tool and function calling are not supported"))
-        if self.response_format is not None and self.response_format.type != "text":
-            refused.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
+        response_format = self.response_format
+        if response_format is not None and (response_format.type == "json_schema") != (
+                response_format.json_schema is not None):
+            refused.append(("response_format", "json_schema goes with type json_schema, and only with it"))
+        elif response_format is not None and response_format.json_schema is not None \
+                and response_format.json_schema.schema_ is None:
+            refused.append(("response_format.json_schema.schema", "the schema is required"))
         if self.top_logprobs and not self.logprobs:
             refused.append(("top_logprobs", "top_logprobs requires logprobs: true"))
         if (self.max_tokens is not None and self.max_completion_tokens is not None

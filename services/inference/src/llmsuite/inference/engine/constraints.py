@@ -67,6 +67,7 @@ def _refusal(kind: ConstraintKind, reason: str, description: str) -> InvalidArgu
 
 def _classify(kind: ConstraintKind, error: str) -> InvalidArgument:
     """llguidance reports every problem as text; the hints sort it into our stable reasons."""
+    error = error.replace("<non-verbose/>", "").strip()  # the marker LLParserLimits(verbose_errors=False) adds
     lowered = error.lower()
     if any(hint in lowered for hint in _TOO_COMPLEX_HINTS):
         reason = "CONSTRAINT_TOO_COMPLEX"
@@ -74,7 +75,7 @@ def _classify(kind: ConstraintKind, error: str) -> InvalidArgument:
         reason = "CONSTRAINT_UNSUPPORTED"
     else:
         reason = "CONSTRAINT_INVALID"
-    return _refusal(kind, reason, error.strip()[:1000])
+    return _refusal(kind, reason, error[:1000])
 
 
 def check_constraint(constraint: Constraint) -> None:
