@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,10 +20,17 @@ import tokenizers
 from hypothesis import HealthCheck, given, settings
 from json_schemas import SCHEMAS, Schema, check_output
 
-from llmsuite.inference.engine import EngineSettings, FinishReason, InferenceEngine, SamplingParams, TurnResult
+from llmsuite.inference.engine import (
+    EngineSettings,
+    FinishReason,
+    InferenceEngine,
+    SamplingParams,
+    TurnResult,
+    constraints,
+)
 from llmsuite.inference.engine.constraints import MAX_CONSTRAINT_CHARS
 from llmsuite.inference.engine.types import Constraint, ConstraintKind
-from llmsuite.runtime.errors import InvalidArgument
+from llmsuite.runtime.errors import InvalidArgument, ResourceExhausted
 
 PROMPT = (5, 17, 42, 9)
 COMPLETE = (FinishReason.GRAMMAR, FinishReason.STOP)
@@ -203,3 +211,42 @@ def test_a_refused_schema_is_refused_again_from_the_cache(engine: InferenceEngin
         with pytest.raises(InvalidArgument) as refused:
             asyncio.run(generate(engine, SamplingParams(constraint=bad)))
         assert refused.value.reason == "CONSTRAINT_INVALID"
+
+
+def test_compile_time_is_bounded_and_the_verdict_is_cached(tiny_model_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two compilations stuck past the timeout fill the compile threads: their callers get
+    CONSTRAINT_TOO_COMPLEX, one queued behind them CONSTRAINT_COMPILER_BUSY (retryable), and
+    once they end, the verdicts their own threads measured are what later requests get."""
+    release, entered = threading.Event(), threading.Semaphore(0)
+    real_grammar_text = constraints.grammar_text
+
+    def slow_grammar_text(constraint: Constraint) -> str:
+        if constraint.text.startswith("slow"):
+            entered.release()
+            release.wait()
+        return real_grammar_text(constraint)
+
+    monkeypatch.setattr(constraints, "grammar_text", slow_grammar_text)
+    compiler = constraints.ConstraintCompiler(tiny_model_dir, 1024, [2, 6], mask_threads=1, compile_timeout_s=0.5)
+    slow = [Constraint(ConstraintKind.REGEX, f"slow{i}") for i in range(constraints.COMPILE_THREADS)]
+    try:
+        for constraint in slow:
+            compiler._compilation(constraint)  # start it, then wait until it is really running
+            entered.acquire()
+        for constraint in slow:
+            with pytest.raises(InvalidArgument) as refused:
+                asyncio.run(compiler.start_row(constraint))
+            assert refused.value.reason == "CONSTRAINT_TOO_COMPLEX"
+        fine = Constraint(ConstraintKind.REGEX, "fine")
+        with pytest.raises(ResourceExhausted) as busy:
+            asyncio.run(compiler.start_row(fine))
+        assert busy.value.reason == "CONSTRAINT_COMPILER_BUSY"
+        release.set()
+        assert asyncio.run(compiler.start_row(fine)).allowed() is not None
+        with pytest.raises(InvalidArgument) as refused:
+            asyncio.run(compiler.start_row(slow[0]))
+        assert refused.value.reason == "CONSTRAINT_TOO_COMPLEX"
+    finally:
+        release.set()
+        compiler.close()

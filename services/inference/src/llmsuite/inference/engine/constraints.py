@@ -30,14 +30,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llguidance
 import numpy as np
 
 from llmsuite.inference.engine.types import Constraint, ConstraintKind
-from llmsuite.runtime.errors import InvalidArgument
+from llmsuite.runtime.errors import InvalidArgument, ResourceExhausted
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,14 @@ def grammar_text(constraint: Constraint) -> str:
         return llguidance.grammar_from("choice", json.dumps(list(constraint.choices)))
     except ValueError as exc:  # not JSON, or GBNF that does not convert
         raise _classify(kind, str(exc)) from None
+
+
+@dataclass
+class _Compilation:
+    """One constraint's compilation, shared by every request that sends the same content."""
+
+    future: Future[CompiledGrammar] = field(default_factory=Future)  # resolved by the compiling thread
+    started_at: float | None = None  # set by the compiling thread: time in the queue is not the grammar's fault
 
 
 @dataclass(frozen=True)
@@ -202,7 +210,7 @@ class ConstraintCompiler:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_error: str | None = None
         # Finished compilations (successes and refusals) and those in flight, by content hash.
-        self._compiled: OrderedDict[str, Future[CompiledGrammar]] = OrderedDict()
+        self._compiled: OrderedDict[str, _Compilation] = OrderedDict()
         self._compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar-compile")
         self._mask_pool = ThreadPoolExecutor(max(1, mask_threads), thread_name_prefix="grammar-mask")
 
@@ -212,31 +220,45 @@ class ConstraintCompiler:
         check_constraint(constraint)
         compiling = self._compilation(constraint)
         try:
-            compiled = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(compiling)), self._timeout_s)
+            compiled = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(compiling.future)), self._timeout_s)
         except TimeoutError:
-            raise _refusal(constraint.kind, "CONSTRAINT_TOO_COMPLEX",
-                           f"did not compile within {self._timeout_s:g}s") from None
+            if compiling.started_at is not None:
+                # Running, not queued. Its own thread times it too and caches the verdict that
+                # later requests get: a refusal only when compiling alone took too long.
+                raise _refusal(constraint.kind, "CONSTRAINT_TOO_COMPLEX",
+                               f"did not compile within {self._timeout_s:g}s") from None
+            # Still queued behind other constraints: not this one's fault.
+            raise ResourceExhausted(f"constraints are compiling for other requests; {FIELD} waited "
+                                    f"{self._timeout_s:g}s for its turn", reason="CONSTRAINT_COMPILER_BUSY",
+                                    retry_after_s=1.0) from None
         return RowGrammar(compiled.matcher.deep_copy(), compiled.first_mask, self._mask_pool, constraint.kind)
 
     def close(self) -> None:
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
         self._mask_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _compilation(self, constraint: Constraint) -> Future[CompiledGrammar]:
+    def _compilation(self, constraint: Constraint) -> _Compilation:
         key = _content_key(constraint)
         with self._lock:
             found = self._compiled.get(key)
             if found is not None:
                 self._compiled.move_to_end(key)
                 return found
-            future = self._compile_pool.submit(self._compile, constraint)
-            self._compiled[key] = future
+            compiling = _Compilation()
+            self._compile_pool.submit(self._compile_into, constraint, compiling)
+            self._compiled[key] = compiling
             while len(self._compiled) > self._cache_entries:
                 self._compiled.popitem(last=False)
-            return future
+            return compiling
 
-    def _compile(self, constraint: Constraint) -> CompiledGrammar:
-        started = time.monotonic()
+    def _compile_into(self, constraint: Constraint, compiling: _Compilation) -> None:
+        compiling.started_at = time.monotonic()
+        try:
+            compiling.future.set_result(self._compile(constraint, compiling.started_at))
+        except BaseException as exc:  # a refusal (InvalidArgument), or a bug the caller reports as INTERNAL
+            compiling.future.set_exception(exc)
+
+    def _compile(self, constraint: Constraint, started: float) -> CompiledGrammar:
         tokenizer = self._llg_tokenizer(constraint.kind)
         grammar = grammar_text(constraint)
         limits = llguidance.LLParserLimits(max_lexer_states=_MAX_LEXER_STATES, verbose_errors=False)
