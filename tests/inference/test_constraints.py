@@ -14,6 +14,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tokenizers
@@ -250,3 +251,47 @@ def test_compile_time_is_bounded_and_the_verdict_is_cached(tiny_model_dir: Path,
     finally:
         release.set()
         compiler.close()
+
+
+def test_a_grammar_failing_mid_generation_ends_only_its_row(engine: InferenceEngine,
+                                                            unconstrained_alone: list[list[int]],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step over llguidance's per-step limits puts one matcher in an error state: that
+    turn fails with CONSTRAINT_TOO_COMPLEX after the tokens it had, the batch goes on."""
+    real_compute_mask = constraints.RowGrammar._compute_mask
+    masks_computed = 0
+
+    def failing_after_three(self: constraints.RowGrammar) -> Any:
+        nonlocal masks_computed
+        masks_computed += 1
+        if masks_computed > 3:
+            self.failure = InvalidArgument.for_field("sampling.constraint.regex", "step limit",
+                                                     reason="CONSTRAINT_TOO_COMPLEX")
+            return None
+        return real_compute_mask(self)
+
+    monkeypatch.setattr(constraints.RowGrammar, "_compute_mask", failing_after_three)
+    constrained_row = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True,
+                                     constraint=Constraint(ConstraintKind.REGEX, "[a-z]{30,}"))
+    delivered: list[int] = []
+
+    async def constrained_turn() -> BaseException | None:
+        session = engine.open_session("tiny", multi_turn=False)
+        try:
+            async for item in session.generate(PROMPT, constrained_row):
+                if not isinstance(item, TurnResult):
+                    delivered.append(item.token_id)
+        except InvalidArgument as exc:
+            return exc
+        finally:
+            session.close()
+        return None
+
+    async def together() -> tuple[BaseException | None, list[list[int]]]:
+        failure, *others = await asyncio.gather(constrained_turn(), *(generate(engine, p) for p in UNCONSTRAINED))
+        return failure, [ids for ids, _ in others]  # type: ignore[misc]
+
+    failure, others = asyncio.run(together())
+    assert isinstance(failure, InvalidArgument) and failure.reason == "CONSTRAINT_TOO_COMPLEX"
+    assert len(delivered) == 4  # the first mask came from compiling, three more from the pool
+    assert others == unconstrained_alone
