@@ -65,9 +65,14 @@ def _refusal(kind: ConstraintKind, reason: str, description: str) -> InvalidArgu
     return InvalidArgument.for_field(f"{FIELD}.{kind.value}", description, reason=reason)
 
 
+def _describe(error: str) -> str:
+    # "<non-verbose/>" marks where LLParserLimits(verbose_errors=False) left parser state out.
+    return error.replace("<non-verbose/>", "").strip()[:1000]
+
+
 def _classify(kind: ConstraintKind, error: str) -> InvalidArgument:
     """llguidance reports every problem as text; the hints sort it into our stable reasons."""
-    error = error.replace("<non-verbose/>", "").strip()  # the marker LLParserLimits(verbose_errors=False) adds
+    error = _describe(error)
     lowered = error.lower()
     if any(hint in lowered for hint in _TOO_COMPLEX_HINTS):
         reason = "CONSTRAINT_TOO_COMPLEX"
@@ -75,7 +80,7 @@ def _classify(kind: ConstraintKind, error: str) -> InvalidArgument:
         reason = "CONSTRAINT_UNSUPPORTED"
     else:
         reason = "CONSTRAINT_INVALID"
-    return _refusal(kind, reason, error[:1000])
+    return _refusal(kind, reason, error)
 
 
 def check_constraint(constraint: Constraint) -> None:
@@ -180,10 +185,9 @@ class RowGrammar:
         return mask
 
     def _fail(self) -> None:
-        error = self._matcher.get_error() or "the grammar allows no next token"
-        self.failure = _classify(self._kind, f"failed while generating: {error}")
-        if self.failure.reason == "CONSTRAINT_INVALID":  # mid-generation, it can only be a limit
-            self.failure = _refusal(self._kind, "CONSTRAINT_TOO_COMPLEX", f"failed while generating: {error}")
+        # Masks offer only tokens the grammar accepts, so what fails mid-generation is a limit.
+        error = _describe(self._matcher.get_error()) or "the grammar allows no next token"
+        self.failure = _refusal(self._kind, "CONSTRAINT_TOO_COMPLEX", f"failed while generating: {error}")
 
 
 def unpack_mask(bits: bytes, vocab_size: int) -> np.ndarray:
@@ -271,6 +275,7 @@ class ConstraintCompiler:
             raise _classify(constraint.kind, probe.get_error())
         if not first_mask.any():
             raise _refusal(constraint.kind, "CONSTRAINT_INVALID", "no output of this model's tokens can match it")
+        first_mask.flags.writeable = False  # shared by every row that starts from this grammar
         elapsed = time.monotonic() - started
         if elapsed > self._timeout_s:
             # The caller already got CONSTRAINT_TOO_COMPLEX; the cache must keep saying so.
