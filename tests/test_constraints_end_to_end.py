@@ -8,13 +8,15 @@ naming the field.
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from json_schemas import SCHEMAS, Schema, check_output
 from support import ServiceProcess, processes
 
-from llmsuite.client import Constraint, InvalidRequest, LlmsuiteClient
+from llmsuite.client import Constraint, InvalidRequest, LlmsuiteClient, cli
 from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -106,3 +108,16 @@ def test_the_inference_service_takes_constraints_on_its_own_generate(cluster) ->
     details = error_details(refused.value)
     assert details["reason"] == "CONSTRAINT_INVALID"
     assert [field for field, _ in details["field_violations"]] == ["start.sampling.constraint"]
+
+
+def test_the_cli_takes_structured_output_flags(cluster, capsys, tmp_path) -> None:
+    address = cluster["gateway"].address
+    common = ["--address", address, "generate", "--max-new-tokens", "20", "--temperature", "0", "Pick:"]
+    assert cli.main([*common, "--choice", "red", "--choice", "green"]) == 0
+    assert capsys.readouterr().out.strip() in ("red", "green")
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, '
+                      '"required": ["n"], "additionalProperties": false}')
+    assert cli.main([*common, "--json-schema", str(schema), "--json"]) == 0
+    completion = json.loads(capsys.readouterr().out)
+    assert completion["finish_reason"] == "grammar" and 0 <= json.loads(completion["text"])["n"] <= 9

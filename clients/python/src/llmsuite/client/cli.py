@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from llmsuite.client import bench
 from llmsuite.client.errors import InvalidRequest, LlmsuiteError
-from llmsuite.client.results import Completion
+from llmsuite.client.results import Completion, Constraint
 from llmsuite.client.sync_client import LlmsuiteClient
 
 DEFAULT_ADDRESS = "localhost:50050"
@@ -140,12 +140,41 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", metavar="ID",
                    help="stop token id (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", default=None)
+    shape = parser.add_argument_group("structured output (constrained decoding; at most one)")
+    one = shape.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", metavar="FILE", type=argparse.FileType("r", encoding="utf-8"),
+                     help="the output is one JSON value valid against this JSON Schema")
+    one.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    one.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
+    one.add_argument("--grammar", metavar="FILE", type=argparse.FileType("r", encoding="utf-8"),
+                     help="the output follows this Lark or GBNF grammar")
+    one.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these (repeatable)")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop",
              "stop_token_ids", "ignore_eos")
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    constraint = _constraint(args)
+    if constraint is not None:
+        options["constraint"] = constraint
+    return options
+
+
+def _constraint(args: argparse.Namespace) -> Constraint | None:
+    if args.json_schema is not None:
+        with args.json_schema as f:
+            return Constraint.json_schema(f.read())
+    if args.grammar is not None:
+        with args.grammar as f:
+            return Constraint.grammar(f.read())
+    if args.json_object:
+        return Constraint.json_object()
+    if args.regex is not None:
+        return Constraint.regex(args.regex)
+    if args.choice:
+        return Constraint.choice(args.choice)
+    return None
 
 
 def _client(args: argparse.Namespace) -> LlmsuiteClient:
