@@ -13,8 +13,8 @@ from llmsuite.inference.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 
 
 def kv(length: int) -> KvCache:
-    """A stand-in cache: the index only reads length and size."""
-    return KvCache(tensors=(), length=length, bytes_per_token=10, rows=1)
+    """A stand-in cache of one [1, 1, length, 10] int8 tensor: 10 bytes per token, read from its shape."""
+    return KvCache(tensors=(np.zeros((1, 1, length, 10), dtype=np.int8),), length=length, rows=1)
 
 
 def seq(start: int, length: int) -> list[int]:

@@ -54,6 +54,15 @@ def pooling_overrides(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(overrides.items())
 
 
+def memory_limit(text: str) -> int | None:
+    """'auto' -> None (derived from the process's limits); 'off' or '0' -> 0; a size -> bytes."""
+    if text.strip().lower() == "auto":
+        return None
+    if text.strip().lower() == "off":
+        return 0
+    return byte_size(text)
+
+
 def build_parser() -> EnvArgumentParser:
     defaults = EngineSettings()
     parser = EnvArgumentParser(prog="llmsuite-inference", description=__doc__)
@@ -74,11 +83,19 @@ def build_parser() -> EnvArgumentParser:
                    help="ONNX Runtime threads across operators (0 = its default)")
     e.add_argument("--graph-optimization", choices=["none", "basic", "extended", "all"],
                    default=defaults.graph_optimization, help="ONNX Runtime graph optimization level")
-    e.add_argument("--kv-cache-bytes", type=byte_size, default=defaults.kv_cache_bytes, metavar="SIZE",
-                   help="KV-cache budget per model (e.g. 4GiB; auto = 25%% of the memory this process may use, "
-                        "or half the GPU's free memory, split between the models): running requests reserve the "
-                        "KV they can grow to, idle sessions keep theirs until room is needed; requests wait for "
-                        "room in the queue")
+    e.add_argument("--kv-cache-bytes", type=byte_size, default="auto", metavar="SIZE",
+                   help="KV-cache budget per model (e.g. 4GiB), counted as the bytes of the KV tensors really "
+                        "held: running requests reserve the KV they can grow to, the prefix cache keeps the rest "
+                        "until room is needed; requests wait for room in the queue. auto = half of what the "
+                        "process's own limit (cgroup memory.max, RLIMIT_AS or --max-memory) leaves after the "
+                        "weights and a 512 MiB working reserve, or a quarter of what the host's memory leaves "
+                        "when there is no such limit, or half the GPU's free memory; split between the models "
+                        "and logged at start")
+    e.add_argument("--max-memory", type=memory_limit, default="auto", metavar="SIZE",
+                   help="resident memory the whole process keeps to (e.g. 8GiB): new requests are refused with "
+                        "RESOURCE_EXHAUSTED (reason MEMORY_PRESSURE, with RetryInfo) while the resident size plus "
+                        "what running requests may still grow by would pass it. auto = 90%% of the cgroup memory "
+                        "limit or RLIMIT_AS, off when there is neither; off (or 0) disables it")
     e.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=defaults.prefix_cache,
                    help="keep every finished request's KV and reuse it for later requests that start with the "
                         "same token ids (evicted least recently used within --kv-cache-bytes)")
@@ -128,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         device=args.device, intra_op_threads=args.intra_op_threads, inter_op_threads=args.inter_op_threads,
         intra_op_spinning=args.intra_op_spinning, graph_optimization=args.graph_optimization,
         max_running=args.max_running, max_queued=args.max_queued, max_sessions=args.max_sessions,
-        kv_cache_bytes=args.kv_cache_bytes, prefix_cache=args.prefix_cache,
+        kv_cache_bytes=args.kv_cache_bytes, max_memory_bytes=args.max_memory, prefix_cache=args.prefix_cache,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         session_idle_timeout_s=args.session_idle_timeout, warmup=args.warmup,
         embed_batch_tokens=args.embed_batch_tokens, embed_max_queued_inputs=args.embed_max_queued_inputs,

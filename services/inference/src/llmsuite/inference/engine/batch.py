@@ -79,7 +79,7 @@ class DecodeBatch(Generic[RowKey]):
             return BatchLayout(keys, lengths, cache)
         target = max(self.cache.length, cache.length)
         tensors = self._ops.join(self.cache.tensors, cache.tensors, target - self.cache.length, target - cache.length)
-        return BatchLayout(keys, lengths, KvCache(tensors, target, cache.bytes_per_token, self.cache.rows + 1))
+        return BatchLayout(keys, lengths, KvCache(tensors, target, self.cache.rows + 1))
 
     def with_batch(self, other: DecodeBatch[RowKey]) -> BatchLayout[RowKey]:
         """This batch with every row of `other` after its own (see `with_row`)."""
@@ -95,7 +95,7 @@ class DecodeBatch(Generic[RowKey]):
         tensors = self._ops.join(self.cache.tensors, other.cache.tensors, target - self.cache.length,
                                  target - other.cache.length)
         return BatchLayout(keys, lengths,
-                           KvCache(tensors, target, self.cache.bytes_per_token, self.cache.rows + other.cache.rows))
+                           KvCache(tensors, target, self.cache.rows + other.cache.rows))
 
     def without_rows(self, keys: Sequence[RowKey]) -> BatchLayout[RowKey]:
         """The batch without `keys`, compacted (see `with_row` for why it is not applied here)."""
@@ -109,7 +109,7 @@ class DecodeBatch(Generic[RowKey]):
             return BatchLayout(kept_keys, lengths, None)
         longest = max(lengths)
         tensors = self._ops.reshape(self.cache.tensors, kept, drop_front=self.cache.length - longest)
-        return BatchLayout(kept_keys, lengths, KvCache(tensors, longest, self.cache.bytes_per_token, len(kept)))
+        return BatchLayout(kept_keys, lengths, KvCache(tensors, longest, len(kept)))
 
     def apply(self, layout: BatchLayout[RowKey]) -> None:
         self.keys, self.lengths, self.cache = layout.keys, layout.lengths, layout.cache
@@ -119,7 +119,7 @@ class DecodeBatch(Generic[RowKey]):
         assert self.cache is not None
         row = self.keys.index(key)
         tensors = self._ops.reshape(self.cache.tensors, [row], drop_front=self.cache.length - self.lengths[row])
-        return KvCache(tensors, self.lengths[row], self.cache.bytes_per_token, 1)
+        return KvCache(tensors, self.lengths[row], 1)
 
     @classmethod
     def prefill(cls, decoder: OnnxDecoder, ops: KvOps, keys: Sequence[RowKey], prompts: Sequence[Sequence[int]],

@@ -101,46 +101,18 @@ def session_options(settings: EngineSettings) -> ort.SessionOptions:
     return options
 
 
-# Without a configured budget the KV cache may use this share of the memory the process can
-# have: model weights, activations and the other services need the rest.
-DEFAULT_KV_SHARE_OF_HOST_MEMORY = 0.25
-DEFAULT_KV_SHARE_OF_FREE_GPU_MEMORY = 0.5
-FALLBACK_GPU_KV_BYTES = 2 * 1024**3
-
-
-def default_kv_budget_bytes(placement: Placement) -> int:
-    """KV bytes to allow when the operator set none, from the memory this process can use."""
-    if placement.device_type == "cuda":
-        free = _gpu_free_bytes(placement.device_id)
-        if free is None:
-            logger.warning("cannot read free GPU memory (nvidia-smi); KV budget defaults to %d bytes",
-                           FALLBACK_GPU_KV_BYTES)
-            return FALLBACK_GPU_KV_BYTES
-        return int(free * DEFAULT_KV_SHARE_OF_FREE_GPU_MEMORY)
-    return int(_host_memory_bytes() * DEFAULT_KV_SHARE_OF_HOST_MEMORY)
-
-
-def _host_memory_bytes() -> int:
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            raw = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if raw.isdigit():
-            total = min(total, int(raw))
-    return total
-
-
-def _gpu_free_bytes(device_id: int) -> int | None:
+def gpu_free_bytes(device_id: int) -> int | None:
+    """Free memory of a CUDA device as nvidia-smi reports it; None when it cannot be read."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
+        logger.warning("cannot read free GPU memory (nvidia-smi is not on PATH)")
         return None
     try:
         out = subprocess.run([smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", str(device_id)],
                              capture_output=True, text=True, timeout=10, check=True).stdout
         return int(out.strip().splitlines()[0]) * 1024 * 1024
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        logger.warning("cannot read free GPU memory from nvidia-smi")
         return None
 
 

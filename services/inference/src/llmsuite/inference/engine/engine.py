@@ -16,11 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from llmsuite.inference.engine.constraints import ConstraintCompiler
-from llmsuite.inference.engine.device import default_kv_budget_bytes, intra_op_threads
+from llmsuite.inference.engine.device import gpu_free_bytes, intra_op_threads
 from llmsuite.inference.engine.embedding import EmbeddingQueue, EmbeddingResult, load_embedding_model
 from llmsuite.inference.engine.encoder import is_embedding_export
 from llmsuite.inference.engine.errors import ModelLoadError
 from llmsuite.inference.engine.kv_ops import KvOps
+from llmsuite.inference.engine.memory import (
+    MemoryGuard,
+    MemoryLimits,
+    automatic_kv_budget,
+    resolve_max_memory,
+    weights_bytes,
+)
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.inference.engine.scheduler import PrefillEstimate, Scheduler, SessionState, StepObserver, TurnFailed
 from llmsuite.inference.engine.types import (
@@ -156,6 +163,31 @@ class GenerationSession:
         self.close()
 
 
+def _memory_guard(settings: EngineSettings, limits: MemoryLimits) -> MemoryGuard | None:
+    limit, basis = resolve_max_memory(settings.max_memory_bytes, limits)
+    if limit is None:
+        logger.info("max memory: %s", basis)
+        return None
+    logger.info("max memory: %.0f MiB (%s); new requests are refused with MEMORY_PRESSURE before it",
+                limit / 2**20, basis)
+    return MemoryGuard(limit)
+
+
+def _automatic_budget(name: str, decoder: OnnxDecoder, settings: EngineSettings, limits: MemoryLimits,
+                      weights: int, models: int) -> int:
+    on_gpu = decoder.placement.device_type == "cuda"
+    try:
+        choice = automatic_kv_budget(
+            on_gpu=on_gpu, limits=limits, max_memory_bytes=settings.max_memory_bytes or None, weights=weights,
+            gpu_free_bytes=gpu_free_bytes(decoder.placement.device_id) if on_gpu else None)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    budget = choice.budget_bytes // models
+    logger.info("model %s: automatic KV budget %.0f MiB = %s%s", name, budget / 2**20, choice.describe(),
+                f", split between {models} models" if models > 1 else "")
+    return budget
+
+
 class InferenceEngine:
     """Serves a fixed set of models loaded at start; one scheduler (queue + worker thread) each."""
 
@@ -176,10 +208,14 @@ class InferenceEngine:
         its engine gives up (see EngineSettings.max_step_failures). `prepare_decoder` runs on
         each decoder after warm-up, before serving (tests inject faults with it).
 
-        Each model gets the whole kv_cache_bytes budget (or the device-sized default, split
-        evenly between the models)."""
+        Each model gets the whole kv_cache_bytes budget, or an even share of the automatic one
+        (memory.py: from the process's limits, less every model's weights and a working reserve).
+        One MemoryGuard keeps the whole process under max_memory_bytes (explicit or derived)."""
         loaded: dict[str, _LoadedModel] = {}
         embedders: dict[str, EmbeddingQueue] = {}
+        weights = sum(weights_bytes(Path(directory)) for directory in models.values())
+        decoders = sum(not is_embedding_export(Path(directory)) for directory in models.values())
+        guard: MemoryGuard | None = None
         try:
             for name, directory in models.items():
                 if is_embedding_export(Path(directory)):  # no KV: an encoder, served by Embed
@@ -191,16 +227,21 @@ class InferenceEngine:
                     estimate = PrefillEstimate.measure(decoder) if settings.warmup else PrefillEstimate()
                     kv_ops = KvOps(decoder.placement, decoder.placement.providers(), decoder.signature.num_layers,
                                    decoder.signature.kv_dtype, intra_op_threads(settings))
+                    limits = MemoryLimits.detect()  # after loading: RLIMIT_AS headroom depends on what is mapped
+                    if guard is None:
+                        guard = _memory_guard(settings, limits)
+                    budget = settings.kv_cache_bytes or _automatic_budget(name, decoder, settings, limits, weights,
+                                                                          decoders)
                 except ModelLoadError as exc:
                     raise ModelLoadError(f"model {name!r}: {exc}") from exc
                 if prepare_decoder is not None:
                     prepare_decoder(decoder)
-                budget = settings.kv_cache_bytes or default_kv_budget_bytes(decoder.placement) // len(models)
                 on_failed = (None if on_model_failed is None
                              else lambda cause, model=name: on_model_failed(model, cause))
                 scheduler = Scheduler(name, decoder, settings, kv_ops=kv_ops, kv_budget_bytes=budget,
                                       prefill_estimate=estimate, step_observer=step_observer,
-                                      sampling_threads=intra_op_threads(settings), on_failed=on_failed)
+                                      sampling_threads=intra_op_threads(settings), on_failed=on_failed,
+                                      memory_guard=guard)
                 scheduler.start()
                 constraints = ConstraintCompiler(decoder.directory, decoder.signature.vocab_size,
                                                  decoder.config.eos_token_ids,

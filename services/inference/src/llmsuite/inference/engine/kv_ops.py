@@ -24,6 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from llmsuite.inference.engine.device import Placement
+from llmsuite.inference.engine.ort_memory import run_detached
 
 _OPSET = 18
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
@@ -134,8 +135,7 @@ class KvOps:
     def _run(self, session: ort.InferenceSession, binding: ort.IOBinding) -> KvTensors:
         for i in range(self._tensors):
             binding.bind_output(f"out_{i}", self._placement.device_type, self._placement.device_id)
-        session.run_with_iobinding(binding)
-        return tuple(binding.get_outputs())
+        return tuple(run_detached(session, binding))
 
 
 def _bind(binding: ort.IOBinding, name: str, tensor: Any) -> None:

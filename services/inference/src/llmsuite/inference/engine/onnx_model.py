@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import onnxruntime as ort
 
 from llmsuite.inference.engine.device import Placement, create_session
 from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.ort_memory import run_detached
 from llmsuite.inference.engine.types import EngineSettings
 
 MODEL_FILE = "model.onnx"
@@ -238,16 +240,25 @@ class KvCache:
 
     tensors: tuple[Any, ...]
     length: int
-    bytes_per_token: int
     rows: int = 1
 
     @property
     def layers(self) -> tuple[tuple[Any, Any], ...]:
         return tuple((self.tensors[i], self.tensors[i + 1]) for i in range(0, len(self.tensors), 2))
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
-        return self.rows * self.length * self.bytes_per_token
+        """Bytes of the tensors this cache keeps alive, read from their shapes (padding
+        columns and rows included), so the budget counts what is really held."""
+        return sum(tensor_nbytes(tensor) for tensor in self.tensors)
+
+
+def tensor_nbytes(tensor: Any) -> int:
+    """Size of one numpy array or OrtValue tensor: its shape times its element size."""
+    if isinstance(tensor, np.ndarray):
+        return int(tensor.nbytes)
+    itemsize = int(np.dtype(_ORT_DTYPES[tensor.data_type()]).itemsize)
+    return int(np.prod(tensor.shape(), dtype=np.int64)) * itemsize
 
 
 @dataclass(frozen=True)
@@ -268,6 +279,7 @@ class OnnxDecoder:
         self.directory = directory
         kv_itemsize = int(np.dtype(signature.kv_dtype).itemsize)
         per_layer = signature.num_kv_heads * signature.head_dim * kv_itemsize
+        # A forecast only (what a row may grow to); held bytes are read from the tensors.
         self.kv_bytes_per_token: int = 2 * signature.num_layers * per_layer
 
     @classmethod
@@ -305,7 +317,7 @@ class OnnxDecoder:
     def empty_cache(self, rows: int = 1) -> KvCache:
         sig = self.signature
         empty = np.zeros((rows, sig.num_kv_heads, 0, sig.head_dim), dtype=sig.kv_dtype)
-        return KvCache(tuple(empty for _ in range(2 * sig.num_layers)), 0, self.kv_bytes_per_token, rows)
+        return KvCache(tuple(empty for _ in range(2 * sig.num_layers)), 0, rows)
 
     def forward(self, token_ids: Any, cache: KvCache) -> ForwardResult:
         """Feeds `token_ids` of one sequence after the `cache.length` tokens already in `cache`.
@@ -344,11 +356,9 @@ class OnnxDecoder:
             binding.bind_output(key_name, device_type, device_id)
             binding.bind_output(value_name, device_type, device_id)
 
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
+        outputs = run_detached(self.session, binding)
         logits = outputs[0].numpy()
-        new_cache = KvCache(tuple(outputs[1:]), cache.length + input_ids.shape[1], self.kv_bytes_per_token,
-                            cache.rows)
+        new_cache = KvCache(tuple(outputs[1:]), cache.length + input_ids.shape[1], cache.rows)
         return logits, new_cache
 
     def present_to_numpy(self, cache: KvCache) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -14,7 +14,8 @@ until the chain breaks, then extends the match token by token into the best entr
 exact, not block-aligned, and the ids are compared, so a hash collision cannot return wrong
 KV). An entry whose ids are a prefix of a newer entry is dropped as the newer one is stored
 (a chat's turn N+1 subsumes turn N), so a conversation costs one entry, not one per turn.
-Eviction is least recently used, driven by the scheduler's KV budget.
+Eviction is least recently used, driven by the scheduler's KV budget, which counts each
+entry by the bytes of the tensors it keeps alive.
 
 Not thread-safe: the scheduler calls it under its lock.
 """
@@ -51,6 +52,7 @@ class CacheEntry:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensors the entry keeps alive (read from their shapes)."""
         return self.cache.nbytes
 
 
@@ -81,11 +83,16 @@ class PrefixCache:
     def __init__(self) -> None:
         self._entries: OrderedDict[int, CacheEntry] = OrderedDict()  # id(entry) -> entry, oldest first
         self._by_block: dict[int, dict[int, CacheEntry]] = {}  # chained block hash -> entries having it
+        self._caches: set[int] = set()  # id() of every entry's KvCache
         self.nbytes = 0
         self.tokens = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def holds(self, cache: KvCache) -> bool:
+        """Whether `cache` is an entry's (its bytes are then in `nbytes`)."""
+        return id(cache) in self._caches
 
     def lookup(self, ids: Sequence[int] | np.ndarray, *, limit: int, touch: bool = True) -> PrefixHit | None:
         """The longest cached prefix of `ids`, at most `limit` tokens (a request must keep at
@@ -133,6 +140,7 @@ class PrefixCache:
             if older.length <= entry.length and _common_prefix(older.ids, array) == older.length:
                 self.remove(older)
         self._entries[id(entry)] = entry
+        self._caches.add(id(entry.cache))
         for hashed in entry.block_hashes:
             self._by_block.setdefault(hashed, {})[id(entry)] = entry
         self.nbytes += entry.nbytes
@@ -142,6 +150,7 @@ class PrefixCache:
     def remove(self, entry: CacheEntry) -> None:
         if self._entries.pop(id(entry), None) is None:
             return
+        self._caches.discard(id(entry.cache))
         for hashed in entry.block_hashes:
             holders = self._by_block.get(hashed)
             if holders is not None:
@@ -158,4 +167,5 @@ class PrefixCache:
     def clear(self) -> None:
         self._entries.clear()
         self._by_block.clear()
+        self._caches.clear()
         self.nbytes = self.tokens = 0

@@ -42,6 +42,7 @@ from typing import Any
 from llmsuite.inference.engine.batch import DecodeBatch
 from llmsuite.inference.engine.constraints import RowGrammar
 from llmsuite.inference.engine.kv_ops import KvOps
+from llmsuite.inference.engine.memory import MemoryGuard
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
 from llmsuite.inference.engine.prefix_cache import CacheEntry, PrefixCache, PrefixHit
 from llmsuite.inference.engine.sampling import NonFiniteLogits, TokenSampler, choose_batch
@@ -198,7 +199,7 @@ class Scheduler:
     def __init__(self, name: str, decoder: OnnxDecoder, settings: EngineSettings, *,
                  kv_ops: KvOps, kv_budget_bytes: int, prefill_estimate: PrefillEstimate | None = None,
                  step_observer: StepObserver | None = None, sampling_threads: int = 1,
-                 on_failed: FailureObserver | None = None) -> None:
+                 on_failed: FailureObserver | None = None, memory_guard: MemoryGuard | None = None) -> None:
         self.name = name
         self.decoder = decoder
         self.settings = settings
@@ -218,6 +219,8 @@ class Scheduler:
         self._sampling_pool = (ThreadPoolExecutor(sampling_threads, thread_name_prefix=f"sampling-{name}")
                                if sampling_threads > 1 else None)
         self._bytes_per_token = decoder.kv_bytes_per_token
+        self._memory_guard = memory_guard
+        self._kv_in_host_memory = decoder.placement.device_type == "cpu"
         self._vocab_size = decoder.signature.vocab_size
         self._context_length = decoder.context_length
         self._padded = decoder.uses_position_ids
@@ -446,6 +449,7 @@ class Scheduler:
                 context = context[drop:]  # positions shift: the prefix cache finds what still matches
             reserved = min(self._context_length, len(context) + params.max_new_tokens)
             self._check_fits_budget(reserved)
+            self._check_memory(reserved)
             if deadline is not None:
                 hit = self._prefix.lookup(context, limit=len(context) - 1, touch=False)
                 self._check_deadline(deadline, len(context) - (hit.length if hit is not None else 0))
@@ -484,6 +488,13 @@ class Scheduler:
                 reason="KV_BUDGET_EXCEEDED",
                 needed_bytes=str(needed), kv_budget_bytes=str(self.kv_budget_bytes),
             )
+
+    def _check_memory(self, reserved_tokens: int) -> None:
+        """--max-memory: refuses (RESOURCE_EXHAUSTED, MEMORY_PRESSURE) before the process outgrows it."""
+        if self._memory_guard is not None:
+            kv_here = self._kv_in_host_memory  # KV in device memory does not grow the process
+            self._memory_guard.admit(self.name, reserved_tokens * self._bytes_per_token if kv_here else 0,
+                                     self._growth_to_come() if kv_here else 0)
 
     def _check_deadline(self, deadline: float, tokens_to_prefill: int) -> None:
         remaining = deadline - time.monotonic()
@@ -584,7 +595,7 @@ class Scheduler:
         cache = hit.entry.cache
         if hit.length == cache.length:
             return cache  # immutable: the forward writes new tensors and the entry stays valid
-        return KvCache(self._ops.reshape(cache.tensors, [0], keep=hit.length), hit.length, cache.bytes_per_token, 1)
+        return KvCache(self._ops.reshape(cache.tensors, [0], keep=hit.length), hit.length, 1)
 
     def _retire(self, endings: Sequence[_Ending]) -> None:
         """Releases the KV of ending rows (kept for retained sessions), then delivers their results.
@@ -860,6 +871,7 @@ class Scheduler:
         if turn.finished:
             return
         turn.finished = True
+        turn.hit = None  # an evicted entry must not stay alive through a finished turn
         if turn in self._waiting:
             self._waiting.remove(turn)
         if turn in self._prefilling:
@@ -918,7 +930,7 @@ class Scheduler:
         return len(self._prefilling) + sum(len(b) for b in self._batches)
 
     def _reserved_bytes(self, extra: Turn | None = None) -> int:
-        """What admitted rows (+ `extra`) may grow to, padded as their batches pad them."""
+        """What admitted rows (+ `extra`) may grow to, padded as their batches pad them (a forecast)."""
         rows = [*self._prefilling, *self._decoding(), *([extra] if extra is not None else [])]
         if not rows:
             return 0
@@ -926,23 +938,50 @@ class Scheduler:
             return len(rows) * max(t.reserved_tokens for t in rows) * self._bytes_per_token
         return sum(t.reserved_tokens for t in rows) * self._bytes_per_token
 
+    def _row_caches(self) -> list[KvCache]:
+        """KV that admitted rows keep alive and the prefix cache does not account for: batches,
+        prefilling rows' own caches, and cached prefixes they are about to read (an entry evicted
+        since admission stays alive until its reader starts), each once."""
+        caches: dict[int, KvCache] = {}
+        for batch in self._batches:
+            if batch.cache is not None:
+                caches[id(batch.cache)] = batch.cache
+        for turn in self._prefilling:
+            for cache in (turn.cache, turn.hit.entry.cache if turn.hit is not None else None):
+                if cache is not None and not self._prefix.holds(cache):
+                    caches[id(cache)] = cache
+        return list(caches.values())
+
+    def held_kv_bytes(self) -> int:
+        """Bytes of every KV tensor this model keeps alive right now (caller holds the lock)."""
+        return sum(cache.nbytes for cache in self._row_caches()) + self._prefix.nbytes
+
+    def _kv_needed(self, extra: Turn | None = None) -> int:
+        """What the KV budget must cover: the rows' reservations (or what they really hold,
+        when that is more) plus the prefix cache's held bytes."""
+        rows_held = sum(cache.nbytes for cache in self._row_caches())
+        return max(self._reserved_bytes(extra), rows_held) + self._prefix.nbytes
+
+    def _growth_to_come(self) -> int:
+        """Bytes admitted rows may still add to what they hold (for --max-memory)."""
+        return max(0, self._reserved_bytes() - sum(cache.nbytes for cache in self._row_caches()))
+
     def _make_room_for(self, turn: Turn, keep: CacheEntry | None = None) -> bool:
         """True when `turn` fits the KV budget, evicting least recently used cache entries
         (never `keep`, the entry it is about to read) if needed."""
-        needed = self._reserved_bytes(extra=turn)
-        if needed > self.kv_budget_bytes:
+        if self._kv_needed(extra=turn) - self._prefix.nbytes > self.kv_budget_bytes:
             return False  # wait for running rows to finish; evicting the cache would not be enough
         for entry in self._prefix.least_recently_used():
-            if needed + self._prefix.nbytes <= self.kv_budget_bytes:
+            if self._kv_needed(extra=turn) <= self.kv_budget_bytes:
                 return True
             if entry is not keep:
                 self._evict(entry)
-        return needed + self._prefix.nbytes <= self.kv_budget_bytes
+        return self._kv_needed(extra=turn) <= self.kv_budget_bytes
 
     def _enforce_budget(self) -> None:
-        """After a store: evicts least recently used entries until reserved + cached KV fits."""
+        """After a store: evicts least recently used entries until the rows' KV and the cache fit."""
         for entry in self._prefix.least_recently_used():
-            if self._reserved_bytes() + self._prefix.nbytes <= self.kv_budget_bytes:
+            if self._kv_needed() <= self.kv_budget_bytes:
                 return
             self._evict(entry)
 
@@ -970,17 +1009,15 @@ class Scheduler:
             decoding = self._decoding()
             cached = (sum(t.cache.length for t in self._prefilling if t.cache is not None)
                       + sum(sum(b.lengths) for b in self._batches) + self._prefix.tokens)
-            held = (sum(t.cache.nbytes for t in self._prefilling if t.cache is not None)
-                    + sum(b.nbytes for b in self._batches) + self._prefix.nbytes)
             return EngineStats(
                 model=self.name,
                 running=len(self._prefilling) + len(decoding),
                 queued=len(self._waiting),
                 sessions=self._multi_turn_sessions(),
                 cached_tokens=cached,
-                kv_bytes=held,
+                kv_bytes=self.held_kv_bytes(),
                 kv_budget_bytes=self.kv_budget_bytes,
-                kv_reserved_bytes=self._reserved_bytes() + self._prefix.nbytes,
+                kv_reserved_bytes=self._kv_needed(),
                 prefix_cache_entries=len(self._prefix),
                 decode_rows=self._last_decode_rows,
                 **self._counters,

@@ -28,12 +28,16 @@ class EngineSettings:
     Admission is by KV memory: the rows running in the batch (prefilling or decoding)
     reserve the KV bytes they can grow to (prompt + max_new_tokens, padded to the batch's
     longest), and together with the prefix cache they must fit kv_cache_bytes (0 = sized
-    at load from the device's memory). max_running caps the rows of one forward (latency),
-    max_queued the requests waiting for room; beyond the queue requests are refused with
-    ENGINE_OVERLOADED. With prefix_cache, every ended turn's KV stays cached and later
-    requests starting with the same ids reuse it; entries are evicted least recently used
-    when room is needed, and after session_idle_timeout_s unused. max_sessions caps open
-    multi-turn sessions.
+    at load from the process's memory limits, see engine/memory.py); the bytes counted are
+    those of the tensors really held. max_memory_bytes bounds the whole process's resident
+    memory: new requests are refused (RESOURCE_EXHAUSTED, MEMORY_PRESSURE) while the
+    resident size plus what running requests may still grow by would pass it (None =
+    derived from the cgroup limit or RLIMIT_AS, off when there is none; 0 = off).
+    max_running caps the rows of one forward (latency), max_queued the requests waiting
+    for room; beyond the queue requests are refused with ENGINE_OVERLOADED. With
+    prefix_cache, every ended turn's KV stays cached and later requests starting with the
+    same ids reuse it; entries are evicted least recently used when room is needed, and
+    after session_idle_timeout_s unused. max_sessions caps open multi-turn sessions.
     prefill_chunk_tokens bounds the prompt tokens fed per scheduler step, so running
     streams keep receiving tokens while a long prompt is processed. warmup runs forwards
     at load and measures prefill speed for deadline checks.
@@ -58,6 +62,7 @@ class EngineSettings:
     max_queued: int = 64
     max_sessions: int = 256
     kv_cache_bytes: int = 0
+    max_memory_bytes: int | None = None
     prefix_cache: bool = True
     prefill_chunk_tokens: int = 256
     session_idle_timeout_s: float = 300.0
@@ -75,6 +80,8 @@ class EngineSettings:
         for name in ("intra_op_threads", "inter_op_threads", "max_queued", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.max_memory_bytes is not None and self.max_memory_bytes < 0:
+            raise ValueError("max_memory_bytes must be >= 0 (0 = off)")
         for name in ("max_running", "max_sessions", "prefill_chunk_tokens", "embed_batch_tokens",
                      "embed_max_queued_inputs", "max_step_failures"):
             if getattr(self, name) < 1:

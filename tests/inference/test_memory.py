@@ -1,0 +1,174 @@
+"""KV memory: the bytes the engine reports are the KV tensors alive in the process, and the
+process's memory stays within the budget however many requests of however many lengths ran.
+
+Both run a real ONNX Runtime session on the tiny model in-process, with no timing: the RSS
+bound is a sum the engine must keep to, measured after the work, not a speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import pytest
+
+from llmsuite.inference.engine import InferenceEngine, SamplingParams
+from llmsuite.inference.engine.memory import MemoryGuard, MemoryLimits, automatic_kv_budget, resident_bytes
+from llmsuite.inference.engine.onnx_model import tensor_nbytes
+from llmsuite.inference.engine.types import StepReport
+from llmsuite.runtime.errors import ResourceExhausted
+
+MIB = 1024**2
+# Tiny Llama KV is 1 KiB per token: 2 MiB holds about 2,000 tokens, a fraction of what the
+# workload below produces, so the prefix cache evicts all the time.
+BUDGET = 8 * MIB
+# ONNX Runtime's arenas, the interpreter and the logits on top of the KV: measured at about
+# 30 MiB with these requests. Before every output was detached from its IOBinding
+# (ort_memory.py), each cached entry kept a whole batch's past alive and the same run grew
+# by about 120 MiB.
+MARGIN = 64 * MIB
+
+
+def live_kv_tensors() -> dict[int, int]:
+    """Every OrtValue tensor alive in this process, by data address: its bytes."""
+    found: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, ort.OrtValue) and obj.is_tensor():
+            size = tensor_nbytes(obj)
+            if size:
+                found[obj.data_ptr()] = size
+    return found
+
+
+def workload(vocab: int, count: int, seed: int) -> list[tuple[list[int], int]]:
+    """Prompts of 16-300 ids (a third continue one of a few shared prefixes, so cached prefixes
+    are hit whole and in part) with 1-30 new tokens each."""
+    rng = random.Random(seed)
+    shared = [[rng.randrange(7, vocab) for _ in range(64)] for _ in range(4)]
+    requests = []
+    for _ in range(count):
+        length = rng.randint(16, 300)
+        head = rng.choice(shared)[:rng.randint(16, 64)] if rng.random() < 1 / 3 else []
+        prompt = head + [rng.randrange(7, vocab) for _ in range(max(1, length - len(head)))]
+        requests.append((prompt, rng.randint(1, 30)))
+    return requests
+
+
+async def run_all(engine: InferenceEngine, requests: list[tuple[list[int], int]], concurrency: int) -> int:
+    queue = list(reversed(requests))
+    generated = 0
+
+    async def client() -> None:
+        nonlocal generated
+        while queue:
+            prompt, new_tokens = queue.pop()
+            session = engine.open_session("tiny", multi_turn=False)
+            params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+            async for item in session.generate(prompt, params):
+                generated += not hasattr(item, "finish_reason")
+            session.close()
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return generated
+
+
+def test_memory_stays_within_the_kv_budget_and_every_live_kv_tensor_is_counted(
+        load_engine: Any, tiny_llama_dir: Path) -> None:
+    mismatches: list[str] = []
+    checked = 0
+    lock = threading.Lock()
+    engine: InferenceEngine | None = None
+
+    def compare_after_step(report: StepReport) -> None:
+        # On the worker thread between steps every KV tensor is held by the scheduler's own
+        # structures (no forward's locals), so the enumeration must match exactly.
+        nonlocal checked
+        assert engine is not None
+        stats = engine.stats("tiny")
+        if stats.steps % 16:
+            return
+        live = sum(live_kv_tensors().values())
+        with lock:
+            checked += 1
+            if live != stats.kv_bytes:
+                mismatches.append(f"step {stats.steps}: {live} bytes of KV alive, {stats.kv_bytes} reported")
+
+    before = resident_bytes()
+    engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=BUDGET, max_running=16,
+                         step_observer=compare_after_step)
+    requests = workload(engine.model_info("tiny").vocab_size, count=200, seed=7)
+    generated = asyncio.run(run_all(engine, requests, concurrency=16))
+    grown = resident_bytes() - before
+
+    stats = engine.stats("tiny")
+    assert generated == sum(n for _, n in requests) and stats.completed == len(requests)
+    assert stats.prefix_cache_evictions > 0, "the budget must have been reached for this to mean anything"
+    assert stats.prefix_cache_hit_tokens > 0
+    assert 0 < stats.kv_bytes <= BUDGET
+    assert sum(live_kv_tensors().values()) == stats.kv_bytes
+    assert checked >= 5 and not mismatches, mismatches[:5]
+    assert grown <= BUDGET + MARGIN, f"resident memory grew {grown / MIB:.1f} MiB with a {BUDGET / MIB:.0f} MiB budget"
+
+
+def test_the_memory_guard_refuses_with_retry_info_before_the_limit(load_engine: Any, tiny_llama_dir: Path) -> None:
+    limit = resident_bytes() + 64 * 1024  # loading the model alone passes it
+    engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=MIB, max_memory_bytes=limit)
+
+    async def scenario() -> None:
+        session = engine.open_session("tiny", multi_turn=False)
+        with pytest.raises(ResourceExhausted) as refused:
+            async for _ in session.generate(list(range(10, 110)), SamplingParams(max_new_tokens=100)):
+                pass
+        assert refused.value.reason == "MEMORY_PRESSURE" and refused.value.retry_after_s > 0
+        assert refused.value.metadata["max_memory_bytes"] == str(limit)
+        session.close()
+
+    asyncio.run(scenario())
+
+
+def test_max_memory_off_admits_what_the_kv_budget_admits(load_engine: Any, tiny_llama_dir: Path) -> None:
+    engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=MIB, max_memory_bytes=0)
+
+    async def scenario() -> None:
+        session = engine.open_session("tiny", multi_turn=False)
+        async for _ in session.generate(list(range(10, 110)), SamplingParams(max_new_tokens=4)):
+            pass
+        session.close()
+
+    asyncio.run(scenario())
+    assert engine.stats("tiny").completed == 1
+
+
+def test_the_guard_counts_what_running_requests_may_still_grow_by() -> None:
+    guard = MemoryGuard(limit_bytes=resident_bytes() + 100 * MIB, refresh_s=0.0)
+    guard.admit("m", reservation_bytes=10 * MIB, growth_to_come_bytes=10 * MIB)
+    with pytest.raises(ResourceExhausted):
+        guard.admit("m", reservation_bytes=10 * MIB, growth_to_come_bytes=95 * MIB)
+    assert guard.refused == 1
+
+
+def test_the_automatic_budget_follows_the_tightest_limit_after_weights_and_reserve() -> None:
+    host = MemoryLimits(host_bytes=24 * 1024 * MIB, cgroup_bytes=None, address_space_bytes=None)
+    shared = automatic_kv_budget(on_gpu=False, limits=host, max_memory_bytes=None, weights=1024 * MIB,
+                                 gpu_free_bytes=None)
+    assert (shared.basis, shared.budget_bytes) == ("host memory", int((24 * 1024 - 1024 - 512) * MIB * 0.25))
+
+    capped = MemoryLimits(host_bytes=24 * 1024 * MIB, cgroup_bytes=8 * 1024 * MIB, address_space_bytes=4 * 1024 * MIB)
+    own = automatic_kv_budget(on_gpu=False, limits=capped, max_memory_bytes=None, weights=1024 * MIB,
+                              gpu_free_bytes=None)
+    assert (own.basis, own.budget_bytes) == ("RLIMIT_AS", int((4 * 1024 - 1024 - 512) * MIB * 0.5))
+    explicit = automatic_kv_budget(on_gpu=False, limits=capped, max_memory_bytes=2 * 1024 * MIB, weights=1024 * MIB,
+                                   gpu_free_bytes=None)
+    assert (explicit.basis, explicit.budget_bytes) == ("--max-memory", int(512 * MIB * 0.5))
+
+    with pytest.raises(ValueError, match="leaves no room"):
+        automatic_kv_budget(on_gpu=False, limits=capped, max_memory_bytes=1024 * MIB, weights=1024 * MIB,
+                            gpu_free_bytes=None)
+    gpu = automatic_kv_budget(on_gpu=True, limits=host, max_memory_bytes=None, weights=1024 * MIB,
+                              gpu_free_bytes=10 * 1024 * MIB)
+    assert gpu.budget_bytes == 5 * 1024 * MIB
