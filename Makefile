@@ -10,10 +10,11 @@ MODEL  ?= models/tiny
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 BREAKING_AGAINST ?= .git\#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto proto-check lint format test fuzz bench bench-engine model run stubs breaking lock clean
+.PHONY: help setup proto proto-check lint format test fuzz bench bench-engine soak model run stubs breaking lock clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -75,6 +76,9 @@ bench: setup ## serving benchmark vs in-process ONNX Runtime on the bench preset
 
 bench-engine: setup ## engine microbenchmarks: prefill/decode tokens/s, what the KV cache buys
 	$(BIN)/python bench/bench_engine.py
+
+soak: setup ## memory soak: 64 streams for 10 min on the tiny and bench presets; peak RSS and drift against the KV budget, PASS/FAIL (knobs: SOAK_ARGS)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 # Container image locks (docker/requirements/*.txt, read by docker/Dockerfile):
 # every third-party package an image installs, pinned with hashes, resolved for

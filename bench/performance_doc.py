@@ -294,7 +294,8 @@ _READING = [
     "re-tokenize to other, more, ids, so the cache matches up to the start of the previous reply and that "
     "reply's text is prefilled again. A real model's replies mostly re-tokenize to the ids it generated.",
     "- **Memory at c=64.** The peak resident set is the model, ONNX Runtime's working memory and the KV "
-    "cache, which by default may grow to `--kv-cache-bytes` (25% of the machine's memory): after the run the "
+    "cache, which by default may grow to `--kv-cache-bytes` (sized from the process's memory limits, or a "
+    "quarter of what the machine's memory leaves after the weights; docs/design.md, Memory): after the run the "
     "prefix cache keeps finished requests' KV until that budget is needed. Lower the budget to bound it "
     "further; admission and the prefix cache both stay within it.",
 ]

@@ -73,13 +73,14 @@ def _default_device() -> str:
 class Cluster:
     """`python -m llmsuite.cluster` on free ports; its log goes to a file (nothing to drain)."""
 
-    def __init__(self, model_dir: Path, device: str, threads: int, log_path: Path) -> None:
+    def __init__(self, model_dir: Path, device: str, threads: int, log_path: Path, *, model_name: str = MODEL_NAME,
+                 env: dict[str, str] | None = None) -> None:
         self.ports = {name: _free_port() for name in ("gateway", "tokenizer", "inference")}
-        self.argv = [str(BIN / "python"), "-m", "llmsuite.cluster", "--model", f"{MODEL_NAME}={model_dir}",
+        self.argv = [str(BIN / "python"), "-m", "llmsuite.cluster", "--model", f"{model_name}={model_dir}",
                      "--device", device, *(f"--{n}-port={p}" for n, p in self.ports.items())]
         # The services read every flag from its LLMSUITE_* variable too; the cluster passes its env on.
         self.env = {**os.environ, "LLMSUITE_INTRA_OP_THREADS": str(threads), "LLMSUITE_INTER_OP_THREADS": "0",
-                    "LLMSUITE_GRAPH_OPTIMIZATION": "all"}
+                    "LLMSUITE_GRAPH_OPTIMIZATION": "all", **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -165,6 +166,7 @@ class MemoryWatch:
 
     pid: int | None
     address: str
+    model: str = MODEL_NAME
     peak_rss_kib: int = 0
     peak_kv_bytes: int = 0
     peak_running: int = 0
@@ -185,7 +187,7 @@ class MemoryWatch:
                 if self.pid is not None:
                     self.peak_rss_kib = max(self.peak_rss_kib, _status_kib(self.pid, "VmRSS") or 0)
                 try:
-                    info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(model=MODEL_NAME), timeout=5).info
+                    info = stub.GetModelInfo(inference_pb2.GetModelInfoRequest(model=self.model), timeout=5).info
                 except grpc.RpcError:
                     continue
                 self.peak_kv_bytes = max(self.peak_kv_bytes, info.stats.kv_cache_bytes)
@@ -200,9 +202,10 @@ class MemoryWatch:
         self._thread.join(10)
 
 
-def llmsuite_bench(cluster: Cluster, options: list[str], json_path: Path) -> tuple[dict[str, Any], list[str]]:
+def llmsuite_bench(cluster: Cluster, options: list[str], json_path: Path, *, model: str = MODEL_NAME
+                   ) -> tuple[dict[str, Any], list[str]]:
     """Runs `llmsuite bench --json` against the cluster's gateway; its progress bar shows on a terminal."""
-    argv = ["llmsuite", "--address", cluster.address("gateway"), "bench", "--model", MODEL_NAME, *options, "--json"]
+    argv = ["llmsuite", "--address", cluster.address("gateway"), "bench", "--model", model, *options, "--json"]
     print("$ " + shlex.join(argv), file=sys.stderr, flush=True)
     done = subprocess.run([str(BIN / argv[0]), *argv[1:]], stdout=subprocess.PIPE, check=False)
     if done.returncode != 0:
