@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from llmsuite.gateway.rate_limit import KeyedRateLimiter
+from llmsuite.gateway.rate_limit import RateLimitSettings, StorageFailureMode, build_rate_limiter
 from llmsuite.gateway.service import GatewayApp, GatewayLimits
 from llmsuite.gateway.upstreams import Upstreams, parse_inference_targets
 from llmsuite.runtime.channels import ChannelSettings
@@ -22,6 +22,7 @@ DEFAULT_LISTEN = "0.0.0.0:50050"
 
 def build_parser() -> EnvArgumentParser:
     limits = GatewayLimits()
+    rate = RateLimitSettings()
     parser = EnvArgumentParser(prog="llmsuite-gateway", description=__doc__)
     u = parser.add_argument_group("upstreams")
     u.add_argument("--tokenizer", default="localhost:50051", help="tokenizer service address")
@@ -60,10 +61,25 @@ def build_parser() -> EnvArgumentParser:
                           "Needs replicas listed one by one (not one dns:/// target)")
     lim.add_argument("--rate-limit-rps", type=float, default=0.0,
                      help="requests per second per API key (0 = unlimited)")
-    lim.add_argument("--rate-limit-burst", type=float, default=20.0, help="request bucket size per API key")
+    lim.add_argument("--rate-limit-burst", type=float, default=rate.request_burst,
+                     help="request bucket size per API key")
     lim.add_argument("--token-rate-limit", type=float, default=0.0,
                      help="tokens (prompt + max_new_tokens) per second per API key (0 = unlimited)")
-    lim.add_argument("--token-burst", type=float, default=65536.0, help="token bucket size per API key")
+    lim.add_argument("--token-burst", type=float, default=rate.token_burst, help="token bucket size per API key")
+    lim.add_argument("--rate-limit-storage", default=rate.storage, metavar="URL",
+                     help="redis://[:PASSWORD@]HOST:PORT/DB (or rediss:// for TLS): keep the per-key limits in "
+                          "this Redis, shared by every gateway using it, so N replicas together admit what one "
+                          "would; empty: each gateway keeps its own in memory. Needs the `redis` extra "
+                          "(llmsuite-gateway[redis])")
+    lim.add_argument("--rate-limit-fail", choices=[m.value for m in StorageFailureMode],
+                     default=rate.storage_failure.value,
+                     help="when the --rate-limit-storage Redis fails or does not answer in --rate-limit-timeout: "
+                          "open admits the request (logged, counted in "
+                          "llmsuite_gateway_rate_limit_unchecked_total), closed refuses it with UNAVAILABLE "
+                          "(RATE_LIMIT_STORAGE_UNAVAILABLE). Either way Redis is asked again after a second")
+    lim.add_argument("--rate-limit-timeout", type=float, default=rate.storage_timeout_s, metavar="SECONDS",
+                     help="most a request waits on the --rate-limit-storage Redis, retries included, before "
+                          "--rate-limit-fail applies")
     add_server_arguments(parser, default_listen=DEFAULT_LISTEN)
     return parser
 
@@ -81,7 +97,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     factory = partial(Upstreams.connect, args.tokenizer, parse_inference_targets(args.inference), channel,
                       tracer_provider=tracer_provider, breaker_threshold=args.breaker_failures,
                       breaker_reset_s=args.breaker_reset)
-    limiter = KeyedRateLimiter(args.rate_limit_rps, args.rate_limit_burst, args.token_rate_limit, args.token_burst)
+    rate = RateLimitSettings(args.rate_limit_rps, args.rate_limit_burst, args.token_rate_limit, args.token_burst,
+                             storage=args.rate_limit_storage,
+                             storage_failure=StorageFailureMode(args.rate_limit_fail),
+                             storage_timeout_s=args.rate_limit_timeout)
+    try:
+        limiter = build_rate_limiter(rate)
+    except ValueError as exc:
+        raise SystemExit(f"llmsuite-gateway: {exc}") from None
     limits = GatewayLimits(args.max_prompt_tokens, args.max_new_tokens, deadline_margin_s=args.deadline_margin,
                            affinity_key_chars=args.prefix_affinity_chars)
     app = GatewayApp(factory, limits, limiter, startup_timeout_s=args.startup_timeout,

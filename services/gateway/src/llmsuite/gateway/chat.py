@@ -110,7 +110,7 @@ class ChatSession:
         kept = _common_prefix(self._history_ids, full_ids) if self._stream is not None else 0
         kept = min(kept, len(full_ids) - 1)  # the turn must feed at least one id
         new_ids = full_ids[kept:] if self._stream is not None else None
-        charge = s.admit(len(new_ids if new_ids is not None else full_ids), max_new)
+        charge = await s.admit(len(new_ids if new_ids is not None else full_ids), max_new)
         used = 0
         try:
             forwarded = s.forwarded_sampling(sampling)

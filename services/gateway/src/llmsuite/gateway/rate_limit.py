@@ -3,20 +3,83 @@
 A generation is charged `prompt_tokens + max_new_tokens` up front, because
 the gateway cannot know how long it will run; what it did not use is refunded
 when it finishes. The clock is injectable so tests never sleep.
+
+The buckets here live in the gateway's memory, so each gateway replica
+limits on its own. `shared_rate_limit.py` keeps the same limits in Redis for
+several replicas; `build_rate_limiter` picks one from the settings, and the
+servicer only sees the `RateLimiter` protocol.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client.registry import Collector
 
 from llmsuite.runtime.errors import InvalidArgument, ResourceExhausted
 
 Clock = Callable[[], float]
+
+
+class RateLimiter(Protocol):
+    """What admission needs from a per-key limiter, in process or shared."""
+
+    async def charge(self, key: str, tokens: int) -> None:
+        """Admit one request for `key` costing `tokens`, or raise (see KeyedRateLimiter.check)."""
+
+    def give_back(self, key: str, tokens: int) -> None:
+        """Return tokens a finished request did not use. Never blocks: it runs in
+        `finally` blocks, also while the request is being cancelled."""
+
+    def collectors(self) -> Sequence[Collector]:
+        """Metrics of the limiter itself (a shared store's errors), for the server's registry."""
+
+    async def close(self) -> None:
+        """Finish pending refunds (bounded) and release connections."""
+
+
+class StorageFailureMode(enum.StrEnum):
+    """What a shared limiter does when its store does not answer in time."""
+
+    OPEN = "open"  # admit the request unlimited, log and count the error
+    CLOSED = "closed"  # refuse it with UNAVAILABLE (RATE_LIMIT_STORAGE_UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    """The gateway's per-key limits (`--rate-limit-*`, `--token-*` flags). A rate of 0
+    disables that limit. `storage` empty: buckets in this process; a redis:// URL:
+    limits shared by every gateway using that Redis (shared_rate_limit.py)."""
+
+    requests_per_s: float = 0.0
+    request_burst: float = 20.0
+    tokens_per_s: float = 0.0
+    token_burst: float = 65536.0
+    storage: str = ""
+    storage_failure: StorageFailureMode = StorageFailureMode.OPEN
+    storage_timeout_s: float = 0.25
+
+
+def build_rate_limiter(settings: RateLimitSettings) -> RateLimiter:
+    """The limiter the settings ask for. Raises ValueError for an unusable
+    configuration (an unsupported storage URL, the `redis` extra missing)."""
+    if not settings.storage:
+        return KeyedRateLimiter(settings.requests_per_s, settings.request_burst, settings.tokens_per_s,
+                                settings.token_burst)
+    # Imported only here: a gateway without shared limits never loads limits or redis.
+    try:
+        from llmsuite.gateway.shared_rate_limit import SharedRateLimiter
+    except ImportError as exc:
+        raise ValueError(f"--rate-limit-storage needs the gateway's `redis` extra: pip install "
+                         f"'llmsuite-gateway[redis]' ({exc.name} is missing)") from exc
+    return SharedRateLimiter(settings)
 
 
 class TokenBucket:
@@ -91,12 +154,7 @@ class KeyedRateLimiter:
 
     def __init__(self, requests_per_s: float, request_burst: float, tokens_per_s: float,
                  token_burst: float, clock: Clock = time.monotonic, *, max_keys: int = 10_000) -> None:
-        if requests_per_s < 0 or tokens_per_s < 0:
-            raise ValueError("rates must be >= 0 (0 disables the limit)")
-        if requests_per_s > 0 and request_burst < 1:
-            raise ValueError("request_burst must be >= 1 when requests are limited")
-        if tokens_per_s > 0 and token_burst <= 0:
-            raise ValueError("token_burst must be > 0 when tokens are limited")
+        check_limits(requests_per_s, request_burst, tokens_per_s, token_burst)
         if max_keys < 1:
             raise ValueError("max_keys must be >= 1")
         self.requests_per_s = requests_per_s
@@ -127,14 +185,7 @@ class KeyedRateLimiter:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         if not self.enabled:
             return
-        if self.tokens_per_s > 0 and tokens > self.token_burst:
-            raise InvalidArgument(
-                message=(f"this request needs {tokens} tokens (prompt + max_new_tokens) but the token "
-                         f"limit allows at most {self.token_burst:g} at once; lower max_new_tokens "
-                         f"or shorten the prompt"),
-                reason="REQUEST_EXCEEDS_TOKEN_BURST",
-                metadata={"tokens": str(tokens), "token_burst": f"{self.token_burst:g}"},
-            )
+        check_token_burst(tokens, self.tokens_per_s, self.token_burst)
         with self._lock:
             buckets = self._buckets_for(key)
             request_wait = buckets.requests.wait_time(1) if buckets.requests else 0.0
@@ -184,16 +235,61 @@ class KeyedRateLimiter:
             self._keys.popitem(last=False)
 
     def _exhausted(self, request_wait: float, token_wait: float) -> ResourceExhausted:
-        limits: dict[str, str] = {}
-        if request_wait > 0:
-            limits["requests"] = f"{self.requests_per_s:g}/s, burst {self.request_burst:g}"
-        if token_wait > 0:
-            limits["tokens"] = f"{self.tokens_per_s:g}/s, burst {self.token_burst:g}"
-        retry_after = max(request_wait, token_wait)
-        spent = " and ".join(f"{name} ({desc})" for name, desc in limits.items())
-        return ResourceExhausted(
-            message=f"rate limit exceeded for this API key: {spent}; retry in {retry_after:.2f}s",
-            reason="RATE_LIMITED",
-            retry_after_s=retry_after,
-            metadata={"limit": ",".join(limits)},
+        return rate_limited(request_wait, token_wait, requests_per_s=self.requests_per_s,
+                            request_burst=self.request_burst, tokens_per_s=self.tokens_per_s,
+                            token_burst=self.token_burst)
+
+    # -- RateLimiter ---------------------------------------------------------------------------------------
+
+    async def charge(self, key: str, tokens: int) -> None:
+        self.check(key, tokens)
+
+    def give_back(self, key: str, tokens: int) -> None:
+        self.refund(key, tokens)
+
+    def collectors(self) -> Sequence[Collector]:
+        return ()
+
+    async def close(self) -> None:
+        return None
+
+
+def check_limits(requests_per_s: float, request_burst: float, tokens_per_s: float, token_burst: float) -> None:
+    """Raises ValueError for limits no limiter can keep."""
+    if requests_per_s < 0 or tokens_per_s < 0:
+        raise ValueError("rates must be >= 0 (0 disables the limit)")
+    if requests_per_s > 0 and request_burst < 1:
+        raise ValueError("request_burst must be >= 1 when requests are limited")
+    if tokens_per_s > 0 and token_burst <= 0:
+        raise ValueError("token_burst must be > 0 when tokens are limited")
+
+
+def check_token_burst(tokens: int, tokens_per_s: float, token_burst: float) -> None:
+    """A request costing more than the token bucket can ever hold is the caller's
+    mistake (INVALID_ARGUMENT), not something to retry."""
+    if tokens_per_s > 0 and tokens > token_burst:
+        raise InvalidArgument(
+            message=(f"this request needs {tokens} tokens (prompt + max_new_tokens) but the token "
+                     f"limit allows at most {token_burst:g} at once; lower max_new_tokens "
+                     f"or shorten the prompt"),
+            reason="REQUEST_EXCEEDS_TOKEN_BURST",
+            metadata={"tokens": str(tokens), "token_burst": f"{token_burst:g}"},
         )
+
+
+def rate_limited(request_wait: float, token_wait: float, *, requests_per_s: float, request_burst: float,
+                 tokens_per_s: float, token_burst: float) -> ResourceExhausted:
+    """RATE_LIMITED naming each spent budget (a wait > 0), retry after the longer wait."""
+    limits: dict[str, str] = {}
+    if request_wait > 0:
+        limits["requests"] = f"{requests_per_s:g}/s, burst {request_burst:g}"
+    if token_wait > 0:
+        limits["tokens"] = f"{tokens_per_s:g}/s, burst {token_burst:g}"
+    retry_after = max(request_wait, token_wait)
+    spent = " and ".join(f"{name} ({desc})" for name, desc in limits.items())
+    return ResourceExhausted(
+        message=f"rate limit exceeded for this API key: {spent}; retry in {retry_after:.2f}s",
+        reason="RATE_LIMITED",
+        retry_after_s=retry_after,
+        metadata={"limit": ",".join(limits)},
+    )

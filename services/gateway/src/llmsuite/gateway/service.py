@@ -25,7 +25,7 @@ from llmsuite.gateway.catalogue import Catalogue, HealthStatuses, ServedModel
 from llmsuite.gateway.chat import ChatSession
 from llmsuite.gateway.generation import Deadline, Delta, TurnOutcome, relay_turn
 from llmsuite.gateway.metrics import GatewayMetrics
-from llmsuite.gateway.rate_limit import KeyedRateLimiter
+from llmsuite.gateway.rate_limit import RateLimiter
 from llmsuite.gateway.stop_strings import validate_stop_strings
 from llmsuite.gateway.upstreams import Upstreams
 from llmsuite.gateway.v1 import gateway_pb2 as pb
@@ -60,7 +60,7 @@ class GatewayLimits:
 class Charge:
     """Tokens one request was charged up front; `settle` refunds what it did not use."""
 
-    def __init__(self, limiter: KeyedRateLimiter, principal: str, tokens: int) -> None:
+    def __init__(self, limiter: RateLimiter, principal: str, tokens: int) -> None:
         self._limiter = limiter
         self._principal = principal
         self._tokens = tokens
@@ -69,12 +69,12 @@ class Charge:
     def settle(self, used_tokens: int) -> None:
         if not self._settled:
             self._settled = True
-            self._limiter.refund(self._principal, max(0, self._tokens - used_tokens))
+            self._limiter.give_back(self._principal, max(0, self._tokens - used_tokens))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, upstreams: Upstreams, catalogue: Catalogue, limits: GatewayLimits,
-                 rate_limiter: KeyedRateLimiter, metrics: GatewayMetrics) -> None:
+                 rate_limiter: RateLimiter, metrics: GatewayMetrics) -> None:
         self.up = upstreams
         self.catalogue = catalogue
         self.limits = limits
@@ -96,7 +96,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                             reason="MAX_NEW_TOKENS_TOO_LARGE", limit=str(self.limits.max_new_tokens))
         return max_new, validate_stop_strings(sampling.stop_strings)
 
-    def admit(self, prompt_tokens: int, max_new: int) -> Charge:
+    async def admit(self, prompt_tokens: int, max_new: int) -> Charge:
         """Checks the prompt cap and charges the caller's rate limits; the
         returned Charge must be settled on every path (see Charge)."""
         if prompt_tokens > self.limits.max_prompt_tokens:
@@ -105,7 +105,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 reason="PROMPT_TOO_LONG", limit=str(self.limits.max_prompt_tokens), prompt_tokens=str(prompt_tokens))
         principal = current_principal() or "anonymous"
         try:
-            self._rate.check(principal, prompt_tokens + max_new)
+            await self._rate.charge(principal, prompt_tokens + max_new)
         except LlmsuiteError as refusal:
             self.metrics.rate_limit_refused(refusal)
             raise
@@ -147,7 +147,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             encoded = await self.encode(model, [req.prompt], add_special_tokens=add_special,
                                         time_limit_s=context.time_remaining())
             prompt_ids = list(encoded.encodings[0].token_ids)
-            charge = self.admit(len(prompt_ids), max_new)
+            charge = await self.admit(len(prompt_ids), max_new)
         except BaseException:
             if dialed is not None:
                 dialed.cancel()
@@ -252,7 +252,7 @@ class GatewayApp:
     service_names: Sequence[str] = (SERVICE_NAME,)
 
     def __init__(self, upstreams_factory: Callable[..., Upstreams], limits: GatewayLimits,
-                 rate_limiter: KeyedRateLimiter, *, startup_timeout_s: float = 0.0,
+                 rate_limiter: RateLimiter, *, startup_timeout_s: float = 0.0,
                  refresh_interval_s: float = 2.0) -> None:
         self._factory = upstreams_factory
         self._limits = limits
@@ -270,7 +270,7 @@ class GatewayApp:
         self.metrics = GatewayMetrics(lambda: self.upstreams)
 
     def collectors(self) -> Sequence[Collector]:
-        return self.metrics.collectors()
+        return (*self.metrics.collectors(), *self._rate.collectors())
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(deferred_servicer(
@@ -324,3 +324,5 @@ class GatewayApp:
         if self.upstreams is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.upstreams.close(), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._rate.close(), 5)  # pending refunds to a shared store, its connections
