@@ -12,7 +12,6 @@ import time
 
 import pytest
 import redis
-
 from support import free_ports
 
 REDIS_SERVER = "redis-server"

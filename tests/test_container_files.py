@@ -163,6 +163,34 @@ def test_no_service_downloads_a_model(services: dict[str, dict[str, Any]]) -> No
         assert not any(k.startswith("HF_") for k in env), f"{name} configures hub access"
 
 
+# --- shared rate limits -------------------------------------------------------------
+
+def test_redis_for_shared_rate_limits_is_an_opt_in_profile_the_gateway_can_use(
+        services: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    redis = services["redis"]
+    assert redis["profiles"] == ["shared-limits"], "one gateway's in-memory limits need no Redis"
+    name, _, tag = redis["image"].partition(":")
+    assert name == "redis" and tag.split(".")[0] == "7" and tag.endswith("-alpine"), redis["image"]
+    flags = dict(zip(redis["command"][1::2], redis["command"][2::2], strict=True))
+    assert redis["command"][0] == "redis-server" and flags["--save"] == "" and flags["--appendonly"] == "no"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "ports" not in redis, "the rate-limit store is for the gateways, not the host"
+    gateway = services["gateway"]
+    assert gateway["depends_on"]["redis"] == {"condition": "service_healthy", "required": False}
+    # Value-less: unset by default (limits in the gateway), else taken from the shell or .env.
+    assert gateway["environment"]["LLMSUITE_RATE_LIMIT_STORAGE"] is None
+    url = f"redis://redis:{redis['expose'][0]}/0"
+    procs = compose_services_as_local_processes(COMPOSE, PORTS, tmp_path,
+                                                variables={"LLMSUITE_RATE_LIMIT_STORAGE": url})
+    assert next(p for p in procs if p.name == "gateway").env["LLMSUITE_RATE_LIMIT_STORAGE"] == url
+    from llmsuite.gateway.__main__ import build_parser
+    from llmsuite.runtime.settings import env_name
+
+    flags_of_gateway = {env_name(o) for a in build_parser()._actions for o in a.option_strings if o.startswith("--")}
+    passed_through = [k for k, v in (gateway["environment"] or {}).items() if k.startswith("LLMSUITE_")]
+    assert set(passed_through) <= flags_of_gateway, "every LLMSUITE_* variable is a gateway flag"
+
+
 # --- observability -------------------------------------------------------------------
 
 def test_tracing_is_off_by_default_and_points_at_the_collector(services: dict[str, dict[str, Any]]) -> None:

@@ -42,6 +42,7 @@ from llmsuite.runtime.settings import env_name, resolve_metrics_listen, server_s
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 QUEUE_METRIC = "llmsuite_inference_queued_requests"  # fixed name (docs/metrics.md), a gauge labelled `model`
 GRPC_SERVICES = ("tokenizer", "inference", "gateway")
+THIRD_PARTY = ["redis"]  # the gateways' shared rate-limit store
 SERVICES = (*GRPC_SERVICES, "openai")  # openai: the OpenAI-compatible HTTP API, from the gateway image
 DRAIN_MARGIN_S = 5
 
@@ -82,6 +83,16 @@ def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 def by_kind(objects: list[Object], kind: str) -> dict[str, Object]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def is_ours(deployment: Object) -> bool:
+    """Runs an image docker/Dockerfile builds (the others are third-party, e.g. Redis)."""
+    return container(deployment)["image"].rpartition("/")[2].startswith("llmsuite-")
+
+
+def ours(objects: list[Object]) -> dict[str, Object]:
+    """The llmsuite services' Deployments."""
+    return {name: d for name, d in by_kind(objects, "Deployment").items() if is_ours(d)}
 
 
 def container(deployment: Object) -> Object:
@@ -146,9 +157,10 @@ def parsed_settings(deployment: Object, tmp_path: Path) -> tuple[Any, Any]:
 
 def test_renders_every_service(rendered: tuple[str, Path, list[Object]]) -> None:
     _, _, objects = rendered
-    deployments = by_kind(objects, "Deployment")
+    deployments = ours(objects)
     assert sorted(deployments) == sorted(SERVICES)
     assert {service_of(d) for d in deployments.values()} == set(SERVICES)
+    assert sorted(set(by_kind(objects, "Deployment")) - set(deployments)) == THIRD_PARTY
 
 
 def test_every_object_matches_the_kubernetes_schema(rendered: tuple[str, Path, list[Object]]) -> None:
@@ -189,7 +201,7 @@ def test_kubectl_kustomize_renders_the_same(rendered: tuple[str, Path, list[Obje
 def test_environment_names_only_real_flags_and_parses(rendered: tuple[str, Path, list[Object]],
                                                        tmp_path: Path) -> None:
     _, _, objects = rendered
-    for name, deployment in by_kind(objects, "Deployment").items():
+    for name, deployment in ours(objects).items():
         c = container(deployment)
         flags = {env_name(o) for a in service_parser(service_of(deployment))._actions for o in a.option_strings
                  if o.startswith("--")}
@@ -202,7 +214,7 @@ def test_environment_names_only_real_flags_and_parses(rendered: tuple[str, Path,
 def test_ports_probes_and_metrics_agree_with_the_service(rendered: tuple[str, Path, list[Object]],
                                                          tmp_path: Path) -> None:
     _, _, objects = rendered
-    for name, deployment in by_kind(objects, "Deployment").items():
+    for name, deployment in ours(objects).items():
         if service_of(deployment) not in GRPC_SERVICES:
             continue
         c = container(deployment)
@@ -248,7 +260,7 @@ def test_http_api_probes_its_port_and_survives_a_gateway_outage(rendered: tuple[
 
 def test_termination_outlasts_the_drain(rendered: tuple[str, Path, list[Object]], tmp_path: Path) -> None:
     _, _, objects = rendered
-    for name, deployment in by_kind(objects, "Deployment").items():
+    for name, deployment in ours(objects).items():
         args, _ = parsed_settings(deployment, tmp_path)
         pre_stop = container(deployment)["lifecycle"]["preStop"]["sleep"]["seconds"]
         budget = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -260,7 +272,7 @@ def test_termination_outlasts_the_drain(rendered: tuple[str, Path, list[Object]]
 def test_models_come_from_the_image_or_a_mounted_volume(rendered: tuple[str, Path, list[Object]],
                                                         tmp_path: Path) -> None:
     _, _, objects = rendered
-    for name, deployment in by_kind(objects, "Deployment").items():
+    for name, deployment in ours(objects).items():
         if service_of(deployment) not in ("tokenizer", "inference"):
             continue
         c = container(deployment)
@@ -293,15 +305,15 @@ def test_pods_run_non_root_read_only_and_bounded(rendered: tuple[str, Path, list
             assert kind in resources["requests"] and kind in resources["limits"], f"{name}: {kind}"
         cpu_limit = float(str(resources["limits"]["cpu"]).removesuffix("m")) / (
             1000 if str(resources["limits"]["cpu"]).endswith("m") else 1)
-        args, _ = parsed_settings(deployment, tmp_path)
-        if service_of(deployment) == "inference":
+        if is_ours(deployment) and service_of(deployment) == "inference":
+            args, _ = parsed_settings(deployment, tmp_path)
             assert 0 < args.intra_op_threads <= cpu_limit, f"{name}: one ONNX Runtime thread per CPU of the limit"
 
 
 def test_api_keys_come_from_a_mounted_secret(rendered: tuple[str, Path, list[Object]]) -> None:
     _, _, objects = rendered
     assert not by_kind(objects, "Secret"), "no keys in the repository: the operator creates the Secret"
-    for name, deployment in by_kind(objects, "Deployment").items():
+    for name, deployment in ours(objects).items():
         c = container(deployment)
         for e in c.get("env", []):
             assert "valueFrom" not in e, f"{name}: secrets are mounted files, not environment"
@@ -374,6 +386,55 @@ def test_only_the_gateway_reaches_tokenizer_and_inference(rendered: tuple[str, P
                 assert [n for n, d in deployments.items() if any(selects(s, d) for s in sources)] == ["gateway"]
             else:
                 assert ports == {"metrics"}, f"{upstream}: only metrics may be open to the cluster"
+
+
+# --- the gateways' shared rate-limit store ------------------------------------------------
+
+def test_gateways_share_their_rate_limits_in_the_redis_the_manifests_run(
+        rendered: tuple[str, Path, list[Object]], tmp_path: Path) -> None:
+    _, _, objects = rendered
+    deployments = by_kind(objects, "Deployment")
+    gateway, _ = parsed_settings(deployments["gateway"], tmp_path)
+    assert deployments["gateway"]["spec"]["replicas"] > 1, "one gateway needs no shared store"
+    m = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/(\d+)", gateway.rate_limit_storage)
+    assert m, f"--rate-limit-storage must name the Redis Service: {gateway.rate_limit_storage}"
+    service = by_kind(objects, "Service")[m[1]]
+    assert selects(service["spec"]["selector"], deployments["redis"])
+    port = next(p for p in service["spec"]["ports"] if p["port"] == int(m[2]))
+    assert port_named(container(deployments["redis"]), port["targetPort"]) == 6379
+    assert gateway.rate_limit_fail == "open", "a Redis outage must not take the API down (docs/deploy.md)"
+
+
+def test_redis_keeps_nothing_on_disk_and_runs_locked_down(rendered: tuple[str, Path, list[Object]]) -> None:
+    _, _, objects = rendered
+    deployment = by_kind(objects, "Deployment")["redis"]
+    assert deployment["spec"]["replicas"] == 1, "counters in two unsynchronised Redis would split each key's limit"
+    c = container(deployment)
+    name, _, tag = c["image"].partition(":")
+    assert name == "redis" and tag.split(".")[0] == "7" and tag.endswith("-alpine"), c["image"]
+    command = c["command"]
+    assert command[0] == "redis-server"
+    flags = dict(zip(command[1::2], command[2::2], strict=True))
+    assert flags["--save"] == "" and flags["--appendonly"] == "no", "no persistence"
+    assert flags["--maxmemory"] and flags["--maxmemory-policy"] == "volatile-ttl"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert probe in c, f"redis needs a {probe}"
+    assert c["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert {"/tmp", "/data"} <= mounts and all("emptyDir" in v for v in volumes.values())
+
+
+def test_only_the_gateway_reaches_redis(rendered: tuple[str, Path, list[Object]]) -> None:
+    _, _, objects = rendered
+    deployments = by_kind(objects, "Deployment")
+    policy = by_kind(objects, "NetworkPolicy")["redis"]
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], deployments["redis"])
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == ["redis"]
+    sources = [f["podSelector"]["matchLabels"] for f in rule["from"]]
+    assert [n for n, d in deployments.items() if any(selects(s, d) for s in sources)] == ["gateway"]
 
 
 def test_inference_scales_on_queue_depth_or_cpu(rendered: tuple[str, Path, list[Object]]) -> None:
@@ -468,6 +529,9 @@ def test_cpu_overlay_runs_as_local_processes_and_answers_its_probes(
             variables["LLMSUITE_MODEL"] = variables["LLMSUITE_MODEL"].replace("/models/tiny", str(tiny_model_dir))
         if "LLMSUITE_API_KEYS_FILE" in variables:
             variables["LLMSUITE_API_KEYS_FILE"] = str(keys)
+        if "LLMSUITE_RATE_LIMIT_STORAGE" in variables:
+            # The manifests set no rates, so the store is never asked; loopback keeps it so.
+            variables["LLMSUITE_RATE_LIMIT_STORAGE"] = f"redis://127.0.0.1:{free_ports(1)[0]}/0"
         return variables
 
     started = [ServiceProcess([f"llmsuite-{s}"], env=local_env(s), wait=False) for s in GRPC_SERVICES]

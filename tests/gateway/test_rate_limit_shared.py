@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from metrics_scrape import metrics_port, scrape
+from prometheus_client import Counter
 from redis_server import RedisServer
 from scripted_inference import ScriptedInference
-from metrics_scrape import metrics_port, scrape
 from support import BIN, ServerThread, ServiceProcess, processes
 
 from llmsuite.client.errors import error_details
@@ -201,12 +202,18 @@ def test_api_keys_never_reach_redis(redis_server: RedisServer) -> None:
     assert any(key_id("sk-secret-key") in k for k in keys)
 
 
+def counted(counter: Counter, **labels: str) -> float:
+    """A counter's value, read as a scrape would (0 before its first increment)."""
+    return next((sample.value for metric in counter.collect() for sample in metric.samples
+                 if sample.name.endswith("_total") and sample.labels == labels), 0.0)
+
+
 def unchecked(limiter: SharedRateLimiter, outcome: str) -> float:
-    return limiter.unchecked.labels(outcome)._value.get()
+    return counted(limiter.unchecked, outcome=outcome)
 
 
 def storage_errors(limiter: SharedRateLimiter) -> float:
-    return limiter.storage_errors.labels("charge")._value.get()
+    return counted(limiter.storage_errors, operation="charge")
 
 
 def test_fail_open_admits_while_redis_is_down_and_counts_it(redis_server: RedisServer) -> None:
@@ -246,8 +253,7 @@ def test_a_hung_redis_costs_the_timeout_not_the_request(redis_server: RedisServe
                       storage_timeout_s=0.2)
 
     async def body(a: SharedRateLimiter) -> None:
-        await a.charge("k", 1)  # connected, and the burst is spent
-        redis_server.pause()
+        redis_server.pause()  # the kernel still accepts the connection; the command is never answered
         try:
             if mode is StorageFailureMode.OPEN:
                 await a.charge("k", 1)
@@ -262,7 +268,7 @@ def test_a_hung_redis_costs_the_timeout_not_the_request(redis_server: RedisServe
 
 
 def test_limits_hold_again_once_redis_answers_again(redis_server: RedisServer) -> None:
-    config = settings(redis_server, requests_per_s=TINY_RATE, request_burst=1, storage_timeout_s=0.2)
+    config = settings(redis_server, requests_per_s=TINY_RATE, request_burst=1, storage_timeout_s=1.0)
 
     async def body(a: SharedRateLimiter) -> None:
         await a.charge("k", 1)
@@ -306,7 +312,9 @@ def generate(address: str) -> grpc.StatusCode:
 
 
 def test_two_gateway_processes_share_one_keys_limit(redis_server: RedisServer, upstreams: tuple[str, str]) -> None:
-    flags = ("--rate-limit-rps", str(TINY_RATE), "--rate-limit-burst", "3", "--rate-limit-storage", redis_server.url)
+    # A generous bound: on a busy machine a slow answer must not turn into a fail-open admission.
+    flags = ("--rate-limit-rps", str(TINY_RATE), "--rate-limit-burst", "3", "--rate-limit-storage", redis_server.url,
+             "--rate-limit-timeout", "30")
     with processes(gateway_process(upstreams, *flags), gateway_process(upstreams, *flags)) as (a, b):
         codes = [generate(gw.address) for _ in range(4) for gw in (a, b)]
         assert codes.count(grpc.StatusCode.OK) == 3, codes  # each alone would admit 3: 6 in all
