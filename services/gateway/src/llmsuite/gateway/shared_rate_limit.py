@@ -162,6 +162,10 @@ class SharedRateLimiter:
             "Requests the shared rate-limit store could not decide (it failed, or failed within the last "
             "second and was not asked), by what --rate-limit-fail did: admitted (open) or refused (closed).",
             ("outcome",), registry=None)
+        where = urlsplit(settings.storage)  # host and port only: the URL may carry a password
+        log.info("per-key rate limits are kept in Redis, shared with every gateway using it",
+                 extra={"redis": f"{where.hostname}:{where.port or 6379}", "limited": self.enabled,
+                        "fail": str(settings.storage_failure)})
 
     @property
     def enabled(self) -> bool:
