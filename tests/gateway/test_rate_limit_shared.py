@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -135,10 +136,11 @@ def test_tokens_are_shared_and_unused_ones_come_back(redis_server: RedisServer) 
 
     async def body(a: SharedRateLimiter, b: SharedRateLimiter) -> None:
         await a.charge("k", 80)
+        charged_at = time.monotonic()
         with pytest.raises(ResourceExhausted) as err:
             await b.charge("k", 40)
         assert err.value.metadata["limit"] == "tokens" and err.value.retry_after_s > 0
-        a.give_back("k", 60)  # the request used 20 of its 80
+        a.give_back("k", 60, charged_at)  # the request used 20 of its 80
         await a.settled()
         await b.charge("k", 40)
         assert not await admitted(a, "k", 41)
@@ -153,11 +155,27 @@ def test_refunds_never_return_more_than_was_charged(redis_server: RedisServer) -
 
     async def body(a: SharedRateLimiter) -> None:
         await a.charge("k", 10)
-        a.give_back("k", 1000)
-        a.give_back("unknown", 50)
+        charged_at = time.monotonic()
+        a.give_back("k", 1000, charged_at)
+        a.give_back("unknown", 50, charged_at)
         await a.settled()
         await a.charge("k", 100)
         assert not await admitted(a, "k", 1)
+
+    run(body, config)
+
+
+def test_a_charge_from_a_window_that_rolled_over_stays_charged(redis_server: RedisServer) -> None:
+    """Its tokens fade with the previous window; the current count holds other requests' tokens."""
+    config = settings(redis_server, tokens_per_s=TINY_RATE, token_burst=100)
+
+    async def body(a: SharedRateLimiter) -> None:
+        await a.charge("k", 60)
+        assert a.tokens is not None
+        a.give_back("k", 60, time.monotonic() - 3 * a.tokens.window_s)  # charged before this window began
+        await a.settled()
+        assert not await admitted(a, "k", 41)
+        await a.charge("k", 40)
 
     run(body, config)
 

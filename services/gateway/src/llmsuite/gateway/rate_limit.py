@@ -34,9 +34,10 @@ class RateLimiter(Protocol):
     async def charge(self, key: str, tokens: int) -> None:
         """Admit one request for `key` costing `tokens`, or raise (see KeyedRateLimiter.check)."""
 
-    def give_back(self, key: str, tokens: int) -> None:
-        """Return tokens a finished request did not use. Never blocks: it runs in
-        `finally` blocks, also while the request is being cancelled."""
+    def give_back(self, key: str, tokens: int, charged_at: float) -> None:
+        """Return tokens a finished request did not use; `charged_at` is time.monotonic()
+        once its `charge` had returned. Never blocks: it runs in `finally` blocks, also
+        while the request is being cancelled."""
 
     def collectors(self) -> Sequence[Collector]:
         """Metrics of the limiter itself (a shared store's errors), for the server's registry."""
@@ -244,8 +245,8 @@ class KeyedRateLimiter:
     async def charge(self, key: str, tokens: int) -> None:
         self.check(key, tokens)
 
-    def give_back(self, key: str, tokens: int) -> None:
-        self.refund(key, tokens)
+    def give_back(self, key: str, tokens: int, charged_at: float) -> None:
+        self.refund(key, tokens)  # a bucket takes tokens back whenever they were taken
 
     def collectors(self) -> Sequence[Collector]:
         return ()

@@ -64,12 +64,13 @@ class Charge:
         self._limiter = limiter
         self._principal = principal
         self._tokens = tokens
+        self._charged_at = time.monotonic()
         self._settled = False
 
     def settle(self, used_tokens: int) -> None:
         if not self._settled:
             self._settled = True
-            self._limiter.give_back(self._principal, max(0, self._tokens - used_tokens))
+            self._limiter.give_back(self._principal, max(0, self._tokens - used_tokens), self._charged_at)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):

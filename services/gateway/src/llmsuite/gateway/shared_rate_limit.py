@@ -11,9 +11,9 @@ not buckets. A limit of `rate` per second with `burst` becomes `amount` per
 at once and the same rate over time. The sliding-window counter is the
 strategy that fits: it accepts a cost per hit (a request's tokens) and keeps
 two counters per key; the moving window would keep one list entry per token.
-Refunds are a negative-cost hit on the current window, never more than that
-window holds; what a request was charged in a window that has since rolled
-over fades out with it as if it had been used (docs/design.md).
+Refunds are a negative-cost hit on the current window, for charges made in
+it; what a request was charged in a window that has since rolled over fades
+out with it as if it had been used (docs/design.md).
 
 The store is asked with a bounded time (`--rate-limit-timeout`, retries
 included). When it fails or does not answer, `--rate-limit-fail` decides:
@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -59,6 +60,9 @@ SCHEMES = ("redis", "rediss")
 STORE_RETRY_S = 1.0
 # A refusal whose computed wait is 0 (another replica took the room meanwhile) still says "later".
 MIN_RETRY_AFTER_S = 0.05
+# Redis keeps TTLs in whole milliseconds, so a window created by a charge can look up
+# to a millisecond younger than the charge's reply; this much older still counts as in it.
+WINDOW_AGE_SLACK_S = 0.01
 # What a failing or silent store raises: redis-py's errors, `limits`' wrapper, our time bound, sockets.
 STORE_ERRORS = (redis.exceptions.RedisError, StorageError, TimeoutError, OSError)
 
@@ -201,14 +205,14 @@ class SharedRateLimiter:
         if refusal is not None:
             raise refusal
 
-    def give_back(self, key: str, tokens: int) -> None:
+    def give_back(self, key: str, tokens: int, charged_at: float) -> None:
         if tokens <= 0 or self._token_item is None or not self._breaker.is_closed:
             return  # nothing to return, or the store is down and the charge most likely went with it
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        task = loop.create_task(self._refund(key_id(key), tokens))
+        task = loop.create_task(self._refund(key_id(key), tokens, charged_at))
         self._refunds.add(task)
         task.add_done_callback(self._refunds.discard)
 
@@ -256,12 +260,21 @@ class SharedRateLimiter:
         return rate_limited(request_wait, token_wait, requests_per_s=s.requests_per_s,
                             request_burst=s.request_burst, tokens_per_s=s.tokens_per_s, token_burst=s.token_burst)
 
-    async def _refund(self, ident: str, tokens: int) -> None:
-        assert self._token_item is not None
+    async def _refund(self, ident: str, tokens: int, charged_at: float) -> None:
+        assert self._token_item is not None and self.tokens is not None
         item = self._token_item
         try:
             async with asyncio.timeout(self.settings.storage_timeout_s):
-                _, _, current, _ = await self._storage.get_sliding_window(item.key_for(ident), item.get_expiry())
+                _, _, current, current_ttl_s = await self._storage.get_sliding_window(
+                    item.key_for(ident), item.get_expiry())
+                # The current window's key is created with a TTL of two windows, so its age
+                # is what it lost of that. A charge older than the window sits in the
+                # previous one, which only fades: taking it from the current count would
+                # return other requests' tokens, so it stays charged (errs toward limiting).
+                # Durations only: no clock is compared across hosts.
+                window_age_s = 2 * self.tokens.window_s - current_ttl_s
+                if time.monotonic() - charged_at > window_age_s + WINDOW_AGE_SLACK_S:
+                    return
                 back = min(tokens, current)
                 if back > 0:
                     # A negative cost lowers the current window's count: limits has no
