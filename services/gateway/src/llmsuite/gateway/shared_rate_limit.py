@@ -130,7 +130,7 @@ class SharedRateLimiter:
 
     Implements rate_limit.RateLimiter. Each check is at most four round trips
     (take the request, take the tokens, and on refusal read the windows for the
-    wait), each bounded by `storage_timeout_s`.
+    wait), bounded together by `storage_timeout_s`.
     """
 
     def __init__(self, settings: RateLimitSettings) -> None:
