@@ -12,6 +12,7 @@ import asyncio
 import math
 import subprocess
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -25,7 +26,8 @@ from support import BIN, ServerThread, ServiceProcess, processes
 
 from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
-from llmsuite.gateway.rate_limit import RateLimitSettings, StorageFailureMode, build_rate_limiter
+from llmsuite.gateway.metrics import GatewayMetrics
+from llmsuite.gateway.rate_limit import KeyedRateLimiter, RateLimitSettings, StorageFailureMode, build_rate_limiter
 from llmsuite.gateway.shared_rate_limit import KEY_PREFIX, SharedRateLimiter, WindowLimit, key_id, storage_uri
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
@@ -47,10 +49,17 @@ def settings(server: RedisServer | str, **overrides: Any) -> RateLimitSettings:
                                 "storage_timeout_s": 5.0, **overrides})
 
 
+METRICS: weakref.WeakKeyDictionary[SharedRateLimiter, GatewayMetrics] = weakref.WeakKeyDictionary()
+
+
 def run(body: Callable[..., Awaitable[T]], *limits: RateLimitSettings) -> T:
-    """Runs `body(limiter, ...)` with one SharedRateLimiter per settings (replicas), closed after."""
+    """Runs `body(limiter, ...)` with one SharedRateLimiter per settings (replicas), each
+    counting into its own gateway metrics (METRICS), closed after."""
     async def main() -> T:
         limiters = [SharedRateLimiter(s) for s in limits]
+        for limiter in limiters:
+            METRICS[limiter] = GatewayMetrics(lambda: None)
+            limiter.report_to(METRICS[limiter])
         try:
             return await body(*limiters)
         finally:
@@ -107,8 +116,6 @@ def test_only_redis_urls_are_taken_and_the_error_hides_the_url() -> None:
 
 
 def test_no_storage_means_the_in_process_buckets() -> None:
-    from llmsuite.gateway.rate_limit import KeyedRateLimiter
-
     assert isinstance(build_rate_limiter(RateLimitSettings(requests_per_s=1)), KeyedRateLimiter)
     with pytest.raises(ValueError, match="rate-limit-timeout"):
         SharedRateLimiter(settings("redis://127.0.0.1:1/0", storage_timeout_s=0))
@@ -227,11 +234,11 @@ def counted(counter: Counter, **labels: str) -> float:
 
 
 def unchecked(limiter: SharedRateLimiter, outcome: str) -> float:
-    return counted(limiter.unchecked, outcome=outcome)
+    return counted(METRICS[limiter].rate_limit_unchecked, outcome=outcome)
 
 
 def storage_errors(limiter: SharedRateLimiter) -> float:
-    return counted(limiter.storage_errors, operation="charge")
+    return counted(METRICS[limiter].rate_limit_storage_errors, operation="charge")
 
 
 def test_fail_open_admits_while_redis_is_down_and_counts_it(redis_server: RedisServer) -> None:

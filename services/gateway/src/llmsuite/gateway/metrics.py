@@ -41,6 +41,15 @@ class GatewayMetrics:
             "llmsuite_gateway_rate_limited",
             "Requests refused by the per-key rate limits, by reason (requests, tokens, token_burst).",
             ("reason",), registry=None)
+        self.rate_limit_storage_errors = Counter(
+            "llmsuite_gateway_rate_limit_storage_errors",
+            "Calls to the shared rate-limit store (--rate-limit-storage Redis) that failed or outlasted "
+            "--rate-limit-timeout, by operation (charge, refund).", ("operation",), registry=None)
+        self.rate_limit_unchecked = Counter(
+            "llmsuite_gateway_rate_limit_unchecked",
+            "Requests the shared rate-limit store could not decide (it failed, or failed within the last second "
+            "and was not asked), by what --rate-limit-fail did: admitted (open) or refused (closed).",
+            ("outcome",), registry=None)
         self.spillovers = Counter(
             "llmsuite_gateway_spillovers",
             "Generations moved to another replica because this one refused before streaming anything.",
@@ -48,7 +57,8 @@ class GatewayMetrics:
         self._circuits = _CircuitStates(upstreams)
 
     def collectors(self) -> Sequence[Collector]:
-        return (self.upstream_requests, self.rate_limited, self.spillovers, self._circuits)
+        return (self.upstream_requests, self.rate_limited, self.rate_limit_storage_errors, self.rate_limit_unchecked,
+                self.spillovers, self._circuits)
 
     def upstream_call(self, upstream: str, replica: str, method: str, code: grpc.StatusCode) -> None:
         """One finished call to `upstream` (tokenizer or inference) at its configured target."""
@@ -66,6 +76,15 @@ class GatewayMetrics:
         else:
             reason = "tokens"
         self.rate_limited.labels(reason).inc()
+
+
+    def rate_limit_storage_failed(self, operation: str) -> None:
+        """A call to the shared rate-limit store failed (`charge` or `refund`)."""
+        self.rate_limit_storage_errors.labels(operation).inc()
+
+    def rate_limit_undecided(self, outcome: str) -> None:
+        """A request the shared store did not decide was `admitted` or `refused` (--rate-limit-fail)."""
+        self.rate_limit_unchecked.labels(outcome).inc()
 
 
 class _CircuitStates(Collector):

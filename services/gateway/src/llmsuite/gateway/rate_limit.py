@@ -17,11 +17,9 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
-
-from prometheus_client.registry import Collector
 
 from llmsuite.runtime.errors import InvalidArgument, ResourceExhausted
 
@@ -39,11 +37,19 @@ class RateLimiter(Protocol):
         once its `charge` had returned. Never blocks: it runs in `finally` blocks, also
         while the request is being cancelled."""
 
-    def collectors(self) -> Sequence[Collector]:
-        """Metrics of the limiter itself (a shared store's errors), for the server's registry."""
+    def report_to(self, metrics: StoreFailureMetrics) -> None:
+        """Where a shared store's failures are counted (the gateway's metrics)."""
 
     async def close(self) -> None:
         """Finish pending refunds (bounded) and release connections."""
+
+
+class StoreFailureMetrics(Protocol):
+    """What a shared limiter counts (GatewayMetrics implements it)."""
+
+    def rate_limit_storage_failed(self, operation: str) -> None: ...
+
+    def rate_limit_undecided(self, outcome: str) -> None: ...
 
 
 class StorageFailureMode(enum.StrEnum):
@@ -248,8 +254,8 @@ class KeyedRateLimiter:
     def give_back(self, key: str, tokens: int, charged_at: float) -> None:
         self.refund(key, tokens)  # a bucket takes tokens back whenever they were taken
 
-    def collectors(self) -> Sequence[Collector]:
-        return ()
+    def report_to(self, metrics: StoreFailureMetrics) -> None:
+        return None  # no store, nothing to fail
 
     async def close(self) -> None:
         return None

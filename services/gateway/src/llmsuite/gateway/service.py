@@ -269,9 +269,10 @@ class GatewayApp:
         self._statuses: dict[str, bool] = {}
         self._reported: dict[str, bool] = {}
         self.metrics = GatewayMetrics(lambda: self.upstreams)
+        rate_limiter.report_to(self.metrics)
 
     def collectors(self) -> Sequence[Collector]:
-        return (*self.metrics.collectors(), *self._rate.collectors())
+        return self.metrics.collectors()
 
     def register(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(deferred_servicer(

@@ -29,7 +29,6 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -39,13 +38,12 @@ from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
-from prometheus_client import Counter
-from prometheus_client.registry import Collector
 
 from llmsuite.gateway.circuit_breaker import CircuitBreaker
 from llmsuite.gateway.rate_limit import (
     RateLimitSettings,
     StorageFailureMode,
+    StoreFailureMetrics,
     check_limits,
     check_token_burst,
     rate_limited,
@@ -157,15 +155,7 @@ class SharedRateLimiter:
         self._strategy = SlidingWindowCounterRateLimiter(self._storage)
         self._breaker = CircuitBreaker("rate-limit storage", failure_threshold=1, reset_timeout_s=STORE_RETRY_S)
         self._refunds: set[asyncio.Task[None]] = set()
-        self.storage_errors = Counter(
-            "llmsuite_gateway_rate_limit_storage_errors",
-            "Calls to the shared rate-limit store (Redis) that failed or outlasted --rate-limit-timeout, "
-            "by operation (charge, refund).", ("operation",), registry=None)
-        self.unchecked = Counter(
-            "llmsuite_gateway_rate_limit_unchecked",
-            "Requests the shared rate-limit store could not decide (it failed, or failed within the last "
-            "second and was not asked), by what --rate-limit-fail did: admitted (open) or refused (closed).",
-            ("outcome",), registry=None)
+        self._metrics: StoreFailureMetrics = _Uncounted()
         where = urlsplit(settings.storage)  # host and port only: the URL may carry a password
         log.info("per-key rate limits are kept in Redis, shared with every gateway using it",
                  extra={"redis": f"{where.hostname}:{where.port or 6379}", "limited": self.enabled,
@@ -193,7 +183,7 @@ class SharedRateLimiter:
                 refusal = await self._take(key_id(key), tokens)
         except STORE_ERRORS as exc:
             self._breaker.record_failure()
-            self.storage_errors.labels("charge").inc()
+            self._metrics.rate_limit_storage_failed("charge")
             log.warning("rate-limit storage failed (%s: %s); --rate-limit-fail %s",
                         type(exc).__name__, exc, self.settings.storage_failure)
             self._undecided()
@@ -216,8 +206,8 @@ class SharedRateLimiter:
         self._refunds.add(task)
         task.add_done_callback(self._refunds.discard)
 
-    def collectors(self) -> Sequence[Collector]:
-        return (self.storage_errors, self.unchecked)
+    def report_to(self, metrics: StoreFailureMetrics) -> None:
+        self._metrics = metrics
 
     async def close(self) -> None:
         if self._refunds:
@@ -281,18 +271,28 @@ class SharedRateLimiter:
                     # other way to give back, and the script adds `cost` as it is.
                     await self._strategy.hit(item, ident, cost=-back)
         except STORE_ERRORS as exc:
-            self.storage_errors.labels("refund").inc()
+            self._metrics.rate_limit_storage_failed("refund")
             log.warning("rate-limit storage failed to take back %d unused tokens (%s: %s)",
                         tokens, type(exc).__name__, exc)
 
     def _undecided(self) -> None:
         if self.settings.storage_failure is StorageFailureMode.OPEN:
-            self.unchecked.labels("admitted").inc()
+            self._metrics.rate_limit_undecided("admitted")
             return
-        self.unchecked.labels("refused").inc()
+        self._metrics.rate_limit_undecided("refused")
         raise Unavailable(
             message="the shared rate-limit store is not answering and this gateway refuses requests it "
                     "cannot count (--rate-limit-fail closed); retry shortly",
             reason="RATE_LIMIT_STORAGE_UNAVAILABLE",
             retry_after_s=STORE_RETRY_S,
         )
+
+
+class _Uncounted:
+    """Until `report_to`: failures are still logged, just not counted."""
+
+    def rate_limit_storage_failed(self, operation: str) -> None:
+        return None
+
+    def rate_limit_undecided(self, outcome: str) -> None:
+        return None
