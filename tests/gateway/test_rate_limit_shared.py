@@ -362,6 +362,7 @@ def test_a_gateway_failing_closed_answers_unavailable_with_the_reason(redis_serv
         scraped = scrape(metrics_port(gw))
         assert scraped.get("llmsuite_gateway_rate_limit_unchecked_total", outcome="refused") == 1
         assert scraped.get("llmsuite_gateway_rate_limit_storage_errors_total", operation="charge") == 1
+        assert scraped.value("llmsuite_gateway_rate_limited_total") is None, "not a refusal by the limits"
 
 
 def test_a_gateway_refuses_to_start_with_a_storage_it_cannot_use() -> None:

@@ -77,7 +77,6 @@ class GatewayMetrics:
             reason = "tokens"
         self.rate_limited.labels(reason).inc()
 
-
     def rate_limit_storage_failed(self, operation: str) -> None:
         """A call to the shared rate-limit store failed (`charge` or `refund`)."""
         self.rate_limit_storage_errors.labels(operation).inc()

@@ -32,7 +32,7 @@ from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.auth import current_principal
-from llmsuite.runtime.errors import InvalidArgument, LlmsuiteError, Unavailable
+from llmsuite.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from llmsuite.runtime.health import HealthReporter
 from llmsuite.runtime.logs import current_request_id, new_request_id
 from llmsuite.runtime.messages import DEFAULT_MAX_NEW_TOKENS
@@ -107,7 +107,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal = current_principal() or "anonymous"
         try:
             await self._rate.charge(principal, prompt_tokens + max_new)
-        except LlmsuiteError as refusal:
+        except (ResourceExhausted, InvalidArgument) as refusal:
+            # A shared store that cannot decide (Unavailable) is counted by the limiter, not here.
             self.metrics.rate_limit_refused(refusal)
             raise
         return Charge(self._rate, principal, prompt_tokens + max_new)
