@@ -39,6 +39,7 @@ class Script:
     tokens: int = 8  # then a LENGTH final, unless one of the below
     forever: bool = False  # tokens until cancelled; ignores its deadline
     honour_deadline: bool = False  # with forever: a TIME_LIMIT final shortly before its deadline
+    silent: bool = False  # accepts the start, then sends nothing until cancelled (queued past its deadline)
     end_early: bool = False  # after `tokens`, end the stream (OK status) without a final
     token_interval_s: float = 0.0  # pacing between tokens (the model's speed, not a test wait)
     # The next N ListModels calls fail, with INTERNAL: channels retry UNAVAILABLE on their own.
@@ -93,6 +94,8 @@ class ScriptedInference(inference_pb2_grpc.InferenceServiceServicer):
         usage = common_pb2.Usage(prompt_tokens=len(first.start.prompt_token_ids))
         sent = 0
         try:
+            if script.silent:
+                await asyncio.Event().wait()
             while script.forever or sent < script.tokens:
                 remaining = context.time_remaining()
                 if script.honour_deadline and remaining is not None and remaining < 0.2:

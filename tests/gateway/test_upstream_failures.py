@@ -23,7 +23,7 @@ from llmsuite.gateway.upstreams import Upstreams
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
 from llmsuite.runtime.channels import ChannelSettings
-from llmsuite.runtime.errors import ResourceExhausted, Unauthenticated, Unavailable
+from llmsuite.runtime.errors import DeadlineExceeded, ResourceExhausted, Unauthenticated, Unavailable
 from llmsuite.runtime.settings import ServerSettings
 from llmsuite.runtime.tokenizer_hash import tokenizer_content_hash
 from llmsuite.tokenizer.engine import TokenizerLimits
@@ -175,6 +175,31 @@ def test_deadline_ends_with_time_limit_and_the_text_so_far(gateway, tiny_tokeniz
     app.script = Script(forever=True, token_interval_s=0.005)
     responses = chat_turn(stub, LONG, timeout=1.5)
     assert responses[-1].final.finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT
+
+
+def test_a_replica_that_sends_nothing_by_the_deadline_still_ends_with_time_limit(gateway):
+    """Queued behind others past its deadline, the replica never answers: the caller
+    still gets the TIME_LIMIT final (no text), never DEADLINE_EXCEEDED."""
+    app, stub = gateway
+    app.script = Script(silent=True)
+    responses = list(stub.GenerateStream(pb.GenerateStreamRequest(model="tiny", prompt="Hi", sampling=LONG),
+                                         timeout=3))
+    assert [r.WhichOneof("kind") for r in responses] == ["final"]
+    assert responses[0].final.finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT
+    assert responses[0].final.usage.completion_tokens == 0
+
+    unary = stub.Generate(pb.GenerateRequest(model="tiny", prompt="Hi", sampling=LONG), timeout=3)
+    assert unary.summary.finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT and unary.text == ""
+
+    responses = chat_turn(stub, LONG, timeout=3)
+    assert [r.WhichOneof("kind") for r in responses] == ["final"]
+    assert responses[0].final.finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT
+
+    # A replica that refuses the deadline up front (it cannot cover prefill) is still an error.
+    app.script = Script(refuse_with=DeadlineExceeded("too short", reason="DEADLINE_TOO_SHORT"))
+    error = failure(lambda: stub.Generate(pb.GenerateRequest(model="tiny", prompt="Hi"), timeout=30))
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error_details(error)["reason"] == "DEADLINE_TOO_SHORT"
 
 
 def test_rate_limit_charges_are_refunded_when_the_upstream_refuses(tokenizer_server, scripted):

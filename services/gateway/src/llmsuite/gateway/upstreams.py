@@ -28,13 +28,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmsuite.client.connection import auth_metadata
+from llmsuite.client.errors import error_details
 from llmsuite.gateway.circuit_breaker import CircuitBreaker
 from llmsuite.gateway.metrics import GatewayMetrics
 from llmsuite.gateway.upstream_errors import ended_early, from_upstream, is_transport_failure, unavailable
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
 from llmsuite.runtime.calls import on_call_done
 from llmsuite.runtime.channels import ChannelSettings, create_channel
-from llmsuite.runtime.errors import LlmsuiteError, Unavailable
+from llmsuite.runtime.errors import DeadlineExceeded, LlmsuiteError, Unavailable
 from llmsuite.runtime.logs import current_request_id
 from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -50,6 +51,12 @@ REQUEST_ID_HEADER = "x-request-id"
 # A gRPC target URI (dns:///name:port, ipv4:a:1,b:2, unix:/path, ...) rather than host:port.
 _URI_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:(?!\d+$)(?!\d+,)")
 Response = TypeVar("Response")
+
+
+def _ran_out_of_time(exc: grpc.aio.AioRpcError) -> bool:
+    """The call's own deadline expired. A replica's refusal (DEADLINE_TOO_SHORT: the deadline
+    cannot cover prefill) carries an llmsuite ErrorInfo and stays the caller's error."""
+    return exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and "reason" not in error_details(exc)
 
 
 def parse_inference_targets(value: str) -> list[str]:
@@ -106,19 +113,23 @@ class TokenizerUpstream(Upstream):
 
 
 class InferenceStream:
-    """An inference Generate stream that has produced its first message."""
+    """An inference Generate stream that has produced its first message, or
+    whose deadline ran out before it did (`first` is then that DeadlineExceeded:
+    the relay ends the turn with TIME_LIMIT, as for a deadline mid-stream)."""
 
     def __init__(self, replica: Replica, call: grpc.aio.StreamStreamCall,
-                 first: inference_pb2.GenerateResponse) -> None:
+                 first: inference_pb2.GenerateResponse | DeadlineExceeded) -> None:
         self.replica = replica
         self._call = call
-        self.first: inference_pb2.GenerateResponse | None = first
+        self.first: inference_pb2.GenerateResponse | DeadlineExceeded | None = first
 
     async def read(self) -> inference_pb2.GenerateResponse | None:
         """The next message (the first one first), or None once the stream has
         ended; LlmsuiteError when it failed."""
         if self.first is not None:
             first, self.first = self.first, None
+            if isinstance(first, DeadlineExceeded):
+                raise first
             return first
         try:
             message = await self._call.read()
@@ -329,6 +340,10 @@ class Upstreams:
             except grpc.aio.AioRpcError as exc:
                 replica.record(exc.code(), callers_deadline=True)
                 error = from_upstream(exc, "inference")
+                if isinstance(error, DeadlineExceeded) and _ran_out_of_time(exc):
+                    # Nothing came by the deadline the replica was given (queued behind others): not
+                    # an error but a turn that ran out of time, so it ends with a TIME_LIMIT final.
+                    return InferenceStream(replica, call, error)
                 if exc.code() in SPILL_OVER_CODES or is_transport_failure(exc):
                     log.info("replica refused; spilling over", extra={"replica": replica.target,
                                                                        "code": exc.code().name})
