@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import grpc
@@ -128,8 +128,11 @@ def running_gateway(tokenizer: str, inference: list[str], *, limits: GatewayLimi
     factory = partial(Upstreams.connect, tokenizer, inference, channel or ChannelSettings(), tracer_provider=None,
                       breaker_threshold=breaker_failures, breaker_reset_s=breaker_reset_s)
     unlimited = KeyedRateLimiter(0, 1, 0, 1)
-    app = GatewayApp(factory, limits or GatewayLimits(), unlimited if rate_limiter is None else rate_limiter,
+    limits = limits or GatewayLimits()
+    app = GatewayApp(factory, limits, unlimited if rate_limiter is None else rate_limiter,
                      refresh_interval_s=refresh_interval_s)
     settings = ServerSettings(listen="127.0.0.1:0", grace_period_s=0.5, log_format="text", api_keys=api_keys)
+    # The receive cap the gateway's main derives from its limits.
+    settings = replace(settings, max_receive_message_bytes=limits.max_receive_bytes(settings.max_message_bytes))
     with ServerThread(app, settings) as srv:
         yield srv

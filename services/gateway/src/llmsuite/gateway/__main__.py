@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from llmsuite.runtime.settings import EnvArgumentParser, add_server_arguments, s
 from llmsuite.runtime.tracing import build_tracer_provider
 
 DEFAULT_LISTEN = "0.0.0.0:50050"
+MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
 def build_parser() -> EnvArgumentParser:
@@ -50,6 +53,12 @@ def build_parser() -> EnvArgumentParser:
     lim = parser.add_argument_group("limits")
     lim.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens, help="cap on prompt tokens")
     lim.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens, help="cap on max_new_tokens")
+    lim.add_argument("--max-request-chars", type=int, default=limits.max_request_chars,
+                     help="characters of text one request may carry (a prompt; Tokenize's or CountTokens' texts "
+                          "together; a Chat conversation's messages together), refused with INVALID_ARGUMENT "
+                          "before anything is forwarded. It also sets the largest message the gateway receives: "
+                          "4 bytes a character + 1 MiB, at most --max-message-bytes; gRPC refuses a larger one "
+                          "with RESOURCE_EXHAUSTED before buffering it")
     lim.add_argument("--deadline-margin", type=float, default=limits.deadline_margin_s,
                      help="seconds before a request's deadline at which the gateway ends a generation itself "
                           "(final message with finish_reason TIME_LIMIT and the text so far); inference gets a "
@@ -84,9 +93,29 @@ def build_parser() -> EnvArgumentParser:
     return parser
 
 
+def keep_large_buffers_out_of_the_heap() -> None:
+    """glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB),
+    after which multi-MiB request buffers come from the heap, which keeps them once freed: the
+    gateway held 1 GB more than at idle after 72 requests of 4 MB (docs/reliability.md). A fixed
+    threshold keeps every block over 256 KiB in a mapping of its own, returned to the system when
+    freed. Without glibc (musl, macOS) this does nothing."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    keep_large_buffers_out_of_the_heap()
+    if args.max_request_chars < 1:
+        raise SystemExit("--max-request-chars must be at least 1")
+    limits = GatewayLimits(args.max_prompt_tokens, args.max_new_tokens, deadline_margin_s=args.deadline_margin,
+                           affinity_key_chars=args.prefix_affinity_chars, max_request_chars=args.max_request_chars)
     settings = server_settings_from_args(args, service_name="llmsuite-gateway")
+    settings = replace(settings, max_receive_message_bytes=limits.max_receive_bytes(settings.max_message_bytes))
     configure_logging(settings.log_level, settings.log_format)
     tracer_provider = build_tracer_provider(settings.telemetry)
     if (args.upstream_tls_cert is None) != (args.upstream_tls_key is None):
@@ -105,8 +134,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         limiter = build_rate_limiter(rate)
     except ValueError as exc:
         raise SystemExit(f"llmsuite-gateway: {exc}") from None
-    limits = GatewayLimits(args.max_prompt_tokens, args.max_new_tokens, deadline_margin_s=args.deadline_margin,
-                           affinity_key_chars=args.prefix_affinity_chars)
     app = GatewayApp(factory, limits, limiter, startup_timeout_s=args.startup_timeout,
                      refresh_interval_s=args.refresh_interval)
     try:

@@ -72,6 +72,8 @@ class ChatSession:
                 raise InvalidArgument.for_field("turn.messages" if turn else "start.messages",
                                                 "at least one message", reason="MISSING_FIELD")
             self._messages.extend(new_messages)
+            self._s.limits.check_request_chars("turn.messages" if turn else "start.messages", (
+                text for m in self._messages for text in (m.role, m.content, m.name)))
             if len(self._messages) > self._s.limits.max_chat_messages:
                 raise InvalidArgument.for_field("turn.messages", "conversation exceeds "
                                                 f"{self._s.limits.max_chat_messages} messages",

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -43,6 +43,9 @@ from llmsuite.tokenizer.v1 import tokenizer_pb2
 log = logging.getLogger("llmsuite.gateway")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
+# Room in a request for everything but its text (model name, sampling, stop strings: at most
+# a few KiB), on top of the text's worst-case UTF-8 size.
+RECEIVE_HEADROOM_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,23 @@ class GatewayLimits:
     deadline_margin_s: float = 0.25
     # Characters of the input that pick a replica by prefix affinity (0 = plain round-robin).
     affinity_key_chars: int = DEFAULT_KEY_CHARS
+    # Characters of text one request may carry (a prompt; Tokenize's or CountTokens' texts
+    # together; a Chat conversation's messages together), checked before anything is forwarded.
+    max_request_chars: int = 1_000_000
+
+    def max_receive_bytes(self, max_message_bytes: int) -> int:
+        """The gRPC server's receive cap: the largest request `max_request_chars` allows (4 UTF-8
+        bytes a character) plus room for its other fields, at most `max_message_bytes`. gRPC
+        refuses a larger message from its length prefix, before buffering it, so what a request
+        can make the gateway hold is bounded by this, however large the message sent."""
+        return min(max_message_bytes, 4 * self.max_request_chars + RECEIVE_HEADROOM_BYTES)
+
+    def check_request_chars(self, field_path: str, texts: Iterable[str]) -> None:
+        total = sum(len(text) for text in texts)
+        if total > self.max_request_chars:
+            raise InvalidArgument.for_field(
+                field_path, f"{total} characters exceed this gateway's limit of {self.max_request_chars} per request",
+                reason="REQUEST_TOO_LARGE", limit=str(self.max_request_chars))
 
 
 class Charge:
@@ -97,13 +117,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                             reason="MAX_NEW_TOKENS_TOO_LARGE", limit=str(self.limits.max_new_tokens))
         return max_new, validate_stop_strings(sampling.stop_strings)
 
+    def prompt_too_long(self, prompt_tokens: str) -> InvalidArgument:
+        return InvalidArgument.for_field(
+            "prompt", f"{prompt_tokens} tokens exceeds this gateway's cap {self.limits.max_prompt_tokens}",
+            reason="PROMPT_TOO_LONG", limit=str(self.limits.max_prompt_tokens), prompt_tokens=prompt_tokens)
+
     async def admit(self, prompt_tokens: int, max_new: int) -> Charge:
         """Checks the prompt cap and charges the caller's rate limits; the
         returned Charge must be settled on every path (see Charge)."""
         if prompt_tokens > self.limits.max_prompt_tokens:
-            raise InvalidArgument.for_field(
-                "prompt", f"{prompt_tokens} tokens exceeds this gateway's cap {self.limits.max_prompt_tokens}",
-                reason="PROMPT_TOO_LONG", limit=str(self.limits.max_prompt_tokens), prompt_tokens=str(prompt_tokens))
+            raise self.prompt_too_long(str(prompt_tokens))
         principal = current_principal() or "anonymous"
         try:
             await self._rate.charge(principal, prompt_tokens + max_new)
@@ -114,8 +137,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return Charge(self._rate, principal, prompt_tokens + max_new)
 
     async def encode(self, model: ServedModel, texts: Sequence[str], *, add_special_tokens: bool | None,
-                     return_offsets: bool = False, time_limit_s: float | None) -> tokenizer_pb2.EncodeResponse:
+                     return_offsets: bool = False, time_limit_s: float | None,
+                     max_tokens: int | None = None) -> tokenizer_pb2.EncodeResponse:
+        """`max_tokens` has the tokenizer cut each encoding there (`truncated` says it did)."""
         req = tokenizer_pb2.EncodeRequest(model=model.name, texts=texts, return_offsets=return_offsets)
+        if max_tokens is not None:
+            req.truncation.max_length = max_tokens
         if add_special_tokens is not None:
             req.add_special_tokens = add_special_tokens
         encoded = await self.up.encode(req, time_limit_s=time_limit_s)
@@ -136,19 +163,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         started_at = time.monotonic()
         if not req.model:
             raise InvalidArgument.for_field("model", "required", reason="MISSING_FIELD")
-        if not req.prompt:
+        prompt = req.prompt  # each read of a string field makes a new str: read the prompt once
+        if not prompt:
             raise InvalidArgument.for_field("prompt", "required", reason="EMPTY_PROMPT")
+        self.limits.check_request_chars("prompt", [prompt])
         max_new, stops = self.check_sampling(req.sampling)
         model = self.catalogue.lookup(req.model)
         deadline = Deadline.split(context.time_remaining(), self.limits.deadline_margin_s)
-        candidates = self.catalogue.replicas_for(model, prompt_key(req.prompt, self.limits.affinity_key_chars))
+        candidates = self.catalogue.replicas_for(model, prompt_key(prompt, self.limits.affinity_key_chars))
         # Open the replica's stream while the prompt is being encoded.
         dialed = self.up.dial(candidates[0], time_limit_s=deadline.upstream_timeout_s) if candidates else None
         try:
             add_special = req.add_special_tokens if req.HasField("add_special_tokens") else None
-            encoded = await self.encode(model, [req.prompt], add_special_tokens=add_special,
-                                        time_limit_s=context.time_remaining())
-            prompt_ids = list(encoded.encodings[0].token_ids)
+            # One id past the cap is enough to refuse: a prompt of a million tokens never
+            # travels back as ids (nor becomes a million Python ints) only to be refused here.
+            encoded = await self.encode(model, [prompt], add_special_tokens=add_special,
+                                        time_limit_s=context.time_remaining(),
+                                        max_tokens=self.limits.max_prompt_tokens + 1)
+            encoding = encoded.encodings[0]
+            if encoding.truncated:
+                raise self.prompt_too_long(f"more than {self.limits.max_prompt_tokens}")
+            prompt_ids = list(encoding.token_ids)
             charge = await self.admit(len(prompt_ids), max_new)
         except BaseException:
             if dialed is not None:
@@ -225,6 +260,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             for m in self.catalogue.served])
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        self.limits.check_request_chars("texts", request.texts)
         model = self.catalogue.lookup(request.model)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else None
         encoded = await self.encode(model, list(request.texts), add_special_tokens=add_special,
@@ -233,6 +269,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
                           ) -> pb.CountTokensResponse:
+        self.limits.check_request_chars("texts", request.texts)
         model = self.catalogue.lookup(request.model)
         req = tokenizer_pb2.CountTokensRequest(model=request.model, texts=request.texts)
         if request.HasField("add_special_tokens"):

@@ -137,6 +137,9 @@ class ServerSettings:
     drain_delay_s: float = 0.0
     compression: str = "gzip"  # gzip | none
     max_message_bytes: int = 64 * 1024 * 1024
+    # A tighter cap on what the server receives (0 = max_message_bytes): gRPC refuses a larger
+    # message (RESOURCE_EXHAUSTED) from its length prefix, before buffering it.
+    max_receive_message_bytes: int = 0
     keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     api_keys: tuple[str, ...] = ()
