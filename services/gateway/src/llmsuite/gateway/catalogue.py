@@ -11,15 +11,21 @@ up on the next refresh, and so is a reloaded tokenizer; each request also
 checks the hash on its tokenizer answer, so a pairing that broke between two
 refreshes is never served (see `check_pairing`).
 
-"Usable" is the upstream's circuit breaker being closed: probes and requests
-feed the same breaker, so one failed call does not flip anything, while
-`failure_threshold` consecutive failures do. Health follows: the gateway is
-SERVING while any model is served, and `model:NAME` while that model is.
+"Usable" is the upstream's channel being able to connect and its circuit
+breaker being closed. Probes and requests feed the same breaker, so one failed
+call does not flip it, while `failure_threshold` consecutive failures do. The
+channel's connectivity state is followed as it changes: an upstream that stops
+accepting connections (its process died) is unusable as soon as a connect
+attempt fails, and usable again once one succeeds; either change, and a request
+that fails UNAVAILABLE, triggers a refresh at once (at most every 0.2 s) rather
+than at the next interval. Health follows: the gateway is SERVING while any model is
+served, and `model:NAME` while that model is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +41,7 @@ log = logging.getLogger("llmsuite.gateway.catalogue")
 
 HealthStatuses = Mapping[str, bool]  # health service name -> SERVING?
 RETRY_AFTER_S = 1.0
+MIN_REFRESH_GAP_S = 0.2  # between refreshes, however often something wakes the catalogue
 
 
 @dataclass(frozen=True)
@@ -117,17 +124,28 @@ class Catalogue:
         self._wake.set()
 
     async def run(self) -> None:
-        """Refreshes forever (cancel to stop)."""
-        while True:
-            try:
-                await self.refresh()
-            except Exception:  # a refresh must never end the loop; the next one retries
-                log.exception("catalogue refresh failed")
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
+        """Refreshes forever (cancel to stop): every interval, and at once when an upstream's
+        channel changes state or one of its calls fails (see Upstreams.watch_connectivity)."""
+        watcher = asyncio.ensure_future(self._up.watch_connectivity(self.refresh_soon))
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._wake.clear()  # before the refresh: a change seen during it refreshes again
+                started = loop.time()
+                try:
+                    await self.refresh()
+                except Exception:  # a refresh must never end the loop; the next one retries
+                    log.exception("catalogue refresh failed")
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+                except TimeoutError:
+                    pass
+                # Failing requests may wake it continually while an upstream is down: pace them.
+                await asyncio.sleep(max(0.0, started + MIN_REFRESH_GAP_S - loop.time()))
+        finally:  # done with the channels before anyone closes them
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     async def refresh(self) -> None:
         tokenizer_task = asyncio.ensure_future(self._probe_tokenizer())

@@ -21,7 +21,7 @@ import itertools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -78,18 +78,46 @@ class Upstream:
     channel: grpc.aio.Channel
     breaker: CircuitBreaker
     health: health_pb2_grpc.HealthStub
+    # False from the channel's TRANSIENT_FAILURE (it could not connect) until it is READY again.
+    reachable: bool = field(default=True, init=False)
+    # Called when a request to it fails UNAVAILABLE: it may be down (see watch_connectivity).
+    on_failure: Callable[[], None] | None = field(default=None, init=False)
 
     @property
     def usable(self) -> bool:
-        return self.breaker.is_closed
+        return self.reachable and self.breaker.is_closed
 
     def record(self, code: grpc.StatusCode, *, callers_deadline: bool) -> None:
         """Feeds a failed call's code to the breaker. The caller's own deadline
         running out says nothing about the upstream."""
         if code is grpc.StatusCode.DEADLINE_EXCEEDED and callers_deadline:
             self.breaker.record_abandoned()
-        else:
-            self.breaker.record_status(code)
+            return
+        self.breaker.record_status(code)
+        # Only a request's failure wakes the catalogue: a failed probe (callers_deadline=False)
+        # that did would start the next probe at once, for as long as the upstream is down.
+        if code is grpc.StatusCode.UNAVAILABLE and callers_deadline and self.on_failure is not None:
+            self.on_failure()
+
+    async def follow_connectivity(self, changed: Callable[[], None]) -> None:
+        """Follows the channel's connectivity state until cancelled, calling `changed` when the
+        upstream became unreachable or reachable again. A connection that closes (the process
+        died, or restarts) leaves the channel IDLE: it is asked to reconnect at once, so a peer
+        that is gone shows as TRANSIENT_FAILURE within a connect attempt, not at the next call."""
+        state = self.channel.get_state(try_to_connect=True)
+        while True:
+            await self.channel.wait_for_state_change(state)
+            state = self.channel.get_state(try_to_connect=True)
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and self.reachable:
+                log.warning("upstream unreachable", extra={"upstream": self.label, "target": self.target})
+                self.reachable = False
+                changed()
+            elif state is grpc.ChannelConnectivity.READY and not self.reachable:
+                log.info("upstream reachable again", extra={"upstream": self.label, "target": self.target})
+                self.reachable = True
+                changed()
+            elif state is grpc.ChannelConnectivity.IDLE:
+                changed()  # the connection went away: the next probe says whether the peer did
 
 
 @dataclass
@@ -367,6 +395,19 @@ class Upstreams:
         if last_error is not None:
             raise last_error
         raise unavailable("inference", reason="NO_UPSTREAM")
+
+    async def watch_connectivity(self, changed: Callable[[], None]) -> None:
+        """Until cancelled: calls `changed` whenever an upstream's channel becomes unreachable
+        or reachable again, or a request to it fails UNAVAILABLE. Whether
+        an upstream is `usable` then follows within a connect attempt, not a probe period."""
+        upstreams: list[Upstream] = [self.tokenizer, *self.replicas]
+        for upstream in upstreams:
+            upstream.on_failure = changed
+        try:
+            await asyncio.gather(*(upstream.follow_connectivity(changed) for upstream in upstreams))
+        finally:
+            for upstream in upstreams:
+                upstream.on_failure = None
 
     async def close(self) -> None:
         await self.tokenizer.channel.close()
