@@ -9,9 +9,12 @@ go back through a per-turn `deliver` callback (the engine wraps `loop.call_soon_
      (early enough that their final message still reaches the client), evict idle KV,
      admit queued turns FIFO while the KV budget and max_running allow;
   2. retire interrupted rows (their KV leaves the batch, or is kept for their session);
-  3. prefill: feed at most `prefill_chunk_tokens` prompt tokens, one sequence at a time
-     (batch of one, its own unpadded KV), continuing the oldest admitted prompt first; a
-     prompt whose last chunk is fed samples its first token and joins the batch;
+  3. prefill: feed at most `prefill_chunk_tokens` prompt tokens, oldest admitted prompt
+     first. Fresh prompts next in line that fit that budget share one left-padded forward
+     (of equal length only, for exports that cannot be left-padded); a continuation from
+     cached KV, or a prompt longer than the budget, gets a chunk of its own (its unpadded
+     KV, positions continuing from its cache). A prompt whose last chunk is fed samples its
+     first token and joins the batch;
   4. decode: ONE forward over every decoding row (per length, for exports that cannot be
      left-padded), one token sampled per row, finished rows leave at once.
 Prefill and decode share a step instead of alternating whole prompts: running streams
