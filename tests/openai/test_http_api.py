@@ -209,6 +209,55 @@ def test_oversized_bodies_are_413(http):
     assert_openai_error(http.post("/completions", content=b"x" * (9 * 1024 * 1024)), 413, code="request_too_large")
 
 
+def test_prompts_over_the_gateways_limits_are_refused_in_openai_shape(http):
+    # Over the gateway's --max-request-chars (1,000,000): its INVALID_ARGUMENT, named.
+    over_chars = {**COMPLETION, "prompt": "a" * 1_500_000}
+    assert_openai_error(http.post("/completions", json=over_chars), 400, param="prompt", code="request_too_large")
+    # Over the gateway's receive cap (5 MiB): refused by gRPC unread, so no reason: still a 413, not a 429.
+    over_bytes = {**COMPLETION, "prompt": "a" * (6 * 1024 * 1024)}
+    assert_openai_error(http.post("/completions", json=over_bytes), 413, code="request_too_large")
+
+
+def test_a_trailing_slash_is_the_same_route(http):
+    assert http.get("/models/").json()["data"][0]["id"] == "tiny"
+    assert http.get("/models/tiny/").json()["id"] == "tiny"
+    completion = http.post("/completions/", json=COMPLETION)
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion", completion.text
+    assert_openai_error(http.get("/nowhere/"), 404, code="not_found")
+    assert_openai_error(http.get("/completions/"), 405, code="method_not_allowed")
+
+
+def raw_request(address: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Sends bytes no HTTP client would send; returns the status, headers and body."""
+    host, port = address.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /v1/mod\xc3\xa9ls HTTP/1.1\r\nHost: x\r\n\r\n",  # a raw non-ASCII byte in the path
+    b"GET /v1/models\x01 HTTP/1.1\r\nHost: x\r\n\r\n",  # a control byte
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+])
+def test_requests_the_http_parser_refuses_get_openai_json_too(cluster, request_bytes):
+    status, headers, body = raw_request(cluster.base_url, request_bytes)
+    assert status == 400 and headers["content-type"] == "application/json", (status, headers, body)
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_http_request"
+
+
+def test_percent_encoded_bytes_that_are_not_utf8_are_a_404(http):
+    assert_openai_error(http.get("/mod%FFels"), 404, code="not_found")
+
+
 def test_request_ids_travel_both_ways(http):
     response = http.post("/completions", json=COMPLETION, headers={"x-request-id": "trace-me-42"})
     assert response.headers["x-request-id"] == "trace-me-42" and response.json()["id"] == "cmpl-trace-me-42"

@@ -24,9 +24,11 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmsuite.client import AsyncLlmsuiteClient, ChatMessage, Completion, Constraint, LlmsuiteError, TextChunk
 from llmsuite.gateway.openai import errors, responses
@@ -337,6 +339,24 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return ApiError(500, f"internal error; see server logs for request id {rid}", "server_error").response(rid)
 
 
+class TrailingSlashTolerant:
+    """Serves `/v1/models/` as `/v1/models`, as vLLM's server does, instead of Starlette's bare
+    307 redirect (which many HTTP clients do not follow for a POST): a pure ASGI middleware,
+    so the path is rewritten before routing and streaming responses pass through untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path.rstrip("/") or "/")
+            raw = scope.get("raw_path")
+            if isinstance(raw, bytes):
+                scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
 def build_app(settings: ApiSettings) -> Starlette:
     api = OpenAiApi(settings)
     routes = [
@@ -346,10 +366,13 @@ def build_app(settings: ApiSettings) -> Starlette:
         Route("/v1/completions", _with_request_id(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", _with_request_id(api.chat_completions), methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=api.lifespan, exception_handlers={
-        ApiError: _api_error,
-        HTTPException: _http_error,
-        ClientDisconnected: _disconnected_response,
-        ClientDisconnect: _disconnected_response,  # gone while sending its body
-        Exception: _unexpected,
-    })
+    app = Starlette(routes=routes, lifespan=api.lifespan, middleware=[Middleware(TrailingSlashTolerant)],
+                    exception_handlers={
+                        ApiError: _api_error,
+                        HTTPException: _http_error,
+                        ClientDisconnected: _disconnected_response,
+                        ClientDisconnect: _disconnected_response,  # gone while sending its body
+                        Exception: _unexpected,
+                    })
+    app.router.redirect_slashes = False  # an unknown path is a 404 in OpenAI's shape, never a redirect
+    return app

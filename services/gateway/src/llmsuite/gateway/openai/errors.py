@@ -83,6 +83,11 @@ def from_gateway(error: LlmsuiteError, renames: Mapping[str, str] = {}) -> ApiEr
     """The HTTP error for a failed gateway call. `renames` maps the gateway's
     names for this request's fields to the caller's (e.g. `prompt` ->
     `messages` for chat)."""
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not error.reason:
+        # Every llmsuite refusal names its reason; one without came from gRPC's message-size
+        # limit (the gateway's receive cap, docs/errors.md): the request is too large, not a rate.
+        return ApiError(413, f"The request is larger than the gateway accepts: {error.message}",
+                        code="request_too_large")
     status, kind = _BY_CODE.get(error.code, (500, "server_error"))
     message = error.message
     param = None

@@ -3,14 +3,18 @@ SIGTERM/SIGINT, then drain in-flight requests."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import socket
 from dataclasses import dataclass
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llmsuite.gateway.openai.app import ApiSettings, build_app
+from llmsuite.gateway.openai.errors import ApiError
 
 log = logging.getLogger("llmsuite.openai")
 
@@ -20,6 +24,20 @@ class HttpServerSettings:
     listen: str = "0.0.0.0:8000"
     grace_period_s: float = 10.0
     access_log: bool = False
+
+
+class JsonErrorH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, whose own 400 (a request h11 cannot parse: bytes outside ASCII
+    in the path, a malformed header, a bad Content-Length) is OpenAI-shaped JSON like every
+    other error of this API, not uvicorn's plain text. Those requests never reach the app."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(ApiError(400, f"{msg} (malformed HTTP request)", code="invalid_http_request").body())
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+        self.transport.write(self.conn.send(h11.Data(data=body.encode())))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
 
 
 def bind(listen: str) -> socket.socket:
@@ -49,6 +67,7 @@ async def serve(server_settings: HttpServerSettings, api_settings: ApiSettings) 
         # A second longer than the streams' own grace (ApiSettings.shutdown_grace_s), so they end first.
         timeout_graceful_shutdown=math.ceil(server_settings.grace_period_s) + 1,
         server_header=False,
+        http=JsonErrorH11Protocol,  # also where httptools is installed: the same parser everywhere
     )
     log.info("listening", extra={"listen": server_settings.listen, "port": port, "gateway": api_settings.gateway})
     # After a graceful shutdown uvicorn re-raises the signal that started it, so the process
