@@ -68,8 +68,10 @@ $(MODEL)/model.onnx: | setup
 
 model: $(MODEL)/model.onnx ## build the default tiny model (offline, deterministic)
 
-run: setup model ## start tokenizer, inference and gateway locally; Ctrl-C stops them
-	$(BIN)/python -m llmsuite.cluster --model tiny=$(MODEL)
+PORT_BASE ?=
+RUN_ARGS  ?=
+run: setup model ## start tokenizer, inference, gateway and the HTTP API locally (PORT_BASE=N: ports N..N+3; RUN_ARGS: launcher options, see its --help); Ctrl-C stops them
+	$(BIN)/python -m llmsuite.cluster --model tiny=$(MODEL) $(if $(PORT_BASE),--port-base $(PORT_BASE)) $(RUN_ARGS)
 
 bench: setup ## serving benchmark vs in-process ONNX Runtime on the bench preset; writes docs/performance.md (knobs: BENCH_ARGS)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -125,7 +125,8 @@ def test_make_run_launcher_serves_and_stops_gracefully_on_ctrl_c(tiny_model_dir)
     try:
         out = launcher.wait_for_line("Ctrl-C stops them all")
         assert "llmsuite is up" in out, out
-        assert 'llmsuite generate --stream "Hello"' in out
+        # Not the default ports: every example command names where the gateway is.
+        assert f'llmsuite --address 127.0.0.1:{gw} generate --stream "Hello"' in out, out
         _, completion = streamed_text(f"127.0.0.1:{gw}")
         assert completion == 8
         assert f"http://127.0.0.1:{http}/v1" in out
@@ -209,3 +210,57 @@ def kill_all(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def run_launcher(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "llmsuite.cluster", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("taken", ["tokenizer", "gateway metrics", "openai"])
+def test_a_taken_port_fails_the_launch_with_one_clear_line(tiny_model_dir, taken):
+    gw, tok, inf, http = free_ports(4)
+    port = {"tokenizer": tok, "gateway metrics": gw + 1000, "openai": http}[taken]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        result = run_launcher("--model", f"tiny={tiny_model_dir}", "--device", "cpu", "--gateway-port", str(gw),
+                              "--tokenizer-port", str(tok), "--inference-port", str(inf), "--openai-port", str(http))
+    assert result.returncode == 1, result
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and f"port {port} ({taken}) on 127.0.0.1 is already in use" in lines[0], lines
+    assert_nothing_listens_on(gw)  # nothing was started
+
+
+def test_health_from_another_process_on_the_port_is_not_taken_for_the_childs():
+    """The launcher's check after SERVING: the port must be held by the child it started."""
+    from llmsuite.cluster import _check_own_child
+
+    (port,) = free_ports(1)
+    listener = [sys.executable, "-c", "import socket, sys; s = socket.socket(); "
+                f"s.bind(('127.0.0.1', {port})); s.listen(); print('bound', flush=True); sys.stdin.read()"]
+    bystander = [sys.executable, "-c", "import sys; sys.stdin.read()"]
+    with subprocess.Popen(listener, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as owner, \
+            subprocess.Popen(bystander, stdin=subprocess.PIPE) as other:
+        try:
+            assert owner.stdout is not None and owner.stdout.readline() == "bound\n"
+            _check_own_child("tokenizer", f"127.0.0.1:{port}", owner)  # it holds the port: fine
+            with pytest.raises(SystemExit, match="not from the tokenizer this launcher started"):
+                _check_own_child("tokenizer", f"127.0.0.1:{port}", other)
+        finally:
+            for proc in (owner, other):
+                proc.kill()
+
+
+def test_port_options_help_and_make_run_pass_through():
+    from llmsuite.cluster import _ports, build_parser
+
+    parse = build_parser().parse_args
+    assert _ports(parse([])) == {"gateway": 50050, "tokenizer": 50051, "inference": 50052, "openai": 8000}
+    assert _ports(parse(["--port-base", "60050", "--openai-port", "9000"])) == {
+        "gateway": 60050, "tokenizer": 60051, "inference": 60052, "openai": 9000}
+    help_text = run_launcher("--help").stdout
+    assert "/metrics on their gRPC port + 1000" in help_text and "--port-base" in help_text, help_text
+    dry_run = subprocess.run(["make", "-n", "run", "PORT_BASE=60050", "RUN_ARGS=--device cpu"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "-m llmsuite.cluster --model tiny=models/tiny --port-base 60050 --device cpu" in dry_run, dry_run

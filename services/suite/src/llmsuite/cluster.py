@@ -17,6 +17,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -30,6 +31,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 BIN = Path(sys.executable).parent
+DEFAULT_PORTS = {"gateway": 50050, "tokenizer": 50051, "inference": 50052, "openai": 8000}
+METRICS_PORT_OFFSET = 1000  # each service's --metrics-listen auto: its gRPC port + 1000
+_TCP_LISTEN = "0A"  # the socket state column of /proc/net/tcp
 
 # Runs in the child before it becomes the service: ask the kernel for SIGTERM
 # when the launcher dies (prctl PR_SET_PDEATHSIG = 1, kept across exec), give
@@ -127,17 +131,117 @@ def _wait_http_ready(name: str, address: str, proc: subprocess.Popen[bytes], tim
     raise SystemExit(f"{name} at {address} did not answer /health within {timeout_s:.0f}s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmsuite.cluster", description=__doc__)
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails, the way a service's own bind would. SO_REUSEADDR as
+    gRPC and uvicorn set it: connections in TIME_WAIT from an earlier run do not count."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _listening_socket_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on `port` in this network namespace (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == _TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(int(fields[9]))
+    return inodes
+
+
+def _listens_on(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds the socket listening on `port`; None where /proc cannot say."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    owned = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                owned.add(int(target[len("socket:["):-1]))
+    return bool(owned & _listening_socket_inodes(port))
+
+
+def _check_own_child(service: str, address: str, proc: subprocess.Popen[bytes]) -> None:
+    """What answered on `address` must be `proc`, not another process that held the port
+    (a second cluster started on busy ports would otherwise report the first one's health)."""
+    port = int(address.rpartition(":")[2])
+    if proc.poll() is not None:
+        raise SystemExit(f"{service} exited with code {proc.returncode}; see its log above")
+    if _listens_on(proc.pid, port) is False:
+        raise SystemExit(f"{service}: port {port} answered, but not from the {service} this launcher started "
+                         "(another process holds it); stop it or choose other ports")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmsuite.cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Ports: gateway, tokenizer and inference each also serve Prometheus /metrics on their gRPC port "
+               f"+ {METRICS_PORT_OFFSET} (51050, 51051, 51052 by default). Every port is checked before anything "
+               f"starts. `make run PORT_BASE=N` passes --port-base N; `make run RUN_ARGS='...'` passes any option.")
     parser.add_argument("--model", default="tiny=models/tiny", help="NAME=DIR served by tokenizer and inference")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    parser.add_argument("--gateway-port", type=int, default=50050)
-    parser.add_argument("--tokenizer-port", type=int, default=50051)
-    parser.add_argument("--inference-port", type=int, default=50052)
-    parser.add_argument("--openai-port", type=int, default=8000, help="OpenAI-compatible HTTP API port")
+    parser.add_argument("--port-base", type=int, default=None, metavar="N",
+                        help="gateway on N, tokenizer N+1, inference N+2, OpenAI-compatible API N+3 (their metrics "
+                             f"on each gRPC port + {METRICS_PORT_OFFSET}); the per-service port options win over it")
+    parser.add_argument("--gateway-port", type=int, default=None,
+                        help=f"gateway gRPC port (default {DEFAULT_PORTS['gateway']}; metrics on it + "
+                             f"{METRICS_PORT_OFFSET})")
+    parser.add_argument("--tokenizer-port", type=int, default=None,
+                        help=f"tokenizer gRPC port (default {DEFAULT_PORTS['tokenizer']}; metrics on it + "
+                             f"{METRICS_PORT_OFFSET})")
+    parser.add_argument("--inference-port", type=int, default=None,
+                        help=f"inference gRPC port (default {DEFAULT_PORTS['inference']}; metrics on it + "
+                             f"{METRICS_PORT_OFFSET})")
+    parser.add_argument("--openai-port", type=int, default=None,
+                        help=f"OpenAI-compatible HTTP API port (default {DEFAULT_PORTS['openai']})")
     parser.add_argument("--device", default="auto", help="inference device: auto, cpu, cuda[:N]")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _ports(args: argparse.Namespace) -> dict[str, int]:
+    """Each service's port: its own option, else --port-base + its offset, else the default."""
+    ports = {}
+    for offset, service in enumerate(DEFAULT_PORTS):
+        given = getattr(args, f"{service}_port")
+        base = DEFAULT_PORTS[service] if args.port_base is None else args.port_base + offset
+        ports[service] = given if given is not None else base
+    return ports
+
+
+def _busy_port(host: str, ports: dict[str, int]) -> str | None:
+    """The first taken port, described, among the services' ports and their metrics ports."""
+    wanted = [(port, f"{service}") for service, port in ports.items()]
+    wanted += [(port + METRICS_PORT_OFFSET, f"{service} metrics") for service, port in ports.items()
+               if service != "openai"]
+    for port, what in wanted:
+        if not 0 < port < 65536:
+            return f"port {port} ({what}) is out of range"
+        if _port_in_use(host, port):
+            return f"port {port} ({what}) on {host} is already in use"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ports = _ports(args)
+    busy = _busy_port(args.host, ports)
+    if busy is not None:
+        _say(f"llmsuite.cluster: {busy}; stop what holds it, or choose other ports (--port-base N, "
+             "make run PORT_BASE=N)")
+        return 1
+    args.gateway_port, args.tokenizer_port = ports["gateway"], ports["tokenizer"]
+    args.inference_port, args.openai_port = ports["inference"], ports["openai"]
 
     name = args.model.partition("=")[0]
     tok_addr = f"{args.host}:{args.tokenizer_port}"
@@ -185,16 +289,19 @@ def main(argv: list[str] | None = None) -> int:
             procs.append((service, proc))
             wait = _wait_http_ready if service == "openai" else wait_serving
             wait(service, address, proc, args.startup_timeout)
+            _check_own_child(service, address, proc)
             print(f"  {service:<9} SERVING on {address}", file=sys.stderr, flush=True)
+        # The CLI's default address is the default gateway port: name it when that is not where it is.
+        cli = "llmsuite" if gw_addr == f"127.0.0.1:{DEFAULT_PORTS['gateway']}" else f"llmsuite --address {gw_addr}"
         print(f"""
 llmsuite is up: gateway {gw_addr} (tokenizer {tok_addr}, inference {inf_addr}), model '{name}',
 OpenAI-compatible API on http://{http_addr}/v1.
 The default model has random weights: its text is not meaningful (see README).
 
 Try, in another terminal (after `source .venv/bin/activate`):
-  llmsuite generate --stream "Hello"
-  llmsuite chat
-  llmsuite models
+  {cli} generate --stream "Hello"
+  {cli} chat
+  {cli} models
   grpcurl -plaintext {gw_addr} list
   grpcurl -plaintext -d '{{"model": "{name}", "prompt": "Hello"}}' {gw_addr} llmsuite.gateway.v1.GatewayService/Generate
   curl http://{http_addr}/v1/chat/completions -H 'Content-Type: application/json' \\
