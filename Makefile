@@ -33,7 +33,7 @@ PYPROJECTS    := $(addsuffix /pyproject.toml,$(DISTRIBUTIONS))
 
 $(VENV)/.installed-$(EXTRA): $(PYPROJECTS) requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(foreach d,$(DISTRIBUTIONS),-e $(d)) \
-		-e 'services/inference[$(EXTRA)]' -r requirements-dev.txt
+		-e 'services/inference[$(EXTRA)]' -e 'services/builder[int4]' -r requirements-dev.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

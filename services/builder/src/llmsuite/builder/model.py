@@ -215,7 +215,7 @@ def parameter_count(config: DecoderConfig) -> int:
     return sum(math.prod(spec.shape) for spec in weight_plan(config))
 
 
-def _draw_weights(config: DecoderConfig, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+def draw_weights(config: DecoderConfig, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     rng = np.random.Generator(np.random.PCG64(seed))
     for spec in weight_plan(config):
         values = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(spec.std)
@@ -471,7 +471,7 @@ def _write_gpt2_body(g: _GraphWriter, config: DecoderConfig, shared: _SharedTens
 def build_graph(config: DecoderConfig, seed: int = 0) -> onnx.ModelProto:
     """Builds the ONNX model in memory: Optimum input/output names, order and symbolic dims."""
     g = _GraphWriter()
-    for name, values in _draw_weights(config, seed):
+    for name, values in draw_weights(config, seed):
         g.initializer(name, values)
     shared, past_len, total_len = _write_attention_mask(g)
     if config.arch == "llama":

@@ -22,6 +22,7 @@ from llmsuite.runtime.errors import InvalidArgument
 from llmsuite.runtime.health import HealthReporter
 from llmsuite.runtime.logs import new_request_id
 from llmsuite.runtime.messages import opening_message
+from llmsuite.runtime.model_paths import tokenizer_directory
 from llmsuite.tokenizer import convert
 from llmsuite.tokenizer.engine import TokenizerLimits, TokenizerRegistry
 from llmsuite.tokenizer.metrics import TokenizerMetrics
@@ -188,8 +189,10 @@ class TokenizerApp:
                  allow_request_templates: bool = False) -> None:
         """`reload_roots`: where Reload may read; None means the model directories.
         `allow_request_templates`: whether ApplyChatTemplate accepts a template from
-        the caller (rendered under the same limits as the model's own)."""
-        self._models = models
+        the caller (rendered under the same limits as the model's own). A model path that is an
+        ONNX file (`REPO/onnx/model_q4.onnx`) serves the tokenizer beside it or in its parent,
+        the directory the inference service hashes for the same path."""
+        self._models = {name: tokenizer_directory(path) for name, path in models.items()}
         self.templates = TemplateRenderer(templates or TemplateLimits())
         self._allow_request_templates = allow_request_templates
         self.registry = TokenizerRegistry(

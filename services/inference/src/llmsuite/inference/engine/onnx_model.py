@@ -1,10 +1,10 @@
-"""One Optimum decoder export behind onnxruntime: layout introspection, forwards, KV cache.
+"""One decoder export behind onnxruntime: session checks, forwards, KV cache.
 
-Everything architecture-specific is read, never assumed: input and output names, which
-optional inputs exist (`position_ids` for RoPE models, absent in older GPT-2 exports),
-KV head count, head size and dtype from the session; context length, eos/bos ids and
-naming from config.json / generation_config.json. Inputs are fed by name, so exports
-whose input order differs work the same.
+Everything architecture-specific is read, never assumed: which layout the path holds and
+its input/output names, config and precision come from layouts.py (Optimum or ONNX Runtime
+GenAI); which optional inputs exist (`position_ids` for RoPE models, absent in older GPT-2
+and in GenAI exports), KV head count, head size and dtype from the session. Inputs are fed
+by name, so exports whose input order differs work the same.
 
 Every forward goes through IOBinding with the present key/values left where the
 provider produced them (device memory on CUDA) and fed straight back as the next step's
@@ -16,8 +16,6 @@ here exercise it.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,12 +26,9 @@ import onnxruntime as ort
 
 from llmsuite.inference.engine.device import Placement, create_session
 from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.layouts import ExportConfig, ModelLayout, decoder_layout
 from llmsuite.inference.engine.ort_memory import run_detached
 from llmsuite.inference.engine.types import EngineSettings
-
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 _ORT_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -41,89 +36,6 @@ _ORT_DTYPES: dict[str, Any] = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
-_PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_PRESENT_NAME = re.compile(r"^present\.(\d+)\.(key|value)$")
-_KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-# config.json keys differ by architecture; the first present one wins.
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
-_KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
-_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
-
-
-def _first_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
-    for key in keys:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _id_list(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return payload
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """What config.json and generation_config.json say about the model."""
-
-    architecture: str
-    context_length: int
-    vocab_size: int | None
-    num_attention_heads: int | None
-    num_kv_heads: int | None
-    head_dim: int | None
-    eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
-
-    @classmethod
-    def read(cls, directory: Path) -> ExportConfig:
-        config = _read_json(directory / CONFIG_FILE)
-        generation_path = directory / GENERATION_CONFIG_FILE
-        generation = _read_json(generation_path) if generation_path.is_file() else {}
-
-        context_length = _first_int(config, _CONTEXT_KEYS)
-        if context_length is None or context_length < 2:
-            raise ModelLoadError(f"{directory / CONFIG_FILE} names no context length (one of {_CONTEXT_KEYS})")
-        heads = _first_int(config, _HEAD_KEYS)
-        hidden = _first_int(config, _HIDDEN_KEYS)
-        head_dim = _first_int(config, ("head_dim",))
-        if head_dim is None and heads and hidden:
-            head_dim = hidden // heads
-        architectures = config.get("architectures") or []
-        architecture = config.get("model_type") or (architectures[0] if architectures else "unknown")
-        # transformers prefers generation_config's eos list; config.json's eos may name only
-        # one of them (Llama 3 style), so take the union with generation_config first.
-        eos: list[int] = []
-        for token_id in _id_list(generation.get("eos_token_id")) + _id_list(config.get("eos_token_id")):
-            if token_id not in eos:
-                eos.append(token_id)
-        bos = _id_list(generation.get("bos_token_id")) or _id_list(config.get("bos_token_id"))
-        return cls(
-            architecture=str(architecture),
-            context_length=context_length,
-            vocab_size=_first_int(config, ("vocab_size",)),
-            num_attention_heads=heads,
-            num_kv_heads=_first_int(config, _KV_HEAD_KEYS) or heads,
-            head_dim=head_dim,
-            eos_token_ids=tuple(eos),
-            bos_token_id=bos[0] if bos else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -149,24 +61,17 @@ class DecoderSignature:
         return len(self.past_names)
 
     @classmethod
-    def from_session(cls, session: ort.InferenceSession, config: ExportConfig, where: Path) -> DecoderSignature:
+    def from_session(cls, session: ort.InferenceSession, layout: ModelLayout) -> DecoderSignature:
+        """Checks the session against the names the layout detection read from the graph."""
+        where, config, io = layout.model_file, layout.config, layout.io
         inputs = {node.name: node for node in session.get_inputs()}
         outputs = {node.name: node for node in session.get_outputs()}
-        if "input_ids" not in inputs or "logits" not in outputs:
-            raise ModelLoadError(f"{where} is not a causal LM export: it needs an input_ids input and a logits output")
-
-        past = _layer_names(inputs, _PAST_NAME)
-        present = _layer_names(outputs, _PRESENT_NAME)
-        if not past:
-            raise ModelLoadError(
-                f"{where} has no past_key_values.* inputs: export it with KV cache "
-                "(optimum-cli export onnx --task text-generation-with-past)"
-            )
-        if len(present) != len(past):
-            raise ModelLoadError(f"{where}: {len(past)} layers of past_key_values but {len(present)} of present")
-        unknown = sorted(set(inputs) - set(_KNOWN_INPUTS) - {name for pair in past for name in pair})
-        if unknown:
-            raise ModelLoadError(f"{where} has inputs this engine does not know how to feed: {unknown}")
+        past = [io.past_names(layer) for layer in range(layout.num_layers)]
+        present = [io.present_names(layer) for layer in range(layout.num_layers)]
+        absent = sorted({name for pair in past for name in pair} - set(inputs)
+                        | {name for pair in present for name in pair} - set(outputs))
+        if absent:
+            raise ModelLoadError(f"{where}: KV names {absent} are missing (expected one key and one value per layer)")
 
         first_past = inputs[past[0][0]]
         shape = first_past.shape
@@ -177,17 +82,17 @@ class DecoderSignature:
         num_kv_heads = shape[1] if isinstance(shape[1], int) else config.num_kv_heads
         head_dim = shape[3] if isinstance(shape[3], int) else config.head_dim
         if not num_kv_heads or not head_dim:
-            raise ModelLoadError(f"{where}: cannot tell KV heads / head size from the graph or config.json")
+            raise ModelLoadError(f"{where}: cannot tell KV heads / head size from the graph or its config")
         kv_types = {inputs[name].type for pair in past for name in pair} | {
             outputs[name].type for pair in present for name in pair
         }
         if len(kv_types) != 1 or next(iter(kv_types)) not in ("tensor(float)", "tensor(float16)"):
             raise ModelLoadError(f"{where}: past/present must all be float32 or all float16, got {sorted(kv_types)}")
 
-        logits_shape = outputs["logits"].shape
+        logits_shape = outputs[io.logits].shape
         vocab_size = logits_shape[-1] if isinstance(logits_shape[-1], int) else config.vocab_size
         if not vocab_size:
-            raise ModelLoadError(f"{where}: cannot tell the vocabulary size from the logits shape or config.json")
+            raise ModelLoadError(f"{where}: cannot tell the vocabulary size from the logits shape or its config")
 
         def dtype_of(name: str | None) -> Any:
             if name is None:
@@ -197,36 +102,23 @@ class DecoderSignature:
                 raise ModelLoadError(f"{where}: input {name} has type {node_type}; expected int64 or int32")
             return _ORT_DTYPES[node_type]
 
-        attention_mask = "attention_mask" if "attention_mask" in inputs else None
-        position_ids = "position_ids" if "position_ids" in inputs else None
+        attention_mask = io.attention_mask if io.attention_mask in inputs else None
+        position_ids = io.position_ids if io.position_ids in inputs else None
         return cls(
-            input_ids="input_ids",
+            input_ids=io.input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_names=tuple(past),
             present_names=tuple(present),
-            logits="logits",
+            logits=io.logits,
             num_kv_heads=int(num_kv_heads),
             head_dim=int(head_dim),
             vocab_size=int(vocab_size),
             kv_dtype=_ORT_DTYPES[next(iter(kv_types))],
-            input_ids_dtype=dtype_of("input_ids"),
+            input_ids_dtype=dtype_of(io.input_ids),
             attention_mask_dtype=dtype_of(attention_mask),
             position_ids_dtype=dtype_of(position_ids),
         )
-
-
-def _layer_names(nodes: dict[str, Any], pattern: re.Pattern[str]) -> list[tuple[str, str]]:
-    by_layer: dict[int, dict[str, str]] = {}
-    for name in nodes:
-        match = pattern.match(name)
-        if match:
-            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = name
-    layers = sorted(by_layer)
-    if layers != list(range(len(layers))) or any(len(parts) != 2 for parts in by_layer.values()):
-        names = sorted(n for n in nodes if pattern.match(n))
-        raise ModelLoadError(f"KV names {names} are not one key and one value per layer 0..N-1")
-    return [(by_layer[i]["key"], by_layer[i]["value"]) for i in layers]
 
 
 @dataclass(frozen=True)
@@ -271,38 +163,31 @@ class OnnxDecoder:
     """Runs forwards of an Optimum decoder export; call from one thread at a time."""
 
     def __init__(self, session: ort.InferenceSession, placement: Placement, signature: DecoderSignature,
-                 config: ExportConfig, directory: Path) -> None:
+                 layout: ModelLayout) -> None:
         self.session = session
         self.placement = placement
         self.signature = signature
-        self.config = config
-        self.directory = directory
+        self.layout = layout
+        self.config: ExportConfig = layout.config
+        self.directory = layout.tokenizer_directory  # where the tokenizer files it pairs with live
         kv_itemsize = int(np.dtype(signature.kv_dtype).itemsize)
         per_layer = signature.num_kv_heads * signature.head_dim * kv_itemsize
         # A forecast only (what a row may grow to); held bytes are read from the tensors.
         self.kv_bytes_per_token: int = 2 * signature.num_layers * per_layer
 
     @classmethod
-    def load(cls, directory: Path, settings: EngineSettings) -> OnnxDecoder:
-        """Loads an export directory; raises ModelLoadError naming what is wrong with it."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise ModelLoadError(f"model directory {directory} does not exist")
-        missing = [name for name in (MODEL_FILE, CONFIG_FILE) if not (directory / name).is_file()]
-        if missing:
-            present = sorted(p.name for p in directory.iterdir())
+    def load(cls, path: Path, settings: EngineSettings) -> OnnxDecoder:
+        """Loads a model directory or file (see layouts.py); raises ModelLoadError naming what is wrong."""
+        layout = decoder_layout(Path(path))
+        session, placement = create_session(layout.model_file, settings)
+        signature = DecoderSignature.from_session(session, layout)
+        vocab_size = layout.config.vocab_size
+        if vocab_size is not None and vocab_size != signature.vocab_size:
             raise ModelLoadError(
-                f"{directory} is not an Optimum ONNX export: missing {', '.join(missing)} (found: {present})"
-            )
-        config = ExportConfig.read(directory)
-        session, placement = create_session(directory / MODEL_FILE, settings)
-        signature = DecoderSignature.from_session(session, config, directory)
-        if config.vocab_size is not None and config.vocab_size != signature.vocab_size:
-            raise ModelLoadError(
-                f"{directory}: config.json says vocab_size {config.vocab_size} but the logits have "
+                f"{layout.model_file}: its config says vocab_size {vocab_size} but the logits have "
                 f"{signature.vocab_size} columns"
             )
-        return cls(session, placement, signature, config, directory)
+        return cls(session, placement, signature, layout)
 
     @property
     def context_length(self) -> int:
@@ -310,9 +195,15 @@ class OnnxDecoder:
 
     @property
     def uses_position_ids(self) -> bool:
-        """Without a position_ids input the graph derives positions itself, so a left-padded
-        row would see shifted positions: such exports are batched only across equal lengths."""
         return self.signature.position_ids is not None
+
+    @property
+    def left_padding(self) -> bool:
+        """Whether rows of different lengths may be left-padded into one batch. Without a
+        position_ids input the graph derives positions itself, so a left pad would shift them;
+        a fused GroupQueryAttention reads the KV cache right-padded (lengths from the mask).
+        Such exports are batched only across equal lengths (see layouts.py)."""
+        return self.layout.left_padding
 
     def empty_cache(self, rows: int = 1) -> KvCache:
         sig = self.signature
@@ -357,7 +248,7 @@ class OnnxDecoder:
             binding.bind_output(value_name, device_type, device_id)
 
         outputs = run_detached(self.session, binding)
-        logits = outputs[0].numpy()
+        logits = outputs[0].numpy().astype(np.float32, copy=False)  # fp16 exports give fp16 logits
         new_cache = KvCache(tuple(outputs[1:]), cache.length + input_ids.shape[1], cache.rows)
         return logits, new_cache
 

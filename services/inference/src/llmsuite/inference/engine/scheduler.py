@@ -226,7 +226,7 @@ class Scheduler:
         self._kv_in_host_memory = decoder.placement.device_type == "cpu"
         self._vocab_size = decoder.signature.vocab_size
         self._context_length = decoder.context_length
-        self._padded = decoder.uses_position_ids
+        self._padded = decoder.left_padding
         self._cond = threading.Condition(threading.RLock())
         self._waiting: deque[Turn] = deque()
         self._prefilling: deque[Turn] = deque()
