@@ -267,9 +267,11 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
         self._record("ListModels", request, context)
         return pb.ListModelsResponse(models=[
             pb.ModelSummary(name="tiny", architecture="llama", context_length=512, has_chat_template=True,
-                            execution_provider="CPUExecutionProvider"),
+                            execution_provider="CPUExecutionProvider", layout="optimum", precision="fp32",
+                            quantization="none"),
             pb.ModelSummary(name="tiny-gpt2", architecture="gpt2", context_length=256, has_chat_template=False,
-                            execution_provider="CPUExecutionProvider"),
+                            execution_provider="CPUExecutionProvider", layout="onnxruntime-genai",
+                            precision="int4", quantization="MatMulNBits int4, block 32"),
         ])
 
     def _encode(self, request: Any) -> list[common_pb2.Encoding]:

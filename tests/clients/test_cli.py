@@ -121,10 +121,14 @@ def test_tokenize_and_models(cli, gateway):
 
     code, out, _ = cli("models")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["NAME", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER"]
-    assert lines[1].split() == ["tiny", "llama", "512", "yes", "CPUExecutionProvider"]
+    assert code == 0 and lines[0].split() == ["NAME", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER", "LAYOUT",
+                                              "PRECISION", "QUANTIZATION"]
+    assert lines[1].split() == ["tiny", "llama", "512", "yes", "CPUExecutionProvider", "optimum", "fp32", "none"]
     code, out, _ = cli("models", "--json")
-    assert [m["name"] for m in json.loads(out)] == ["tiny", "tiny-gpt2"]
+    models = json.loads(out)
+    assert [m["name"] for m in models] == ["tiny", "tiny-gpt2"]
+    assert [(m["layout"], m["precision"], m["quantization"]) for m in models] == [
+        ("optimum", "fp32", "none"), ("onnxruntime-genai", "int4", "MatMulNBits int4, block 32")]
 
 
 @pytest.fixture

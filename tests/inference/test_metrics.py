@@ -124,6 +124,8 @@ def test_generation_moves_the_per_request_metrics(server, stub):
         tiny(after, "llmsuite_inference_time_to_first_token_seconds_sum")
     info = after.samples_named("llmsuite_inference_model_info")
     assert [s.labels["model"] for s in info] == ["tiny"] and info[0].labels["execution_provider"]
+    assert (info[0].labels["layout"], info[0].labels["precision"], info[0].labels["quantization"],
+            info[0].labels["attention"]) == ("optimum", "fp32", "none", "unfused")
     assert_agrees_with_model_info(after, model_stats(stub))
 
 

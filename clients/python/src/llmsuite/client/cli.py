@@ -257,12 +257,13 @@ def _models(client: LlmsuiteClient, args: argparse.Namespace) -> int:
     models = client.list_models()
     if args.json:
         print(json.dumps([{"name": m.name, "architecture": m.architecture, "context_length": m.context_length,
-                           "has_chat_template": m.has_chat_template, "execution_provider": m.execution_provider}
+                           "has_chat_template": m.has_chat_template, "execution_provider": m.execution_provider,
+                           "layout": m.layout, "precision": m.precision, "quantization": m.quantization}
                           for m in models]))
         return 0
-    rows = [("NAME", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER")]
+    rows = [("NAME", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER", "LAYOUT", "PRECISION", "QUANTIZATION")]
     rows += [(m.name, m.architecture, str(m.context_length), "yes" if m.has_chat_template else "no",
-              m.execution_provider) for m in models]
+              m.execution_provider, m.layout, m.precision, m.quantization) for m in models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -178,7 +178,8 @@ class StreamAccumulator:
 
 def model_info(m: gateway_pb2.ModelSummary) -> ModelInfo:
     return ModelInfo(name=m.name, architecture=m.architecture, context_length=m.context_length,
-                     has_chat_template=m.has_chat_template, execution_provider=m.execution_provider, raw=m)
+                     has_chat_template=m.has_chat_template, execution_provider=m.execution_provider,
+                     layout=m.layout, precision=m.precision, quantization=m.quantization, raw=m)
 
 
 def encoding(e: common_pb2.Encoding) -> Encoding:

@@ -105,6 +105,9 @@ class ModelInfo:
     context_length: int
     has_chat_template: bool
     execution_provider: str
+    layout: str = ""  # "optimum" or "onnxruntime-genai" (empty from gateways that predate it)
+    precision: str = ""  # of the weights: fp32, fp16, bf16, int8, int4
+    quantization: str = ""  # "none" for float weights
     raw: Message | None = field(default=None, repr=False, compare=False)
 
 

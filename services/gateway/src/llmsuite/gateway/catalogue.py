@@ -56,6 +56,9 @@ class ServedModel:
     content_hash: str
     tokenizer: LocalTokenizer
     replicas: tuple[Replica, ...]  # those serving it with this content hash
+    layout: str = ""  # as the first matching replica reports them
+    precision: str = ""
+    quantization: str = ""
 
 
 def health_name(model: str) -> str:
@@ -233,7 +236,8 @@ class Catalogue:
             info = matching[0][1]
             served[name] = ServedModel(name, info.architecture, info.context_length, tok.has_chat_template,
                                        info.execution_provider, tok.content_hash, local,
-                                       tuple(r for r, _ in matching))
+                                       tuple(r for r, _ in matching), info.layout, info.precision,
+                                       info.quantization)
         return served, unservable
 
     async def _local_tokenizer(self, model: str, content_hash: str) -> LocalTokenizer | None:

@@ -256,7 +256,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                          ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[
             pb.ModelSummary(name=m.name, architecture=m.architecture, context_length=m.context_length,
-                            has_chat_template=m.has_chat_template, execution_provider=m.execution_provider)
+                            has_chat_template=m.has_chat_template, execution_provider=m.execution_provider,
+                            layout=m.layout, precision=m.precision, quantization=m.quantization)
             for m in self.catalogue.served])
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

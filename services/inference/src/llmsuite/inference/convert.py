@@ -93,7 +93,8 @@ def model_info_to_proto(info: ModelInfo, stats: EngineStats) -> inference_pb2.Mo
         num_layers=info.num_layers, num_attention_heads=info.num_attention_heads,
         num_key_value_heads=info.num_kv_heads, head_dim=info.head_dim, kv_cache_dtype=info.kv_dtype,
         uses_position_ids=info.uses_position_ids, eos_token_ids=info.eos_token_ids,
-        tokenizer_content_hash=info.tokenizer_hash,
+        tokenizer_content_hash=info.tokenizer_hash, layout=info.layout, precision=info.precision,
+        quantization=info.quantization, attention=info.attention,
         stats=inference_pb2.ModelStats(
             running=stats.running, queued=stats.queued, sessions=stats.sessions,
             cached_tokens=stats.cached_tokens, kv_cache_bytes=stats.kv_bytes,

@@ -184,10 +184,13 @@ class EngineStatsCollector(Collector):
                 family.add_metric((s.model,), value(s))
             return family
 
-        info = GaugeMetricFamily("llmsuite_inference_model_info", "Loaded models and where they run (always 1).",
-                                 labels=("model", "architecture", "execution_provider", "device"))
+        info = GaugeMetricFamily("llmsuite_inference_model_info",
+                                 "Loaded models, where they run and what their files hold (always 1).",
+                                 labels=("model", "architecture", "execution_provider", "device", "layout",
+                                         "precision", "quantization", "attention"))
         for i in infos:
-            info.add_metric((i.name, i.architecture, i.execution_provider, i.device), 1)
+            info.add_metric((i.name, i.architecture, i.execution_provider, i.device, i.layout, i.precision,
+                             i.quantization, i.attention), 1)
         yield info
         yield gauge("llmsuite_inference_running_requests", "Turns generating now (rows in the running batch).",
                     lambda s: s.running)

@@ -116,7 +116,7 @@ class GetModelInfoResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "execution_provider", "device", "context_length", "vocab_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "kv_cache_dtype", "uses_position_ids", "eos_token_ids", "bos_token_id", "tokenizer_content_hash", "stats", "kind", "embedding_dimensions", "pooling")
+    __slots__ = ("name", "architecture", "execution_provider", "device", "context_length", "vocab_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "kv_cache_dtype", "uses_position_ids", "eos_token_ids", "bos_token_id", "tokenizer_content_hash", "stats", "kind", "embedding_dimensions", "pooling", "layout", "precision", "quantization", "attention")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,10 @@ class ModelInfo(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     execution_provider: str
@@ -155,7 +159,11 @@ class ModelInfo(_message.Message):
     kind: _common_pb2.ModelKind
     embedding_dimensions: int
     pooling: _common_pb2.PoolingInfo
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., execution_provider: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., uses_position_ids: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_content_hash: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., embedding_dimensions: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.PoolingInfo, _Mapping]] = ...) -> None: ...
+    layout: str
+    precision: str
+    quantization: str
+    attention: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., execution_provider: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., uses_position_ids: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_content_hash: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., embedding_dimensions: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.PoolingInfo, _Mapping]] = ..., layout: _Optional[str] = ..., precision: _Optional[str] = ..., quantization: _Optional[str] = ..., attention: _Optional[str] = ...) -> None: ...
 
 class ModelStats(_message.Message):
     __slots__ = ("running", "queued", "sessions", "cached_tokens", "kv_cache_bytes", "requests_total", "cancelled_total", "time_limited_total", "kv_cache_budget_bytes", "kv_cache_reserved_bytes", "rejected_total", "prefix_cache_evictions_total", "decode_batch_rows", "steps_total", "prefix_cache_entries", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total")

@@ -70,6 +70,10 @@ def _model_info(name: str, decoder: OnnxDecoder) -> ModelInfo:
         bos_token_id=config.bos_token_id,
         tokenizer_hash=tokenizer_content_hash(decoder.directory),
         directory=decoder.directory,
+        layout=decoder.layout.name,
+        precision=decoder.layout.precision,
+        quantization=decoder.layout.quantization,
+        attention=decoder.layout.attention,
     )
 
 
@@ -247,9 +251,12 @@ class InferenceEngine:
                                                  decoder.config.eos_token_ids,
                                                  mask_threads=intra_op_threads(settings))
                 loaded[name] = _LoadedModel(_model_info(name, decoder), scheduler, constraints)
+                layout = decoder.layout
                 logger.info(
-                    "loaded model %s from %s on %s (prefill ~%.2f ms/token, KV budget %.1f MiB = %d tokens)",
-                    name, directory, decoder.placement.execution_provider, estimate.per_token_s * 1e3,
+                    "loaded model %s from %s (%s layout, %s attention, %s weights, quantization %s) on %s "
+                    "(prefill ~%.2f ms/token, KV budget %.1f MiB = %d tokens)",
+                    name, layout.model_file, layout.name, layout.attention, layout.precision, layout.quantization,
+                    decoder.placement.execution_provider, estimate.per_token_s * 1e3,
                     budget / 2**20, budget // decoder.kv_bytes_per_token,
                 )
         except BaseException:

@@ -222,11 +222,15 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     tokenizer_hash: str
-    directory: Path
+    directory: Path  # where the tokenizer files it pairs with are
     kind: str = "generation"  # or "embedding"
     embedding_dimensions: int = 0  # embedding models: the vector length
     pooling: str = ""  # embedding models: "cls", "mean" or "last"
     normalize: bool = False  # embedding models: vectors are L2-normalised
+    layout: str = "optimum"  # "optimum" or "onnxruntime-genai"
+    precision: str = "fp32"  # of the weights: fp32, fp16, bf16, int8, int4
+    quantization: str = "none"
+    attention: str = "unfused"  # the fused attention operator, if any
 
 
 @dataclass(frozen=True)
