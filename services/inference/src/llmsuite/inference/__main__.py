@@ -1,4 +1,4 @@
-"""`llmsuite-inference`: serve ONNX decoder models (Optimum layout) over gRPC."""
+"""`llmsuite-inference`: serve ONNX decoder models (Optimum or ONNX Runtime GenAI layout) over gRPC."""
 
 from __future__ import annotations
 
@@ -66,9 +66,10 @@ def memory_limit(text: str) -> int | None:
 def build_parser() -> EnvArgumentParser:
     defaults = EngineSettings()
     parser = EnvArgumentParser(prog="llmsuite-inference", description=__doc__)
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
-                        help="an Optimum ONNX export directory to serve as NAME (repeatable; "
-                             "the env var takes a comma-separated list)")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                        help="a model to serve as NAME: an Optimum export or ONNX Runtime GenAI directory, or one "
+                             "ONNX file (REPO/onnx/model_q4.onnx, config and tokenizer beside it or one level up) "
+                             "(repeatable; the env var takes a comma-separated list)")
     e = parser.add_argument_group("engine")
     e.add_argument("--device", default=defaults.device,
                    help="auto (CUDA if really active, else CPU with a warning), cpu, cuda or cuda:N "

@@ -82,13 +82,13 @@ def _from_env(raw: str, action: argparse.Action) -> Any:
 
 
 def parse_model_spec(spec: str) -> tuple[str, Path]:
-    """`NAME=DIR` -> (NAME, DIR); a bare DIR is named after its last component."""
+    """`NAME=PATH` -> (NAME, PATH); a bare PATH is named after its last component."""
     name, sep, directory = spec.partition("=")
     if not sep:
         path = Path(spec)
         return path.name, path
     if not name or not directory:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {spec!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {spec!r}")
     return name, Path(directory)
 
 

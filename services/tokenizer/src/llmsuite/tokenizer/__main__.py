@@ -26,8 +26,9 @@ DEFAULT_LISTEN = "0.0.0.0:50051"
 
 def build_parser() -> EnvArgumentParser:
     parser = EnvArgumentParser(prog="llmsuite-tokenizer", description=__doc__)
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
-                        help="a Hugging Face tokenizer directory to serve as NAME (repeatable; "
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                        help="a Hugging Face tokenizer directory to serve as NAME, or the ONNX file the inference "
+                             "service serves as NAME (its tokenizer is beside it or one level up) (repeatable; "
                              "the env var takes a comma-separated list)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-batch-size", type=int, default=TokenizerLimits.max_batch_size,
