@@ -196,6 +196,10 @@ class _Info:
     architecture: str = "llama"
     execution_provider: str = "CPUExecutionProvider"
     device: str = "cpu"
+    layout: str = "onnxruntime-genai"
+    precision: str = "int4"
+    quantization: str = "MatMulNBits int4, block 32"
+    attention: str = "GroupQueryAttention"
 
 
 def _stats(**changes: Any) -> EngineStats:
