@@ -18,14 +18,15 @@ from support import REPO
 SHARED_GENAI_EXPORTS = REPO.parent / "shared" / "genai-exports"
 
 
-def reference_greedy(model_file: Path, prompt: Sequence[int], new_tokens: int) -> list[int]:
+def reference_greedy(model_file: Path, prompt: Sequence[int], new_tokens: int,
+                     provider: str = "CPUExecutionProvider") -> list[int]:
     """Greedy tokens of `model_file` (an ONNX file with Optimum/GenAI KV names) after `prompt`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     model_file = Path(model_file)
-    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_file), options, providers=[provider])
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))

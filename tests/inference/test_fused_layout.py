@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from layout_support import SHARED_GENAI_EXPORTS, reference_greedy
 
 from llmsuite.builder.variants import build_variant
-from llmsuite.inference.engine import FinishReason, GeneratedToken, SamplingParams, TurnResult
+from llmsuite.inference.engine import FinishReason, GeneratedToken, ModelLoadError, SamplingParams, TurnResult
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +179,22 @@ def test_genai_builder_export_stops_at_its_eos(load_engine: Any, helpers: Any) -
     assert tokens == case["greedy_ids_stop_at_eos"] and len(tokens) == case["first_eos_index"] + 1
     assert (result.finish_reason, result.matched_stop_token_id) == (FinishReason.STOP, tokens[-1])
     assert tokens[-1] in (1532, 1535)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu with CUDAExecutionProvider")
+def test_fused_layout_and_int4_on_cuda(load_engine: Any, helpers: Any, layouts: dict[str, Path]) -> None:
+    """On CUDA the fused fp32 layout gives the CPU tokens; int4 (whose CUDA kernel computes
+    differently from the CPU's int8-activation one) gives a plain CUDA loop's tokens."""
+    try:
+        engine = load_engine({"gqa": layouts["gqa"], "gqa-int4": layouts["gqa-int4"]}, device="cuda")
+    except ModelLoadError as exc:
+        pytest.skip(f"CUDA provider listed but not usable: {exc}")
+    assert engine.model_info("gqa").execution_provider == "CUDAExecutionProvider"
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
+    prompt = [1, 17, 300, 41, 9, 88]
+    tokens, _ = asyncio.run(helpers.generate_once(engine, "gqa", prompt, params))
+    assert tokens == reference_greedy(layouts["gqa"] / "model.onnx", prompt, 16)
+    tokens, _ = asyncio.run(helpers.generate_once(engine, "gqa-int4", prompt, params))
+    assert tokens == reference_greedy(layouts["gqa-int4"] / "model.onnx", prompt, 16, "CUDAExecutionProvider")
