@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -205,3 +206,13 @@ def test_optimum_file_without_config_is_refused(built: dict[str, Path], tmp_path
     model = shutil.copy(built["optimum-int4"] / "model.onnx", tmp_path / "lonely" / "model_q4.onnx")
     with pytest.raises(ModelLoadError, match=r"model_q4\.onnx \(Optimum layout\): missing config\.json"):
         OnnxDecoder.load(Path(model), CPU)
+
+
+def test_engine_routes_an_encoder_to_embedding(tmp_path: Path, load_engine: Any) -> None:
+    """The same detection that refuses an encoder as a decoder routes it to the embedding path."""
+    from llmsuite.builder.encoder import build_encoder
+
+    build_encoder(tmp_path / "enc", preset="tiny")
+    assert detect_model(tmp_path / "enc").kind == "encoder"
+    info = load_engine({"enc": tmp_path / "enc"}).model_info("enc")
+    assert (info.kind, info.layout, info.precision, info.quantization) == ("embedding", "optimum", "fp32", "none")

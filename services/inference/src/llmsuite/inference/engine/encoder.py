@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from llmsuite.inference.engine.device import Placement, create_session
 from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.layouts import detect_model
 from llmsuite.inference.engine.types import EngineSettings
 
 MODEL_FILE = "model.onnx"
@@ -59,22 +59,15 @@ NORMALIZE_EPS = 1e-12  # as torch.nn.functional.normalize
 
 
 def is_embedding_export(directory: Path) -> bool:
-    """True when `directory/model.onnx` has no KV inputs and returns token states or a pooled vector.
+    """True when `directory` holds an encoder: no KV inputs, token states or a pooled vector out.
 
-    Reads only the graph's declared inputs and outputs (external weight files are not loaded).
+    The rule is layouts.detect_model's, the one place that classifies a model path (it reads
+    only the graph's declared inputs and outputs, never the external weights).
     """
-    path = Path(directory) / MODEL_FILE
-    if not path.is_file():
-        return False  # the decoder loader explains what is missing
     try:
-        graph = onnx.load_model(str(path), load_external_data=False).graph
-    except Exception:  # unreadable: leave the explanation to onnxruntime in the decoder loader
-        return False
-    inputs = {node.name for node in graph.input}
-    outputs = {node.name for node in graph.output}
-    if any(name.startswith("past_key_values.") for name in inputs) or "logits" in outputs:
-        return False
-    return "input_ids" in inputs and bool(outputs & {*_TOKEN_STATE_OUTPUTS, *_POOLED_OUTPUTS})
+        return detect_model(Path(directory)).kind == "encoder"
+    except ModelLoadError:
+        return False  # the decoder loader explains what is missing
 
 
 @dataclass(frozen=True)

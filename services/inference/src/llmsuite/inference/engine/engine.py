@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +18,14 @@ import numpy as np
 from llmsuite.inference.engine.constraints import ConstraintCompiler
 from llmsuite.inference.engine.device import gpu_free_bytes, intra_op_threads
 from llmsuite.inference.engine.embedding import EmbeddingQueue, EmbeddingResult, load_embedding_model
-from llmsuite.inference.engine.encoder import is_embedding_export
 from llmsuite.inference.engine.errors import ModelLoadError
 from llmsuite.inference.engine.kv_ops import KvOps
+from llmsuite.inference.engine.layouts import DetectedModel, detect_model
 from llmsuite.inference.engine.memory import (
     MemoryGuard,
     MemoryLimits,
     automatic_kv_budget,
     resolve_max_memory,
-    weights_bytes,
 )
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.inference.engine.scheduler import PrefillEstimate, Scheduler, SessionState, StepObserver, TurnFailed
@@ -192,6 +191,14 @@ def _automatic_budget(name: str, decoder: OnnxDecoder, settings: EngineSettings,
     return budget
 
 
+def _detect(name: str, path: Path) -> DetectedModel:
+    """What `path` holds (layouts.detect_model, the one classification of a model path)."""
+    try:
+        return detect_model(path)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model {name!r}: {exc}") from exc
+
+
 class InferenceEngine:
     """Serves a fixed set of models loaded at start; one scheduler (queue + worker thread) each."""
 
@@ -217,17 +224,21 @@ class InferenceEngine:
         One MemoryGuard keeps the whole process under max_memory_bytes (explicit or derived)."""
         loaded: dict[str, _LoadedModel] = {}
         embedders: dict[str, EmbeddingQueue] = {}
-        weights = sum(weights_bytes(Path(directory)) for directory in models.values())
-        decoders = sum(not is_embedding_export(Path(directory)) for directory in models.values())
+        found = {name: _detect(name, Path(directory)) for name, directory in models.items()}
+        weights = sum(detected.graph.weights_bytes for detected in found.values())
+        decoders = sum(detected.kind != "encoder" for detected in found.values())
         guard: MemoryGuard | None = None
         try:
             for name, directory in models.items():
-                if is_embedding_export(Path(directory)):  # no KV: an encoder, served by Embed
-                    embedders[name] = load_embedding_model(name, Path(directory), settings,
-                                                           step_observer=step_observer)
+                detected = found[name]
+                if detected.kind == "encoder":  # no KV: served by Embed
+                    queue = load_embedding_model(name, Path(directory), settings, step_observer=step_observer)
+                    queue.info = replace(queue.info, layout=detected.files.layout, precision=detected.graph.precision,
+                                         quantization=detected.graph.quantization)
+                    embedders[name] = queue
                     continue
                 try:
-                    decoder = OnnxDecoder.load(Path(directory), settings)
+                    decoder = OnnxDecoder.load(Path(directory), settings, detected=detected)
                     estimate = PrefillEstimate.measure(decoder) if settings.warmup else PrefillEstimate()
                     kv_ops = KvOps(decoder.placement, decoder.placement.providers(), decoder.signature.num_layers,
                                    decoder.signature.kv_dtype, intra_op_threads(settings))

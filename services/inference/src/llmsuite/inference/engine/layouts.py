@@ -58,8 +58,9 @@ _OPTIMUM_IO = dict(
     past_key="past_key_values.%d.key", past_value="past_key_values.%d.value",
     present_key="present.%d.key", present_value="present.%d.value", logits="logits",
 )
-# Outputs by which an encoder (feature extraction, sentence embeddings) is recognised.
-_ENCODER_OUTPUTS = ("last_hidden_state", "token_embeddings", "sentence_embedding", "pooler_output", "embeddings")
+# Outputs by which an encoder (feature extraction, sentence embeddings) is recognised: the ones
+# the embedding path (encoder.py) pools, per token or already pooled.
+_ENCODER_OUTPUTS = ("last_hidden_state", "token_embeddings", "sentence_embedding")
 
 # config.json keys differ by architecture; the first present one wins.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -275,6 +276,7 @@ class GraphSummary:
     op_types: frozenset[str]
     precision: str  # "fp32", "fp16", "bf16", "int8", "int4"
     quantization: str  # "none" or how the weights are quantized
+    weights_bytes: int = 0  # the ONNX file and the external data files its initializers name
 
     @classmethod
     def read(cls, model_file: Path) -> GraphSummary:
@@ -292,7 +294,16 @@ class GraphSummary:
             op_types=frozenset(node.op_type for node in nodes),
             precision=precision,
             quantization=quantization,
+            weights_bytes=_weights_bytes(model_file, graph),
         )
+
+
+def _weights_bytes(model_file: Path, graph: onnx.GraphProto) -> int:
+    """Bytes of the file and of each external data file it names (other ONNX files of the same
+    repository, beside it, are not this model's weights)."""
+    locations = {entry.value for init in graph.initializer for entry in init.external_data if entry.key == "location"}
+    paths = [model_file, *(model_file.parent / location for location in sorted(locations))]
+    return sum(path.stat().st_size for path in paths if path.is_file())
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Any:
@@ -418,9 +429,8 @@ def _has_layers(names: tuple[str, ...], pattern: str) -> bool:
 def detect_model(path: Path) -> DetectedModel:
     """Classifies what `path` holds; raises ModelLoadError only when it cannot be read at all.
 
-    The one detection function: a caller routes `kind` "causal-lm" to the decoder and any
-    other kind it can serve (an "encoder", say) to its own path, and refuses the rest with
-    `refusal(detected)`.
+    The one detection function: the engine routes `kind` "causal-lm" to the decoder and
+    "encoder" to the embedding path (encoder.py), and refuses the rest with `refusal(detected)`.
     """
     files = locate_model(path)
     graph = GraphSummary.read(files.model_file)
@@ -437,7 +447,7 @@ def detect_model(path: Path) -> DetectedModel:
         kind, description = "causal-lm", f"{layout} causal LM with KV cache ({attention}, {graph.precision})"
     elif has_logits:
         kind, description = "causal-lm-without-cache", f"{layout} causal LM without KV cache inputs/outputs"
-    elif any(name in graph.outputs for name in _ENCODER_OUTPUTS) or "token_type_ids" in graph.inputs:
+    elif not has_past and io.input_ids in graph.inputs and any(name in graph.outputs for name in _ENCODER_OUTPUTS):
         kind, description = "encoder", f"{layout} encoder (outputs {', '.join(graph.outputs)})"
     else:
         kind, description = "unknown", f"graph with inputs {list(graph.inputs)} and outputs {list(graph.outputs)}"
@@ -453,17 +463,18 @@ def refusal(detected: DetectedModel) -> ModelLoadError:
                           "no branch), or serve the repository's decoder_with_past file",
         "causal-lm-without-cache": f"KV cache inputs ({io.past_key % 0}, ...) and outputs ({io.present_key % 0}, "
                                    "...): export with --task text-generation-with-past",
-        "encoder": f"a {io.logits} output and KV cache inputs: this service generates text with causal language "
-                   "models; an encoder produces embeddings",
+        "encoder": f"a {io.logits} output and KV cache inputs: an encoder is served as an embedding model "
+                   "(Embed), not for generation",
         "unknown": f"inputs {io.input_ids} and {io.past_key % 0}..., outputs {io.logits} and "
                    f"{io.present_key % 0}...",
     }.get(detected.kind, "nothing")
     return ModelLoadError(f"{file}: detected {detected.description}; cannot serve it, missing {missing}")
 
 
-def decoder_layout(path: Path) -> ModelLayout:
-    """The layout of the causal LM at `path`; ModelLoadError (file, layout, what is missing) otherwise."""
-    detected = detect_model(path)
+def decoder_layout(path: Path, detected: DetectedModel | None = None) -> ModelLayout:
+    """The layout of the causal LM at `path` (`detected`: detect_model's answer for it, if the
+    caller has it); ModelLoadError (file, layout, what is missing) otherwise."""
+    detected = detected or detect_model(path)
     if detected.kind != "causal-lm":
         raise refusal(detected)
     files, graph = detected.files, detected.graph

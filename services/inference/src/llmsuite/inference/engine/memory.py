@@ -42,7 +42,6 @@ FALLBACK_GPU_KV_BYTES = 2 * 1024**3
 # start before the kernel (or a failed allocation) acts.
 MAX_MEMORY_SHARE_OF_LIMIT = 0.9
 # Model files whose bytes become resident weights (Optimum's external-data naming).
-_WEIGHT_FILE_SUFFIXES = (".onnx", ".onnx_data", ".onnx.data")
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -61,15 +60,6 @@ def resident_bytes() -> int:
     """This process's resident set size (0 where /proc is not available)."""
     sizes = _statm()
     return sizes[1] if sizes is not None else 0
-
-
-def weights_bytes(directory: Path) -> int:
-    """Bytes of a model's ONNX file and its external data: what its weights take once loaded."""
-    try:
-        files = [path for path in Path(directory).iterdir() if path.name.endswith(_WEIGHT_FILE_SUFFIXES)]
-        return sum(path.stat().st_size for path in files if path.is_file())
-    except OSError:
-        return 0
 
 
 @dataclass(frozen=True)

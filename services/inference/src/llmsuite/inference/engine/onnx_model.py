@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from llmsuite.inference.engine.device import Placement, create_session
 from llmsuite.inference.engine.errors import ModelLoadError
-from llmsuite.inference.engine.layouts import ExportConfig, ModelLayout, decoder_layout
+from llmsuite.inference.engine.layouts import DetectedModel, ExportConfig, ModelLayout, decoder_layout
 from llmsuite.inference.engine.ort_memory import run_detached
 from llmsuite.inference.engine.types import EngineSettings
 
@@ -176,9 +176,10 @@ class OnnxDecoder:
         self.kv_bytes_per_token: int = 2 * signature.num_layers * per_layer
 
     @classmethod
-    def load(cls, path: Path, settings: EngineSettings) -> OnnxDecoder:
-        """Loads a model directory or file (see layouts.py); raises ModelLoadError naming what is wrong."""
-        layout = decoder_layout(Path(path))
+    def load(cls, path: Path, settings: EngineSettings, *, detected: DetectedModel | None = None) -> OnnxDecoder:
+        """Loads a model directory or file (see layouts.py; `detected`: what detect_model already
+        found there); raises ModelLoadError naming what is wrong."""
+        layout = decoder_layout(Path(path), detected)
         session, placement = create_session(layout.model_file, settings)
         signature = DecoderSignature.from_session(session, layout)
         vocab_size = layout.config.vocab_size
