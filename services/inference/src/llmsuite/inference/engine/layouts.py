@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -306,7 +307,7 @@ def _weights_bytes(model_file: Path, graph: onnx.GraphProto) -> int:
     return sum(path.stat().st_size for path in paths if path.is_file())
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Any:
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
         yield node
         for attribute in node.attribute:  # If / Loop bodies (merged decoders)

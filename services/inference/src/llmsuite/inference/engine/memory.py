@@ -41,7 +41,6 @@ FALLBACK_GPU_KV_BYTES = 2 * 1024**3
 # The derived --max-memory stays this far below the process's own limit, so that refusals
 # start before the kernel (or a failed allocation) acts.
 MAX_MEMORY_SHARE_OF_LIMIT = 0.9
-# Model files whose bytes become resident weights (Optimum's external-data naming).
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
