@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= models/tiny
+EMBED_MODEL ?= models/tiny-embed
 # onnxruntime and onnxruntime-gpu install the same module and must never be
 # installed together: pick exactly one extra, by whether a GPU answers.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
@@ -66,12 +67,15 @@ fuzz: setup ## fault and fuzz suite (tests/fuzz) with FUZZ_EXAMPLES examples per
 $(MODEL)/model.onnx: | setup
 	$(BIN)/llmsuite-build-model --preset tiny --out $(MODEL)
 
-model: $(MODEL)/model.onnx ## build the default tiny model (offline, deterministic)
+$(EMBED_MODEL)/model.onnx: | setup
+	$(BIN)/llmsuite-build-model --kind encoder --preset tiny --out $(EMBED_MODEL)
+
+model: $(MODEL)/model.onnx $(EMBED_MODEL)/model.onnx ## build the default tiny models (decoder and encoder; offline, deterministic)
 
 PORT_BASE ?=
 RUN_ARGS  ?=
 run: setup model ## start tokenizer, inference, gateway and the HTTP API locally (PORT_BASE=N: ports N..N+3; RUN_ARGS: launcher options, see its --help); Ctrl-C stops them
-	$(BIN)/python -m llmsuite.cluster --model tiny=$(MODEL) $(if $(PORT_BASE),--port-base $(PORT_BASE)) $(RUN_ARGS)
+	$(BIN)/python -m llmsuite.cluster --model tiny=$(MODEL) --embedding-model tiny-embed=$(EMBED_MODEL) $(if $(PORT_BASE),--port-base $(PORT_BASE)) $(RUN_ARGS)
 
 bench: setup ## serving benchmark vs in-process ONNX Runtime on the bench preset; writes docs/performance.md (knobs: BENCH_ARGS)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

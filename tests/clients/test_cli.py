@@ -121,9 +121,10 @@ def test_tokenize_and_models(cli, gateway):
 
     code, out, _ = cli("models")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["NAME", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER", "LAYOUT",
-                                              "PRECISION", "QUANTIZATION"]
-    assert lines[1].split() == ["tiny", "llama", "512", "yes", "CPUExecutionProvider", "optimum", "fp32", "none"]
+    assert code == 0 and lines[0].split() == ["NAME", "KIND", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER",
+                                              "LAYOUT", "PRECISION", "QUANTIZATION"]
+    assert lines[1].split() == ["tiny", "generation", "llama", "512", "yes", "CPUExecutionProvider", "optimum",
+                                "fp32", "none"]
     code, out, _ = cli("models", "--json")
     models = json.loads(out)
     assert [m["name"] for m in models] == ["tiny", "tiny-gpt2"]

@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"+ {METRICS_PORT_OFFSET} (51050, 51051, 51052 by default). Every port is checked before anything "
                f"starts. `make run PORT_BASE=N` passes --port-base N; `make run RUN_ARGS='...'` passes any option.")
     parser.add_argument("--model", default="tiny=models/tiny", help="NAME=DIR served by tokenizer and inference")
+    parser.add_argument("--embedding-model", metavar="NAME=DIR",
+                        help="an embedding model served beside it (make run: tiny-embed=models/tiny-embed)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port-base", type=int, default=None, metavar="N",
                         help="gateway on N, tokenizer N+1, inference N+2, OpenAI-compatible API N+3 (their metrics "
@@ -249,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     gw_addr = f"{args.host}:{args.gateway_port}"
     http_addr = f"{args.host}:{args.openai_port}"
     env = {**os.environ, "LLMSUITE_LOG_FORMAT": os.environ.get("LLMSUITE_LOG_FORMAT", "text")}
+    models = ["--model", args.model]
+    if args.embedding_model:
+        models += ["--model", args.embedding_model]
     specs = [
-        ("tokenizer", tok_addr, ["llmsuite-tokenizer", "--listen", tok_addr, "--model", args.model]),
-        ("inference", inf_addr, ["llmsuite-inference", "--listen", inf_addr, "--model", args.model,
-                                 "--device", args.device]),
+        ("tokenizer", tok_addr, ["llmsuite-tokenizer", "--listen", tok_addr, *models]),
+        ("inference", inf_addr, ["llmsuite-inference", "--listen", inf_addr, *models, "--device", args.device]),
         ("gateway", gw_addr, ["llmsuite-gateway", "--listen", gw_addr, "--tokenizer", tok_addr,
                               "--inference", inf_addr]),
         ("openai", http_addr, ["llmsuite-openai", "--listen", http_addr, "--gateway", gw_addr]),
@@ -293,8 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {service:<9} SERVING on {address}", file=sys.stderr, flush=True)
         # The CLI's default address is the default gateway port: name it when that is not where it is.
         cli = "llmsuite" if gw_addr == f"127.0.0.1:{DEFAULT_PORTS['gateway']}" else f"llmsuite --address {gw_addr}"
+        embedding = args.embedding_model.partition("=")[0] if args.embedding_model else ""
+        served = f"model '{name}'" + (f", embedding model '{embedding}'" if embedding else "")
+        embedding_hint = "" if not embedding else f"""
+  {cli} embed --model {embedding} "Hello" "World"
+  curl http://{http_addr}/v1/embeddings -H 'Content-Type: application/json' \\
+    -d '{{"model": "{embedding}", "input": ["Hello", "World"]}}'"""
         print(f"""
-llmsuite is up: gateway {gw_addr} (tokenizer {tok_addr}, inference {inf_addr}), model '{name}',
+llmsuite is up: gateway {gw_addr} (tokenizer {tok_addr}, inference {inf_addr}), {served},
 OpenAI-compatible API on http://{http_addr}/v1.
 The default model has random weights: its text is not meaningful (see README).
 
@@ -305,7 +315,7 @@ Try, in another terminal (after `source .venv/bin/activate`):
   grpcurl -plaintext {gw_addr} list
   grpcurl -plaintext -d '{{"model": "{name}", "prompt": "Hello"}}' {gw_addr} llmsuite.gateway.v1.GatewayService/Generate
   curl http://{http_addr}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}'
+    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}'{embedding_hint}
 
 Ctrl-C stops them all.""", flush=True)
         trouble = _wait_for_trouble([proc for _n, proc in procs])

@@ -89,6 +89,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                      help="do not add the tokenizer's special tokens (e.g. BOS)")
     tok.add_argument("--json", action="store_true")
 
+    emb = command("embed", _embed, "one embedding vector per TEXT (one line each: its components, space-separated)")
+    emb.add_argument("texts", metavar="TEXT", nargs="+", help="texts to embed; '-' reads one text from stdin")
+    emb.add_argument("--model", default="tiny-embed")
+    emb.add_argument("--dimensions", type=int, help="keep the first N components and re-normalise")
+    emb.add_argument("--truncate", action="store_true",
+                     help="cut texts over the model's maximum length instead of failing")
+    emb.add_argument("--json", action="store_true", help="print one JSON object (vectors, usage) instead")
+
     models = command("models", _models, "list the models the gateway serves")
     models.add_argument("--json", action="store_true")
 
@@ -253,16 +261,29 @@ def _tokenize(client: LlmsuiteClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(client: LlmsuiteClient, args: argparse.Namespace) -> int:
+    texts = [sys.stdin.read() if t == "-" else t for t in args.texts]
+    result = client.embed(texts, model=args.model, dimensions=args.dimensions, truncate=args.truncate)
+    if args.json:
+        print(json.dumps({"model": result.model, "embeddings": [list(v) for v in result.vectors],
+                          "usage": {"prompt_tokens": result.usage.prompt_tokens}, "request_id": result.request_id}))
+    else:
+        for vector in result.vectors:
+            print(" ".join(f"{x:.8g}" for x in vector))
+    print(f"prompt_tokens={result.usage.prompt_tokens} request_id={result.request_id}", file=sys.stderr)
+    return 0
+
+
 def _models(client: LlmsuiteClient, args: argparse.Namespace) -> int:
     models = client.list_models()
     if args.json:
-        print(json.dumps([{"name": m.name, "architecture": m.architecture, "context_length": m.context_length,
-                           "has_chat_template": m.has_chat_template, "execution_provider": m.execution_provider,
-                           "layout": m.layout, "precision": m.precision, "quantization": m.quantization}
-                          for m in models]))
+        print(json.dumps([{"name": m.name, "kind": m.kind, "architecture": m.architecture,
+                           "context_length": m.context_length, "has_chat_template": m.has_chat_template,
+                           "execution_provider": m.execution_provider, "layout": m.layout, "precision": m.precision,
+                           "quantization": m.quantization} for m in models]))
         return 0
-    rows = [("NAME", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER", "LAYOUT", "PRECISION", "QUANTIZATION")]
-    rows += [(m.name, m.architecture, str(m.context_length), "yes" if m.has_chat_template else "no",
+    rows = [("NAME", "KIND", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER", "LAYOUT", "PRECISION", "QUANTIZATION")]
+    rows += [(m.name, m.kind, m.architecture, str(m.context_length), "yes" if m.has_chat_template else "no",
               m.execution_provider, m.layout, m.precision, m.quantization) for m in models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

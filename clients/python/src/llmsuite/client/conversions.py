@@ -13,6 +13,7 @@ from llmsuite.client.results import (
     ChatMessage,
     Completion,
     Constraint,
+    Embeddings,
     Encoding,
     ModelInfo,
     PositionLogprobs,
@@ -179,7 +180,36 @@ class StreamAccumulator:
 def model_info(m: gateway_pb2.ModelSummary) -> ModelInfo:
     return ModelInfo(name=m.name, architecture=m.architecture, context_length=m.context_length,
                      has_chat_template=m.has_chat_template, execution_provider=m.execution_provider,
-                     layout=m.layout, precision=m.precision, quantization=m.quantization, raw=m)
+                     layout=m.layout, precision=m.precision, quantization=m.quantization,
+                     kind="embedding" if m.kind == common_pb2.MODEL_KIND_EMBEDDING else "generation",
+                     embedding_dimensions=m.embedding_dimensions, raw=m)
+
+
+EmbedInputs = str | Iterable[str] | Iterable[Sequence[int]] | Sequence[int]
+
+
+def embed_request(inputs: EmbedInputs, *, model: str, dimensions: int | None, truncate: bool,
+                  add_special_tokens: bool | None) -> gateway_pb2.EmbedRequest:
+    """Texts (a string is one text) or token ids (a list of ints is one input, a list of lists many)."""
+    request = gateway_pb2.EmbedRequest(model=model, dimensions=dimensions or 0, truncate=truncate)
+    if add_special_tokens is not None:
+        request.add_special_tokens = add_special_tokens
+    if isinstance(inputs, str):
+        request.texts.append(inputs)
+        return request
+    items: list[Any] = list(inputs)
+    if items and all(isinstance(i, int) for i in items):
+        request.token_ids.append(common_pb2.TokenIds(token_ids=items))
+    elif all(isinstance(i, str) for i in items):
+        request.texts.extend(items)
+    else:
+        request.token_ids.extend(common_pb2.TokenIds(token_ids=list(i)) for i in items)
+    return request
+
+
+def embeddings(response: gateway_pb2.EmbedResponse) -> Embeddings:
+    return Embeddings(vectors=tuple(tuple(e.values) for e in response.embeddings), model=response.model,
+                      usage=usage(response.usage), request_id=response.request_id or None, raw=response)
 
 
 def encoding(e: common_pb2.Encoding) -> Encoding:

@@ -108,6 +108,8 @@ class ModelInfo:
     layout: str = ""  # "optimum" or "onnxruntime-genai" (empty from gateways that predate it)
     precision: str = ""  # of the weights: fp32, fp16, bf16, int8, int4
     quantization: str = ""  # "none" for float weights
+    kind: str = "generation"  # or "embedding": which of generate/chat or embed it serves
+    embedding_dimensions: int = 0  # embedding models: the vector length
     raw: Message | None = field(default=None, repr=False, compare=False)
 
 
@@ -119,6 +121,17 @@ class Encoding:
     token_ids: tuple[int, ...]
     offsets: tuple[tuple[int, int], ...] = ()
     truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One vector per input, in order; `usage.prompt_tokens` counts the tokens embedded."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    model: str
+    usage: Usage
+    request_id: str | None = None
+    raw: Message | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from llmsuite.client.results import (
     ChatMessage,
     Completion,
     Constraint,
+    Embeddings,
     Encoding,
     ModelInfo,
     SamplingOptions,
@@ -191,6 +192,19 @@ class LlmsuiteClient:
             response = self._gateway.ListModels(gateway_pb2.ListModelsRequest(),
                                                 **self.settings.call_options(timeout_s=timeout_s))
         return [conv.model_info(m) for m in response.models]
+
+    def embed(self, inputs: conv.EmbedInputs, *, model: str = "tiny-embed", dimensions: int | None = None,
+              truncate: bool = False, add_special_tokens: bool | None = None, request_id: str | None = None,
+              timeout_s: float | None = None) -> Embeddings:
+        """One vector per input from an embedding model. `inputs`: a text, texts, token ids (a list of
+        ints is one input) or lists of token ids. `dimensions` keeps the first components and
+        re-normalises; `truncate` cuts inputs over the model's maximum length instead of failing."""
+        request = conv.embed_request(inputs, model=model, dimensions=dimensions, truncate=truncate,
+                                     add_special_tokens=add_special_tokens)
+        with rpc_errors():
+            response = self._gateway.Embed(request, **self.settings.call_options(request_id=request_id,
+                                                                                  timeout_s=timeout_s))
+        return conv.embeddings(response)
 
     def tokenize(self, texts: str | Iterable[str], *, model: str = "tiny", add_special_tokens: bool | None = None,
                  offsets: bool = False, request_id: str | None = None,

@@ -30,11 +30,12 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.affinity import rank
 from llmsuite.gateway.local_tokenizers import LocalTokenizer, LocalTokenizers, TokenizerFilesRejected
 from llmsuite.gateway.upstreams import Replica, Upstreams
 from llmsuite.inference.v1 import inference_pb2
-from llmsuite.runtime.errors import LlmsuiteError, NotFound, Unavailable
+from llmsuite.runtime.errors import InvalidArgument, LlmsuiteError, NotFound, Unavailable
 from llmsuite.tokenizer.v1 import tokenizer_pb2
 
 log = logging.getLogger("llmsuite.gateway.catalogue")
@@ -42,6 +43,7 @@ log = logging.getLogger("llmsuite.gateway.catalogue")
 HealthStatuses = Mapping[str, bool]  # health service name -> SERVING?
 RETRY_AFTER_S = 1.0
 MIN_REFRESH_GAP_S = 0.2  # between refreshes, however often something wakes the catalogue
+GENERATION, EMBEDDING = "generation", "embedding"  # what a model is served for (ModelInfo.kind)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,16 @@ class ServedModel:
     layout: str = ""  # as the first matching replica reports them
     precision: str = ""
     quantization: str = ""
+    kind: str = GENERATION
+    embedding_dimensions: int = 0  # embedding models: the vector length
+
+
+def require_kind(model: ServedModel, kind: str) -> None:
+    """Generate and Chat need a generation model, Embed an embedding model."""
+    if model.kind != kind:
+        call = "Embed" if model.kind == EMBEDDING else "Generate or Chat"
+        raise InvalidArgument.for_field("model", f"model {model.name!r} is a {model.kind} model: call {call}",
+                                        reason="WRONG_MODEL_KIND", model=model.name)
 
 
 def health_name(model: str) -> str:
@@ -237,7 +249,9 @@ class Catalogue:
             served[name] = ServedModel(name, info.architecture, info.context_length, tok.has_chat_template,
                                        info.execution_provider, tok.content_hash, local,
                                        tuple(r for r, _ in matching), info.layout, info.precision,
-                                       info.quantization)
+                                       info.quantization,
+                                       kind=EMBEDDING if info.kind == common_pb2.MODEL_KIND_EMBEDDING else GENERATION,
+                                       embedding_dimensions=info.embedding_dimensions)
         return served, unservable
 
     async def _local_tokenizer(self, model: str, content_hash: str) -> LocalTokenizer | None:

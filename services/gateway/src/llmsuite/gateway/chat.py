@@ -24,6 +24,7 @@ import grpc
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.affinity import chat_key
+from llmsuite.gateway.catalogue import GENERATION, require_kind
 from llmsuite.gateway.generation import Deadline, Delta, relay_turn
 from llmsuite.gateway.upstreams import InferenceStream
 from llmsuite.gateway.v1 import gateway_pb2 as pb
@@ -60,7 +61,9 @@ class ChatSession:
         start = first.start
         if not start.model:
             raise InvalidArgument.for_field("start.model", "required", reason="MISSING_FIELD")
-        if not self._s.catalogue.lookup(start.model).has_chat_template:
+        model = self._s.catalogue.lookup(start.model)
+        require_kind(model, GENERATION)
+        if not model.has_chat_template:
             raise FailedPrecondition(f"model {start.model!r} has no chat template; use Generate",
                                      reason="NO_CHAT_TEMPLATE")
         self._model_name = start.model

@@ -21,8 +21,9 @@ from prometheus_client.registry import Collector
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.affinity import DEFAULT_KEY_CHARS, prompt_key
-from llmsuite.gateway.catalogue import Catalogue, HealthStatuses, ServedModel
+from llmsuite.gateway.catalogue import EMBEDDING, GENERATION, Catalogue, HealthStatuses, ServedModel, require_kind
 from llmsuite.gateway.chat import ChatSession
+from llmsuite.gateway.embeddings import embed
 from llmsuite.gateway.generation import Deadline, Delta, TurnOutcome, relay_turn
 from llmsuite.gateway.metrics import GatewayMetrics
 from llmsuite.gateway.rate_limit import RateLimiter
@@ -169,6 +170,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.limits.check_request_chars("prompt", [prompt])
         max_new, stops = self.check_sampling(req.sampling)
         model = self.catalogue.lookup(req.model)
+        require_kind(model, GENERATION)
         deadline = Deadline.split(context.time_remaining(), self.limits.deadline_margin_s)
         candidates = self.catalogue.replicas_for(model, prompt_key(prompt, self.limits.affinity_key_chars))
         # Open the replica's stream while the prompt is being encoded.
@@ -257,8 +259,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return pb.ListModelsResponse(models=[
             pb.ModelSummary(name=m.name, architecture=m.architecture, context_length=m.context_length,
                             has_chat_template=m.has_chat_template, execution_provider=m.execution_provider,
-                            layout=m.layout, precision=m.precision, quantization=m.quantization)
+                            layout=m.layout, precision=m.precision, quantization=m.quantization,
+                            kind=common_pb2.MODEL_KIND_EMBEDDING if m.kind == EMBEDDING
+                            else common_pb2.MODEL_KIND_GENERATION, embedding_dimensions=m.embedding_dimensions)
             for m in self.catalogue.served])
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        return await embed(self, request, context)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         self.limits.check_request_chars("texts", request.texts)

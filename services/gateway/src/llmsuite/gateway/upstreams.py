@@ -409,6 +409,25 @@ class Upstreams:
             for upstream in upstreams:
                 upstream.on_failure = None
 
+    async def embed(self, request: inference_pb2.EmbedRequest, candidates: Sequence[Replica], *,
+                    time_limit_s: float | None) -> inference_pb2.EmbedResponse:
+        """One Embed on candidates[0]; a replica that refuses (overloaded, down, circuit open) is
+        spilled over once to the next. Caller mistakes are raised at once."""
+        last_error: LlmsuiteError | None = None
+        refused_by = ""
+        for replica in candidates[:2]:  # the first choice and one spill-over
+            if last_error is not None and self._metrics is not None:
+                self._metrics.spilled_over(refused_by, last_error.code)
+            try:
+                return await self._call(replica, "inference", replica.stub.Embed, request, time_limit_s=time_limit_s)
+            except LlmsuiteError as exc:
+                if exc.code not in SPILL_OVER_CODES:
+                    raise
+                last_error, refused_by = exc, replica.target
+        if last_error is not None:
+            raise last_error
+        raise unavailable("inference", reason="NO_UPSTREAM")
+
     async def close(self) -> None:
         await self.tokenizer.channel.close()
         for replica in self.replicas:

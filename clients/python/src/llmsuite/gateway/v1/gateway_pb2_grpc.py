@@ -64,6 +64,11 @@ class GatewayServiceStub:
                 request_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmsuite.gateway.v1.GatewayService/Embed',
+                request_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -114,6 +119,15 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One vector per input text (or list of token ids), from an embedding
+        model (ModelSummary.kind MODEL_KIND_EMBEDDING). Token usage counts
+        against the caller's rate limits like generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +160,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensRequest.FromString,
                     response_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.EmbedRequest.FromString,
+                    response_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +329,33 @@ class GatewayService:
             '/llmsuite.gateway.v1.GatewayService/CountTokens',
             llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensRequest.SerializeToString,
             llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmsuite.gateway.v1.GatewayService/Embed',
+            llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
+            llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmsuite.client import AsyncLlmsuiteClient, ChatMessage, Completion, Constraint, LlmsuiteError, TextChunk
 from llmsuite.gateway.openai import errors, responses
+from llmsuite.gateway.openai.embeddings import embeddings
 from llmsuite.gateway.openai.errors import ApiError
 from llmsuite.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
 from llmsuite.runtime.errors import InvalidArgument
@@ -365,6 +367,7 @@ def build_app(settings: ApiSettings) -> Starlette:
         Route("/v1/models/{model:path}", _with_request_id(api.retrieve_model), methods=["GET"]),
         Route("/v1/completions", _with_request_id(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", _with_request_id(api.chat_completions), methods=["POST"]),
+        Route("/v1/embeddings", _with_request_id(functools.partial(embeddings, api)), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=api.lifespan, middleware=[Middleware(TrailingSlashTolerant)],
                     exception_handlers={
