@@ -47,6 +47,11 @@ def ratios(results: dict[str, Any], *, batch: int) -> list[dict[str, Any]]:
     if constrained:
         rows.append((f"c={constrained['concurrency']} under a JSON Schema / unconstrained output tok/s (issue 17)",
                      _constraint_ratio(constrained), ">=", 0.85))
+    embeddings = results.get("embeddings")
+    if embeddings:
+        level = embeddings["level"]
+        rows.append((f"gateway embeddings c={level['concurrency']} texts/s / in-process loop",
+                     _div(level["texts_per_s"], embeddings["reference"]["texts_per_s"]), ">=", 0.8))
     out = []
     for name, value, op, target in rows:
         met = None if value is None else (value >= target if op == ">=" else value <= target)
@@ -99,6 +104,11 @@ def summary_text(results: dict[str, Any]) -> str:
         lines.append(f"  chat: last turn TTFT p50 / uncached TTFT p50 of a {chat['last_turn_prompt_tokens']}-token "
                      f"prompt = {_fmt(_chat_ratio(chat), 3)} (issue 11 target <= 0.2), cached prompt tokens "
                      f"{chat['cache_hit_rate']:.1%}")
+    embeddings = results.get("embeddings")
+    if embeddings:
+        lines.append(f"  embeddings: gateway {embeddings['level']['texts_per_s']} texts/s at c="
+                     f"{embeddings['level']['concurrency']}, in-process {embeddings['reference']['texts_per_s']} "
+                     "texts/s")
     if results["note"]:
         lines.append(f"  note: {results['note']}")
     return "\n".join(lines)
@@ -175,6 +185,32 @@ _GATEWAY_ROWS = (
       for name, metric in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms"))
       for p in ("p50", "p95", "p99")),
 )
+
+
+def _embeddings_section(embeddings: dict[str, Any] | None) -> list[str]:
+    if not embeddings:
+        return []
+    level, ref = embeddings["level"], embeddings["reference"]
+    latency = level["latency_ms"]
+    return [
+        "### Embeddings (issue 18)",
+        "",
+        f"The encoder bench preset (`llmsuite-build-model --kind encoder --preset bench`: BERT-style, 6 layers, "
+        f"384 dimensions, mean pooling, {_fmt(embeddings['model_weights_mib'])} MiB) served beside the decoder. "
+        f"`{embeddings['command']}`: {level['requests']} Embed requests of {embeddings['texts_per_request']} "
+        "texts (4-48 words each) through the gateway; the reference embeds the same texts straight on "
+        "onnxruntime with the same thread count, tokenizing each request's texts in-process and running them as "
+        "one right-padded forward (bench/embed_reference.py).",
+        "",
+        *_table(["", "texts", "seconds", "texts/s", "tokens/s", "latency p50 / p99 (ms)", "errors"],
+                [[f"gateway c={level['concurrency']}", level["texts"], _fmt(level["duration_s"], 2),
+                  _fmt(level["texts_per_s"]), _fmt(level["tokens_per_s"]),
+                  f"{_fmt(latency.get('p50'))} / {_fmt(latency.get('p99'))}",
+                  ", ".join(f"{k}={v}" for k, v in level["errors"].items()) or "none"],
+                 [ref["label"], ref["texts"], _fmt(ref["seconds"], 2), _fmt(ref["texts_per_s"]),
+                  _fmt(ref["tokens"] / ref["seconds"]), "", ""]]),
+        "",
+    ]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -261,6 +297,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         *_chat_section(results.get("chat")),
         *_constraint_section(results.get("constrained")),
+        *_embeddings_section(results.get("embeddings")),
         *_READING,
     ]
     return "\n".join(lines)

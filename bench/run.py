@@ -16,7 +16,11 @@
 4. Stops the cluster, then runs the references on a quiet machine, straight on
    onnxruntime with the same session settings and the very prompt tokens the gateway
    sent (bench/reference.py): one sequence at a time, and one left-padded batch.
-5. Prints the issue-7 ratios and writes them, with the machine and the command, to
+5. Embeddings (issue 18): the cluster also serves the encoder bench preset; `llmsuite bench
+   --workload embed` sends --texts-per-request texts per request at --embed-concurrency,
+   and after the cluster stops bench/embed_reference.py embeds the very same texts straight
+   on onnxruntime, one forward per request. --no-embeddings skips it.
+6. Prints the issue-7 ratios and writes them, with the machine and the command, to
    docs/performance.md (unless --no-write). Raw results go to --results-dir.
 
 It asserts nothing: a missed target is reported, not failed.
@@ -45,6 +49,7 @@ from typing import Any
 import grpc
 import onnxruntime as ort
 import performance_doc
+from embed_reference import run_embed_reference
 from reference import GreedyRun, ReferenceSession, greedy
 
 from llmsuite.cluster import wait_serving
@@ -54,6 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MODEL_NAME = "bench"
 STRUCTURED_OUTPUT_SCHEMA = Path(__file__).resolve().parent / "structured_output.schema.json"
+EMBED_MODEL_NAME = "bench-embed"
 
 
 def _free_port() -> int:
@@ -74,10 +80,12 @@ class Cluster:
     """`python -m llmsuite.cluster` on free ports; its log goes to a file (nothing to drain)."""
 
     def __init__(self, model_dir: Path, device: str, threads: int, log_path: Path, *, model_name: str = MODEL_NAME,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, embed_model_dir: Path | None = None) -> None:
         self.ports = {name: _free_port() for name in ("gateway", "tokenizer", "inference")}
         self.argv = [str(BIN / "python"), "-m", "llmsuite.cluster", "--model", f"{model_name}={model_dir}",
                      "--device", device, *(f"--{n}-port={p}" for n, p in self.ports.items())]
+        if embed_model_dir is not None:
+            self.argv += ["--embedding-model", f"{EMBED_MODEL_NAME}={embed_model_dir}"]
         # The services read every flag from its LLMSUITE_* variable too; the cluster passes its env on.
         self.env = {**os.environ, "LLMSUITE_INTRA_OP_THREADS": str(threads), "LLMSUITE_INTER_OP_THREADS": "0",
                     "LLMSUITE_GRAPH_OPTIMIZATION": "all", **(env or {})}
@@ -284,6 +292,25 @@ def run_constraint_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Pa
     }
 
 
+def run_embed_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    return llmsuite_bench(cluster, [
+        "--workload", "embed", "-c", str(args.embed_concurrency), "-n", str(args.embed_requests),
+        "--texts-per-request", str(args.texts_per_request), "--warmup", "2", "--seed", str(args.seed),
+        "--save-texts", str(out_dir / "embed-texts.jsonl")], out_dir / "embed.json", model=EMBED_MODEL_NAME)
+
+
+def embeddings_results(args: argparse.Namespace, gateway: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+    """The gateway's texts/s against the in-process loop over the same texts (run with the cluster stopped)."""
+    batches = [json.loads(line) for line in (args.results_dir / "embed-texts.jsonl").read_text().splitlines()]
+    print(f"reference: embedding {len(batches)} requests of {args.texts_per_request} texts in-process",
+          file=sys.stderr)
+    reference = run_embed_reference(args.embed_model_dir, batches, intra_op_threads=args.threads)
+    (level,) = gateway["levels"]
+    return {"command": shlex.join(argv), "level": level, "reference": reference.to_dict(),
+            "texts_per_request": args.texts_per_request,
+            "model_weights_mib": round((args.embed_model_dir / "model.onnx").stat().st_size / 2**20, 1)}
+
+
 @dataclass(frozen=True)
 class ReferenceResult:
     label: str
@@ -404,6 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     constraint.add_argument("--constraint-requests", type=int, default=48, help="requests per run")
     constraint.add_argument("--constraint-rounds", type=int, default=2,
                             help="plain-then-constrained rounds, summed on each side")
+    emb = parser.add_argument_group("embeddings (issue 18)")
+    emb.add_argument("--no-embeddings", dest="embeddings", action="store_false",
+                     help="skip the embeddings level")
+    emb.add_argument("--embed-model-dir", type=Path, default=REPO / "models" / "bench-embed",
+                     help="the encoder bench preset (built here if absent)")
+    emb.add_argument("--embed-concurrency", type=int, default=16)
+    emb.add_argument("--embed-requests", type=int, default=48, help="Embed requests at that concurrency")
+    emb.add_argument("--texts-per-request", type=int, default=32)
     parser.add_argument("--profile", action="store_true",
                         help="record the inference and gateway processes with py-spy during the gateway levels "
                              "(speedscope files in --results-dir)")
@@ -421,9 +456,16 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(BIN / "llmsuite-build-model"), "--preset", "bench", "--out", str(args.model_dir)],
                        check=True)
 
+    if args.embeddings and not (args.embed_model_dir / "model.onnx").is_file():
+        print(f"building the encoder bench preset into {args.embed_model_dir} ...", file=sys.stderr, flush=True)
+        subprocess.run([str(BIN / "llmsuite-build-model"), "--kind", "encoder", "--preset", "bench", "--out",
+                        str(args.embed_model_dir)], check=True)
+
     print(f"starting the cluster (inference: {args.device}, {args.threads} intra-op threads) ...", file=sys.stderr,
           flush=True)
-    with Cluster(args.model_dir, args.device, args.threads, args.results_dir / "cluster.log") as cluster:
+    embed_dir = args.embed_model_dir if args.embeddings else None
+    with Cluster(args.model_dir, args.device, args.threads, args.results_dir / "cluster.log",
+                 embed_model_dir=embed_dir) as cluster:
         pid = cluster.service_pid("inference")
         services = {name: cluster.service_pid(name) for name in ("inference", "gateway")} if args.profile else {}
         with MemoryWatch(pid, cluster.address("inference")) as memory, profiling(services, args.results_dir):
@@ -431,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         constrained = (run_constraint_bench(cluster, args, args.results_dir)
                        if args.constraint_concurrency > 0 else None)
         chat = run_chat_bench(cluster, args, args.results_dir) if args.chat else None
+        embed = run_embed_bench(cluster, args, args.results_dir) if args.embeddings else None
 
     prompts: dict[int, list[list[int]]] = {}
     by_request: dict[tuple[int, int], list[int]] = {}
@@ -468,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                    "reported_kv_budget": memory.budget or None},
         "chat": chat,
         "constrained": constrained,
+        "embeddings": embeddings_results(args, *embed) if embed is not None else None,
         "note": args.note,
     }
     results["ratios"] = performance_doc.ratios(results, batch=args.batch)

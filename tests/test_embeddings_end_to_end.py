@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -295,3 +296,17 @@ def test_the_make_run_launcher_serves_the_embedding_model_beside_tiny(models, tm
             proc.wait(10)
     text = log.read_text()
     assert "embedding model 'tiny-embed'" in text and "llmsuite embed --model tiny-embed" in text, text
+
+
+def test_llmsuite_bench_embed_workload(cluster, tmp_path: Path) -> None:
+    saved = tmp_path / "texts.jsonl"
+    done = subprocess.run([str(BIN / "llmsuite"), "--address", cluster["gateway"].address, "--api-key", KEY, "bench",
+                           "--workload", "embed", "--model", "tiny-embed", "-c", "2", "-n", "3",
+                           "--texts-per-request", "4", "--warmup", "1", "--save-texts", str(saved), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (level,) = json.loads(done.stdout)["levels"]
+    assert (level["concurrency"], level["requests"], level["succeeded"], level["texts"]) == (2, 3, 3, 12)
+    assert level["errors"] == {} and level["texts_per_s"] > 0 and level["tokens"] > 12
+    batches = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(batches) == 3 and all(len(b) == 4 and all(b) for b in batches)

@@ -88,3 +88,22 @@ def test_chat_section_reports_turns_and_the_uncached_ratio(performance_doc):
     assert "| 2 | 3 | 250 | 750 | 75.0% | 150.0 |" in text
     assert "ratio 0.150 (target <= 0.2: met)" in text
     assert "= 0.150 (issue 11 target <= 0.2)" in performance_doc.summary_text(results)
+
+
+def test_embeddings_level_is_a_ratio_against_the_in_process_loop(performance_doc):
+    results = copy.deepcopy(RESULTS)
+    assert not any("embeddings" in r["name"] for r in performance_doc.ratios(results, batch=16))
+    results["embeddings"] = {
+        "command": "llmsuite bench --workload embed -c 16", "texts_per_request": 32, "model_weights_mib": 47.4,
+        "level": {"concurrency": 16, "requests": 64, "succeeded": 64, "errors": {}, "texts": 2048, "tokens": 40000,
+                  "duration_s": 10.0, "texts_per_s": 204.8, "tokens_per_s": 4000.0,
+                  "latency_ms": {"p50": 2400.0, "p95": 2600.0, "p99": 2700.0}},
+        "reference": {"label": "in-process loop, one forward per request", "requests": 64, "texts": 2048,
+                      "tokens": 40000, "seconds": 8.0, "texts_per_s": 256.0}}
+    ratios = {r["name"]: r for r in performance_doc.ratios(results, batch=16)}
+    ratio = ratios["gateway embeddings c=16 texts/s / in-process loop"]
+    assert ratio["value"] == 0.8 and ratio["met"] is True
+    results["ratios"] = list(ratios.values())
+    text = performance_doc.render(results)
+    assert "### Embeddings (issue 18)" in text and "| gateway c=16 | 2048 | 10.00 | 204.8 |" in text
+    assert "embeddings: gateway 204.8 texts/s" in performance_doc.summary_text(results)

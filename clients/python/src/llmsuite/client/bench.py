@@ -15,6 +15,8 @@ import json
 import sys
 from typing import Any
 
+from llmsuite.client.async_client import AsyncLlmsuiteClient
+from llmsuite.client.bench_embed import format_embed_table, run_embed_bench, write_texts
 from llmsuite.client.bench_report import format_table, to_json, write_prompts, write_requests
 from llmsuite.client.bench_runner import WORKLOADS, BenchConfig, BenchResult, ProgressBar, run
 from llmsuite.client.bench_targets import CHAT_MODES, GatewayTarget, InferenceTarget, ModelFacts, Target
@@ -74,12 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "to keep lengths exact, pick one whose output cannot be complete within "
                             "--output-tokens")
     chat = parser.add_argument_group("multi-turn chat")
-    chat.add_argument("--workload", choices=WORKLOADS, default="generate",
-                      help="generate: independent requests; chat: conversations of --turns turns")
+    chat.add_argument("--workload", choices=(*WORKLOADS, "embed"), default="generate",
+                      help="generate: independent requests; chat: conversations of --turns turns; embed: Embed "
+                           "calls of --texts-per-request texts each (gateway only; texts/s per level)")
     chat.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
     chat.add_argument("--chat-mode", choices=CHAT_MODES, default="resend",
                       help="resend: each turn is a new call carrying the whole conversation, as OpenAI-style "
                            "clients do; session: one held-open stream per conversation (default resend)")
+    emb = parser.add_argument_group("embeddings (--workload embed)")
+    emb.add_argument("--texts-per-request", type=int, default=32, metavar="N",
+                     help="texts per Embed request, 4-48 words each (default 32)")
+    emb.add_argument("--save-texts", metavar="FILE", help="write each request's texts as one JSON line")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     out.add_argument("--save-requests", metavar="FILE", help="write one JSON line per request")
@@ -114,6 +121,8 @@ def _read_schema(file: Any) -> str | None:
 
 def run_command(settings: ConnectionSettings, args: argparse.Namespace) -> int:
     """The `llmsuite bench` command: 0 when every level ran (request errors are results)."""
+    if args.workload == "embed":
+        return _run_embed_command(settings, args)
     try:
         config = config_from_args(args)
     except ValueError as exc:
@@ -130,6 +139,33 @@ def run_command(settings: ConnectionSettings, args: argparse.Namespace) -> int:
         with open(args.save_prompts, "w", encoding="utf-8") as f:
             write_prompts(result, f)
     print(json.dumps(to_json(result), indent=2) if args.json else format_table(result), flush=True)
+    return 0
+
+
+def _run_embed_command(settings: ConnectionSettings, args: argparse.Namespace) -> int:
+    if args.target != "gateway" or args.duration is not None or args.texts_per_request < 1:
+        print("llmsuite bench: --workload embed runs against the gateway with request counts (-n), and "
+              "--texts-per-request >= 1", file=sys.stderr)
+        return 2
+    requests = args.requests or tuple(max(4, 2 * c) for c in args.concurrency)
+    if len(requests) == 1:
+        requests = requests * len(args.concurrency)
+    if len(requests) != len(args.concurrency):
+        print("llmsuite bench: -n: one count, or one per concurrency level", file=sys.stderr)
+        return 2
+    settings = dataclasses.replace(settings, max_attempts=1,
+                                   timeout_s=args.timeout if args.timeout is not None else BENCH_TIMEOUT_S)
+
+    async def run_it() -> tuple[dict[str, Any], list[list[str]]]:
+        fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        async with AsyncLlmsuiteClient(**fields) as client:
+            return await run_embed_bench(client, model=args.model, concurrency=args.concurrency, requests=requests,
+                                         per_request=args.texts_per_request, seed=args.seed, warmup=args.warmup)
+
+    result, texts = asyncio.run(run_it())
+    if args.save_texts:
+        write_texts(texts, args.save_texts)
+    print(json.dumps(result, indent=2) if args.json else format_embed_table(result), flush=True)
     return 0
 
 
