@@ -152,6 +152,15 @@ def test_token_ids_truncation_and_usage(stub, models) -> None:
     assert cut.usage.prompt_tokens == 512
     short = stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=[TEXTS[0]], dimensions=8), metadata=AUTH)
     assert len(short.embeddings[0].values) == 8
+    # More texts than one Encode call carries (the tokenizer's --max-batch-size, 256): encoded in chunks.
+    many = [f"text number {i}" for i in range(600)]
+    answer = stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=many), metadata=AUTH)
+    assert len(answer.embeddings) == 600
+    assert cosine(vectors(answer)[599], vectors(stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=many[599:]),
+                                                          metadata=AUTH))[0]) > COSINE
+    with pytest.raises(grpc.RpcError) as caught:  # a tokenizer refusal in the third chunk names the caller's index
+        stub.Embed(pb.EmbedRequest(model="tiny-embed", texts=[*many[:520], "x" * 1_000_001]), metadata=AUTH)
+    assert [f for f, _ in error_details(caught.value)["field_violations"]] == ["texts[520]"]
 
 
 @pytest.mark.parametrize(("request_", "code", "field", "reason"), [

@@ -10,6 +10,7 @@ is spilled over once to the next, as for generation.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -29,7 +30,11 @@ if TYPE_CHECKING:
     from llmsuite.gateway.service import GatewayServicer
 
 MAX_INPUTS = 2048  # as OpenAI's embeddings endpoint and the inference service
+# Texts per Encode call: the tokenizer's default --max-batch-size. Larger requests are encoded in
+# chunks of this size, concurrently (the tokenizer runs them on its worker threads).
+ENCODE_CHUNK = 256
 _REPLICA_FIELD = re.compile(r"^inputs\[(\d+)\]\.token_ids")
+_TEXT_FIELD = re.compile(r"^texts\[(\d+)\]")
 
 
 def _validated_inputs(request: pb.EmbedRequest) -> str:
@@ -69,17 +74,42 @@ def _check_lengths(inputs: Sequence[Sequence[int]], field: str, limit: int) -> N
                 "set truncate", reason="INPUT_TOO_LONG", limit=str(limit), tokens=str(len(ids)))
 
 
-def _renamed(error: LlmsuiteError, field: str) -> LlmsuiteError:
-    """A replica names `inputs[i].token_ids`; the caller sent `texts[i]` or `token_ids[i]`."""
+def _renamed(error: LlmsuiteError, pattern: re.Pattern[str], field: str, offset: int = 0) -> LlmsuiteError:
+    """The error with field paths matching `pattern` (an index in group 1) renamed to `field[index + offset]`:
+    a replica names `inputs[i].token_ids` where the caller sent `texts[i]` or `token_ids[i]`, and a chunk's
+    Encode numbers its texts from 0."""
     if not error.violations:
         return error
-    violations = tuple(FieldViolation(_REPLICA_FIELD.sub(rf"{field}[\1]", v.field), v.description)
-                       for v in error.violations)
+
+    def rename(text: str) -> str:
+        return pattern.sub(lambda m: f"{field}[{int(m.group(1)) + offset}]", text)
+
+    violations = tuple(FieldViolation(rename(v.field), v.description) for v in error.violations)
     metadata = {**error.metadata, "field": violations[0].field} if "field" in error.metadata else error.metadata
-    renamed = replace(error, violations=violations, metadata=metadata,
-                      message=_REPLICA_FIELD.sub(rf"{field}[\1]", error.message))
+    renamed = replace(error, violations=violations, metadata=metadata, message=rename(error.message))
     renamed.code = error.code
     return renamed
+
+
+async def _encode(servicer: GatewayServicer, model: ServedModel, request: pb.EmbedRequest,
+                  time_limit_s: float | None) -> list[list[int]]:
+    """Token ids of every text, encoded in chunks of ENCODE_CHUNK texts at once."""
+
+    async def chunk(start: int) -> list[list[int]]:
+        encode = tokenizer_pb2.EncodeRequest(model=model.name, texts=request.texts[start:start + ENCODE_CHUNK])
+        if request.HasField("add_special_tokens"):
+            encode.add_special_tokens = request.add_special_tokens
+        if request.truncate:
+            encode.truncation.max_length = model.context_length
+        try:
+            encoded = await servicer.up.encode(encode, time_limit_s=time_limit_s)
+        except LlmsuiteError as error:
+            raise _renamed(error, _TEXT_FIELD, "texts", start) from None
+        servicer.catalogue.check_pairing(model, encoded.content_hash)
+        return [list(e.token_ids) for e in encoded.encodings]
+
+    chunks = await asyncio.gather(*(chunk(start) for start in range(0, len(request.texts), ENCODE_CHUNK)))
+    return [ids for part in chunks for ids in part]
 
 
 async def embed(servicer: GatewayServicer, request: pb.EmbedRequest,
@@ -89,14 +119,7 @@ async def embed(servicer: GatewayServicer, request: pb.EmbedRequest,
     _check_model(model, request.dimensions)
     limit = model.context_length
     if request.texts:
-        encode = tokenizer_pb2.EncodeRequest(model=model.name, texts=request.texts)
-        if request.HasField("add_special_tokens"):
-            encode.add_special_tokens = request.add_special_tokens
-        if request.truncate:
-            encode.truncation.max_length = limit
-        encoded = await servicer.up.encode(encode, time_limit_s=context.time_remaining())
-        servicer.catalogue.check_pairing(model, encoded.content_hash)
-        inputs = [list(e.token_ids) for e in encoded.encodings]
+        inputs = await _encode(servicer, model, request, context.time_remaining())
     else:
         inputs = [list(t.token_ids)[:limit] if request.truncate else list(t.token_ids) for t in request.token_ids]
     _check_lengths(inputs, field, limit)
@@ -113,7 +136,7 @@ async def embed(servicer: GatewayServicer, request: pb.EmbedRequest,
             answer = await servicer.up.embed(forwarded, servicer.catalogue.replicas_for(model),
                                              time_limit_s=context.time_remaining())
         except LlmsuiteError as error:
-            raise _renamed(error, field) from None
+            raise _renamed(error, _REPLICA_FIELD, field) from None
         used = answer.usage.prompt_tokens
         return pb.EmbedResponse(request_id=current_request_id() or forwarded.request_id,
                                 embeddings=answer.embeddings, usage=answer.usage, model=model.name)
