@@ -61,6 +61,9 @@ class EmbeddingRequest(_Strict):
     def unsupported_fields(self) -> list[tuple[str, str]]:
         return []
 
+    def check_sampling_values(self) -> None:
+        """Nothing is sampled: every request body answers it, this one with no checks."""
+
     @property
     def texts(self) -> list[str] | None:
         if isinstance(self.input, str):
