@@ -173,7 +173,7 @@ def test_wrong_model_kinds_are_refused_both_ways(load_engine: Callable[..., Infe
     assert {i.name: i.kind for i in engine.list_models()} == {"enc": "embedding", "tiny": "generation"}
     error = _refusal(engine, "tiny", [[1, 2, 3]])
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT and error.reason == "WRONG_MODEL_KIND"
-    assert "hidden-state output" in error.message
+    assert "feature-extraction" in error.message
     with pytest.raises(InvalidArgument) as caught:
         engine.open_session("enc", multi_turn=False)
     assert caught.value.reason == "WRONG_MODEL_KIND" and "Embed" in caught.value.message

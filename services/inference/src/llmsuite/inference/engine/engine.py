@@ -292,8 +292,10 @@ class InferenceEngine:
             return self._embedders[name]
         except KeyError:
             if name in self._models:
-                raise _wrong_kind(name, "a generation model, and its export has no hidden-state output to pool; "
-                                  "serve an embedding export (Optimum --task feature-extraction) for Embed") from None
+                raise _wrong_kind(name, "a generation model (a decoder export with KV cache: its output is logits, "
+                                  "not hidden states to pool); for Embed serve an Optimum --task "
+                                  "feature-extraction export (a decoder exported so is pooled on its last token)"
+                                  ) from None
             raise self._not_found(name) from None
 
     def _not_found(self, name: str) -> NotFound:
