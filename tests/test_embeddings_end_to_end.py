@@ -304,7 +304,7 @@ def test_the_make_run_launcher_serves_the_embedding_model_beside_tiny(models, tm
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     text = log.read_text()
-    assert "embedding model 'tiny-embed'" in text and "llmsuite embed --model tiny-embed" in text, text
+    assert "embedding model 'tiny-embed'" in text and " embed --model tiny-embed" in text, text
 
 
 def test_llmsuite_bench_embed_workload(cluster, tmp_path: Path) -> None:
