@@ -263,4 +263,5 @@ def test_port_options_help_and_make_run_pass_through():
     assert "/metrics on their gRPC port + 1000" in help_text and "--port-base" in help_text, help_text
     dry_run = subprocess.run(["make", "-n", "run", "PORT_BASE=60050", "RUN_ARGS=--device cpu"], cwd=REPO,
                              capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "-m llmsuite.cluster --model tiny=models/tiny --port-base 60050 --device cpu" in dry_run, dry_run
+    assert ("-m llmsuite.cluster --model tiny=models/tiny --embedding-model tiny-embed=models/tiny-embed "
+            "--port-base 60050 --device cpu") in dry_run, dry_run
