@@ -37,6 +37,11 @@ MIB = 1024**2
 
 
 def patch_sessions(args: argparse.Namespace) -> None:
+    if args.shared_arena:
+        # kNextPowerOfTwo (0), as the per-session arenas grow; kSameAsRequested (1) is far worse.
+        ort.create_and_register_allocator(
+            ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
+            ort.OrtArenaCfg(0, 0, -1, -1))
     original_init = ort.InferenceSession.__init__
     original_run = ort.InferenceSession.run_with_iobinding
     shrink = ort.RunOptions()
@@ -48,6 +53,8 @@ def patch_sessions(args: argparse.Namespace) -> None:
         kv_ops = isinstance(path_or_bytes, bytes)  # the KV-reshaping graphs are built in memory
         options.enable_cpu_mem_arena = not (args.no_arena or (kv_ops and args.no_kv_ops_arena))
         options.enable_mem_pattern = not args.no_mem_pattern
+        if args.shared_arena:
+            options.add_session_config_entry("session.use_env_allocators", "1")
         original_init(self, path_or_bytes, options, providers, provider_options, **kwargs)
 
     def run(self: Any, binding: Any, run_options: Any = None) -> Any:
@@ -108,6 +115,8 @@ def main() -> int:
     knobs.add_argument("--no-mem-pattern", action="store_true", help="enable_mem_pattern=False")
     knobs.add_argument("--arena-shrinkage", action="store_true",
                        help="run option memory.enable_memory_arena_shrinkage=cpu:0 on every run")
+    knobs.add_argument("--shared-arena", action="store_true",
+                       help="one CPU arena for every session (session.use_env_allocators)")
     knobs.add_argument("--malloc-trim", action="store_true", help="glibc malloc_trim(0) after every scheduler step")
     args = parser.parse_args()
     patch_sessions(args)

@@ -20,6 +20,7 @@ from typing import Any
 import onnxruntime as ort
 
 from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.ort_memory import share_cpu_arena
 from llmsuite.inference.engine.types import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def session_options(settings: EngineSettings) -> ort.SessionOptions:
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = _OPTIMIZATION_LEVELS[settings.graph_optimization]
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
+    share_cpu_arena(options)
     return options
 
 

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from llmsuite.inference.engine.device import Placement
-from llmsuite.inference.engine.ort_memory import run_detached
+from llmsuite.inference.engine.ort_memory import run_detached, share_cpu_arena
 
 _OPSET = 18
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
@@ -102,6 +102,7 @@ class KvOps:
         options.intra_op_num_threads = max(1, intra_op_threads)
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        share_cpu_arena(options)
         self._reshape = ort.InferenceSession(
             _reshape_graph(self._tensors, elem_type).SerializeToString(), options, providers=list(providers))
         self._join = ort.InferenceSession(
