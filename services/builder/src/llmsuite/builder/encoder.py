@@ -27,9 +27,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from llmsuite.builder.model import (
+    BATCH,
+    CONFIG_FILE,
     IR_VERSION,
     MASKED_SCORE,
+    MODEL_FILE,
     OPSET,
+    SEQUENCE,
+    TOKENIZER_FILES,
     WeightSpec,
     _bias,
     _GraphWriter,
@@ -39,15 +44,9 @@ from llmsuite.builder.model import (
 )
 from llmsuite.builder.tokenizer import PAD_ID, build_tokenizer
 
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
 MODULES_FILE = "modules.json"
 POOLING_DIR = "1_Pooling"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 OUTPUT_FILES = (MODEL_FILE, CONFIG_FILE, MODULES_FILE, POOLING_DIR, *TOKENIZER_FILES)
-
-BATCH = "batch_size"
-SEQUENCE = "sequence_length"
 
 # Pooling written into 1_Pooling/config.json: mean over the real tokens (the shared
 # Optimum export uses CLS, so the tests cover both).
