@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-CONTAINER_MODEL_DIR = "/models/tiny"
+CONTAINER_MODELS = "/models"  # where the images keep their models: /models/NAME
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}, ${VAR:+alt},
 # ${VAR+alt}, $VAR and the $$ escape: the subset of compose interpolation
@@ -120,7 +120,7 @@ def _start_order(services: Mapping[str, Mapping[str, Any]]) -> list[str]:
 def compose_services_as_local_processes(
     compose_path: str | Path,
     port_map: Mapping[int, int],
-    model_dir: str | Path,
+    model_dirs: Mapping[str, str | Path],
     *,
     variables: Mapping[str, str] | None = None,
 ) -> list[LocalProcess]:
@@ -129,8 +129,8 @@ def compose_services_as_local_processes(
     `port_map` maps each container port to the local port to use instead;
     every `service:port` and `0.0.0.0:port` in commands and environment values
     becomes `127.0.0.1:<local port>` (references to services outside the
-    default profile are left alone: they are not started). The container model
-    directory `/models/tiny` becomes `model_dir`. `variables` stands in for the
+    default profile are left alone: they are not started). Each container model
+    directory `/models/NAME` becomes `model_dirs[NAME]`. `variables` stands in for the
     shell environment compose would interpolate from; it defaults to empty so
     the result does not depend on who runs the test. The list is in start
     order: every service comes after the services it depends on.
@@ -139,7 +139,9 @@ def compose_services_as_local_processes(
     all_services: dict[str, dict[str, Any]] = spec.get("services") or {}
     services = {name: svc for name, svc in all_services.items() if not svc.get("profiles")}
     variables = dict(variables or {})
-    local_model_dir = str(Path(model_dir))
+    # Longest first, so that /models/tiny-embed is not taken for /models/tiny.
+    local_models = sorted(((f"{CONTAINER_MODELS}/{name}", str(Path(d))) for name, d in model_dirs.items()),
+                          key=lambda pair: -len(pair[0]))
 
     def localise(value: str) -> str:
         def to_loopback(m: re.Match[str]) -> str:
@@ -151,9 +153,11 @@ def compose_services_as_local_processes(
             return m.group(0)
 
         value = _HOST_PORT.sub(to_loopback, value)
-        value = re.sub(rf"(?<![\w/]){re.escape(CONTAINER_MODEL_DIR)}(?![\w.-])", lambda _: local_model_dir, value)
-        if re.search(r"(?<![\w/])/models/", value):
-            raise ValueError(f"{value!r} names a container model path other than {CONTAINER_MODEL_DIR}")
+        for container_dir, local_dir in local_models:
+            value = re.sub(rf"(?<![\w/]){re.escape(container_dir)}(?![\w.-])", lambda _, d=local_dir: d, value)
+        if re.search(rf"(?<![\w/]){CONTAINER_MODELS}/", value):
+            known = ", ".join(container for container, _ in local_models) or "none"
+            raise ValueError(f"{value!r} names a container model path with no local directory (known: {known})")
         return value
 
     processes = []

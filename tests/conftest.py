@@ -44,3 +44,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_model(out, preset="tiny")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_embed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default embedding model exactly as `llmsuite-build-model --kind encoder --preset tiny` writes it."""
+    from llmsuite.builder.encoder import build_encoder
+
+    out = tmp_path_factory.mktemp("models") / "tiny-embed"
+    build_encoder(out, preset="tiny")
+    return out

@@ -180,7 +180,7 @@ def test_redis_for_shared_rate_limits_is_an_opt_in_profile_the_gateway_can_use(
     # Value-less: unset by default (limits in the gateway), else taken from the shell or .env.
     assert gateway["environment"]["LLMSUITE_RATE_LIMIT_STORAGE"] is None
     url = f"redis://redis:{redis['expose'][0]}/0"
-    procs = compose_services_as_local_processes(COMPOSE, PORTS, tmp_path,
+    procs = compose_services_as_local_processes(COMPOSE, PORTS, local_models(tmp_path),
                                                 variables={"LLMSUITE_RATE_LIMIT_STORAGE": url})
     assert next(p for p in procs if p.name == "gateway").env["LLMSUITE_RATE_LIMIT_STORAGE"] == url
     from llmsuite.gateway.__main__ import build_parser
@@ -231,14 +231,18 @@ def test_collector_config_is_mounted_and_wired_to_jaeger(services: dict[str, dic
 PORTS = {50050: 41000, 50051: 41001, 50052: 41002, 8000: 41003}
 
 
+def local_models(root: Path) -> dict[str, Path]:
+    return {"tiny": root / "tiny", "tiny-embed": root / "tiny-embed"}
+
+
 def test_local_processes_mirror_compose(tmp_path: Path) -> None:
-    procs = compose_services_as_local_processes(COMPOSE, PORTS, tmp_path / "tiny")
+    procs = compose_services_as_local_processes(COMPOSE, PORTS, local_models(tmp_path))
     by_name = {p.name: p for p in procs}
     assert [p.name for p in procs][-2:] == ["gateway", "openai"], "upstreams start first"
     assert set(by_name) == {"tokenizer", "inference", "gateway", "openai"}
     assert by_name["tokenizer"] == LocalProcess("tokenizer", ["llmsuite-tokenizer"], {
         "LLMSUITE_LISTEN": "127.0.0.1:41001",
-        "LLMSUITE_MODEL": f"tiny={tmp_path / 'tiny'}",
+        "LLMSUITE_MODEL": f"tiny={tmp_path / 'tiny'},tiny-embed={tmp_path / 'tiny-embed'}",
         "LLMSUITE_OTEL_EXPORTER": "none",
         "LLMSUITE_OTEL_ENDPOINT": "http://otel-collector:4317",
     })
@@ -253,7 +257,8 @@ def test_local_processes_mirror_compose(tmp_path: Path) -> None:
 
 def test_local_processes_take_variables_like_compose(tmp_path: Path) -> None:
     procs = compose_services_as_local_processes(
-        COMPOSE, PORTS, tmp_path, variables={"LLMSUITE_OTEL_EXPORTER": "console", "LLMSUITE_API_KEYS": "k1,k2"})
+        COMPOSE, PORTS, local_models(tmp_path),
+        variables={"LLMSUITE_OTEL_EXPORTER": "console", "LLMSUITE_API_KEYS": "k1,k2"})
     gateway = next(p for p in procs if p.name == "gateway").env
     assert gateway["LLMSUITE_OTEL_EXPORTER"] == "console"
     assert gateway["LLMSUITE_API_KEYS"] == "k1,k2"
@@ -261,7 +266,7 @@ def test_local_processes_take_variables_like_compose(tmp_path: Path) -> None:
 
 def test_local_processes_need_every_port_mapped(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="50052"):
-        compose_services_as_local_processes(COMPOSE, {50050: 1, 50051: 2}, tmp_path)
+        compose_services_as_local_processes(COMPOSE, {50050: 1, 50051: 2}, local_models(tmp_path))
 
 
 def test_translation_rules(tmp_path: Path) -> None:
@@ -276,7 +281,7 @@ def test_translation_rules(tmp_path: Path) -> None:
         "db": {"command": "db-server --port 5432", "environment": {"MODE": "${MODE:-fast}"}},
         "gpu-only": {"profiles": ["gpu"], "command": ["x"]},
     }}))
-    procs = compose_services_as_local_processes(compose_file, {80: 8080, 5432: 15432}, "/data/m",
+    procs = compose_services_as_local_processes(compose_file, {80: 8080, 5432: 15432}, {"tiny": "/data/m"},
                                                 variables={"PASSED_THROUGH": "yes"})
     assert procs == [
         LocalProcess("db", ["db-server", "--port", "5432"], {"MODE": "fast"}),
@@ -288,9 +293,13 @@ def test_translation_rules(tmp_path: Path) -> None:
 
 def test_translation_refuses_unknown_container_model_paths(tmp_path: Path) -> None:
     compose_file = tmp_path / "compose.yml"
-    compose_file.write_text(yaml.safe_dump({"services": {"a": {"command": ["run", "--model", "big=/models/big"]}}}))
+    compose_file.write_text(yaml.safe_dump({"services": {"a": {"command": [
+        "run", "--model", "big=/models/big", "--model", "tiny=/models/tiny-2"]}}}))
     with pytest.raises(ValueError, match="/models/big"):
-        compose_services_as_local_processes(compose_file, {}, tmp_path)
+        compose_services_as_local_processes(compose_file, {}, {"tiny": tmp_path})
+    compose_file.write_text(yaml.safe_dump({"services": {"a": {"command": ["run", "--model", "tiny=/models/tiny-2"]}}}))
+    with pytest.raises(ValueError, match="/models/tiny-2"):  # a longer name is another model, not a prefix match
+        compose_services_as_local_processes(compose_file, {}, {"tiny": tmp_path})
 
 
 @pytest.mark.parametrize(("text", "variables", "expected"), [

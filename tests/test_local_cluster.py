@@ -56,10 +56,11 @@ def openai_completion_tokens(address: str) -> int:
     return response.json()["usage"]["completion_tokens"]
 
 
-def test_compose_services_run_as_local_processes_and_stream(tiny_model_dir):
+def test_compose_services_run_as_local_processes_and_stream(tiny_model_dir, tiny_embed_dir):
     gw, tok, inf, http = free_ports(4)
     specs = compose_services_as_local_processes(REPO / "docker-compose.yml",
-                                                {50050: gw, 50051: tok, 50052: inf, 8000: http}, tiny_model_dir)
+                                                {50050: gw, 50051: tok, 50052: inf, 8000: http},
+                                                {"tiny": tiny_model_dir, "tiny-embed": tiny_embed_dir})
     assert [s.name for s in specs][-2:] == ["gateway", "openai"]
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSUITE_")}
     # The HTTP API has no gRPC health to wait on; openai_completion_tokens waits on its /health.
@@ -68,6 +69,12 @@ def test_compose_services_run_as_local_processes_and_stream(tiny_model_dir):
         _, completion = streamed_text(f"127.0.0.1:{gw}")
         assert completion == 8
         assert openai_completion_tokens(f"127.0.0.1:{http}") == 8
+        # The embedding model the images carry beside it, as `make run` serves it.
+        embedded = httpx.post(f"http://127.0.0.1:{http}/v1/embeddings", timeout=60,
+                              json={"model": "tiny-embed", "input": ["Hello", "World"]})
+        assert embedded.status_code == 200, embedded.text
+        vectors = [item["embedding"] for item in embedded.json()["data"]]
+        assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0 and vectors[0] != vectors[1]
 
 
 class Launcher:

@@ -229,7 +229,9 @@ def test_image_runs_its_service_on_the_services_own_ports(target: str) -> None:
 
 def test_only_model_serving_images_carry_the_default_model() -> None:
     model_stage = stage("model")
-    assert any("llmsuite-build-model --preset tiny --out /models/tiny" in i for i in model_stage.instructions)
+    assert any("llmsuite-build-model --preset tiny --out /models/tiny " in i for i in model_stage.instructions)
+    assert any("llmsuite-build-model --kind encoder --preset tiny --out /models/tiny-embed" in i
+               for i in model_stage.instructions), "the embedding model make run serves ships too"
     assert lineage("model")[1].name == "venv-builder"
     assert lock_installed("venv-builder") == "builder"
     assert wheels_installed("venv-builder") == {"llmsuite-builder"}

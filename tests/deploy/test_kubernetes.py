@@ -39,6 +39,11 @@ from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
 from llmsuite.runtime.settings import env_name, resolve_metrics_listen, server_settings_from_args
 
+# The model directories the Dockerfile's model stage builds into the model-serving images.
+BUILT_IN_MODEL_DIRS = set(re.findall(r"llmsuite-build-model [^\n]*--out (/models/[\w.-]+)",
+                                     (REPO / "docker" / "Dockerfile").read_text()))
+
+
 KUBERNETES_VERSION = kubernetes_validate.latest_version()
 QUEUE_METRIC = "llmsuite_inference_queued_requests"  # fixed name (docs/metrics.md), a gauge labelled `model`
 GRPC_SERVICES = ("tokenizer", "inference", "gateway")
@@ -281,7 +286,7 @@ def test_models_come_from_the_image_or_a_mounted_volume(rendered: tuple[str, Pat
         args, _ = parsed_settings(deployment, tmp_path)
         for spec in args.model:
             directory = spec.split("=", 1)[1]
-            built_in = directory == "/models/tiny" and image_target in MODEL_IMAGES
+            built_in = directory in BUILT_IN_MODEL_DIRS and image_target in MODEL_IMAGES
             mounted = any(directory == m or directory.startswith(m + "/") for m in mounts)
             assert built_in or mounted, f"{name}: {directory} is neither in the image nor mounted"
 
@@ -504,7 +509,7 @@ def free_ports(n: int) -> list[int]:
 
 
 def test_cpu_overlay_runs_as_local_processes_and_answers_its_probes(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, tiny_embed_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kubelet's view: each container's own environment (addresses moved to
     loopback, the image's /models/tiny to a local build, the Secret to a file),
     then the startup, liveness and readiness probes and the metrics port."""
@@ -526,7 +531,10 @@ def test_cpu_overlay_runs_as_local_processes_and_answers_its_probes(
             if variable in variables:  # keep dns:///, as the headless Service's name resolves
                 variables[variable] = f"dns:///127.0.0.1:{ports[upstream][0]}"
         if "LLMSUITE_MODEL" in variables:
-            variables["LLMSUITE_MODEL"] = variables["LLMSUITE_MODEL"].replace("/models/tiny", str(tiny_model_dir))
+            local = {"/models/tiny": str(tiny_model_dir), "/models/tiny-embed": str(tiny_embed_dir)}
+            variables["LLMSUITE_MODEL"] = ",".join(
+                f"{name}={local[directory]}" for name, _, directory in
+                (spec.partition("=") for spec in variables["LLMSUITE_MODEL"].split(",")))
         if "LLMSUITE_API_KEYS_FILE" in variables:
             variables["LLMSUITE_API_KEYS_FILE"] = str(keys)
         if "LLMSUITE_RATE_LIMIT_STORAGE" in variables:
@@ -559,4 +567,4 @@ def test_cpu_overlay_runs_as_local_processes_and_answers_its_probes(
             wait_for_http(f"{http}/health", alive=openai.alive)
             models = urllib.request.Request(f"{http}/v1/models", headers={"Authorization": "Bearer k8s-test-key"})
             with urllib.request.urlopen(models, timeout=60) as response:
-                assert [m["id"] for m in json.load(response)["data"]] == ["tiny"]
+                assert sorted(m["id"] for m in json.load(response)["data"]) == ["tiny", "tiny-embed"]
