@@ -17,8 +17,9 @@ import grpc
 from support import ServerThread
 
 from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway.admission import GatewayLimits
+from llmsuite.gateway.app import GatewayApp
 from llmsuite.gateway.rate_limit import KeyedRateLimiter
-from llmsuite.gateway.service import GatewayApp, GatewayLimits
 from llmsuite.gateway.upstreams import Upstreams
 from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.inference.v1 import inference_pb2_grpc

@@ -43,7 +43,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
                                   "starlette", "uvicorn", "pydantic", "llguidance"),
     # The HTTP API talks to the gateway over gRPC only: none of the gateway's internals.
     "llmsuite.gateway.openai.__main__": (*HEAVY, "llmsuite.builder", "llmsuite.inference", "llmsuite.tokenizer",
-                                         "llmsuite.gateway.service", "llmsuite.gateway.upstreams"),
+                                         "llmsuite.gateway.service", "llmsuite.gateway.app",
+                                         "llmsuite.gateway.upstreams"),
     "llmsuite.tokenizer.__main__": ("onnxruntime", "numpy", "onnx", "llmsuite.builder", "llmsuite.inference.engine",
                                     "llmsuite.gateway.service"),
     # onnx is allowed: the engine builds its KV-reshaping graphs with it.

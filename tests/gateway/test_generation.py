@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from llmsuite.common.v1 import common_pb2
-from llmsuite.gateway.generation import Deadline, Delta, TurnOutcome, relay_turn
+from llmsuite.gateway.conversions import generation_summary
+from llmsuite.gateway.generation import Deadline, relay_turn
 from llmsuite.gateway.local_tokenizers import LocalTokenizer, TokenizerFilesRejected
+from llmsuite.gateway.turns import Delta, TurnOutcome
 from llmsuite.inference.v1 import inference_pb2 as pb
 from llmsuite.runtime.tokenizer_hash import TOKENIZER_FILES, content_hash_of
 
@@ -67,7 +69,8 @@ def test_tokens_that_are_ready_together_go_out_as_one_delta(local: LocalTokenize
     assert [d.token_ids for d in deltas] == [list(range(300, 310))]
     text = "".join(i.text for i in items if isinstance(i, Delta))
     assert text == local.decode(list(range(300, 310)), skip_special_tokens=True)
-    assert isinstance(items[-1], TurnOutcome) and items[-1].summary.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert isinstance(items[-1], TurnOutcome)
+    assert generation_summary(items[-1]).finish_reason == common_pb2.FINISH_REASON_LENGTH
 
 
 def test_the_gateway_ends_a_turn_itself_at_its_deadline_with_the_text_so_far(local: LocalTokenizer) -> None:
@@ -80,8 +83,9 @@ def test_the_gateway_ends_a_turn_itself_at_its_deadline_with_the_text_so_far(loc
     items, stream = asyncio.run(scenario())
     outcome = items[-1]
     assert isinstance(outcome, TurnOutcome) and outcome.time_limited
-    assert outcome.summary.finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT
-    assert outcome.summary.usage.completion_tokens == 3
+    summary = generation_summary(outcome)
+    assert summary.finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT
+    assert summary.usage.completion_tokens == 3
     assert "".join(i.text for i in items if isinstance(i, Delta)) == local.decode([300, 301, 302],
                                                                                  skip_special_tokens=True)
     assert stream.cancelled  # the replica's slot is freed at once

@@ -14,7 +14,7 @@ from scripted_inference import running_gateway
 
 from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
-from llmsuite.gateway.service import GatewayLimits
+from llmsuite.gateway.admission import GatewayLimits
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc
 

@@ -13,8 +13,9 @@ from metrics_scrape import Scrape, scrape, scrape_until
 from support import ServerThread
 
 from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway.admission import GatewayLimits
+from llmsuite.gateway.app import GatewayApp
 from llmsuite.gateway.rate_limit import KeyedRateLimiter
-from llmsuite.gateway.service import GatewayApp, GatewayLimits
 from llmsuite.gateway.upstreams import Upstreams
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc

@@ -16,9 +16,9 @@ from tokenizers import Tokenizer
 
 from llmsuite.client.errors import error_details
 from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway.admission import GatewayLimits
 from llmsuite.gateway.catalogue import Catalogue
 from llmsuite.gateway.rate_limit import KeyedRateLimiter
-from llmsuite.gateway.service import GatewayLimits
 from llmsuite.gateway.upstreams import Upstreams
 from llmsuite.gateway.v1 import gateway_pb2 as pb
 from llmsuite.gateway.v1 import gateway_pb2_grpc

@@ -10,8 +10,9 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+from llmsuite.gateway.admission import GatewayLimits
+from llmsuite.gateway.app import GatewayApp
 from llmsuite.gateway.rate_limit import RateLimitSettings, StorageFailureMode, build_rate_limiter
-from llmsuite.gateway.service import GatewayApp, GatewayLimits
 from llmsuite.gateway.upstreams import Upstreams, parse_inference_targets
 from llmsuite.runtime.channels import ChannelSettings
 from llmsuite.runtime.logs import configure_logging

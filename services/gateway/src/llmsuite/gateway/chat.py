@@ -18,29 +18,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc
 
 from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway import conversions as conv
+from llmsuite.gateway.admission import Admission
 from llmsuite.gateway.affinity import chat_key
-from llmsuite.gateway.catalogue import GENERATION, require_kind
-from llmsuite.gateway.generation import Deadline, Delta, relay_turn
-from llmsuite.gateway.upstreams import InferenceStream
+from llmsuite.gateway.catalogue import GENERATION, Catalogue, require_kind
+from llmsuite.gateway.generation import Deadline, relay_turn
+from llmsuite.gateway.turns import Delta
+from llmsuite.gateway.upstreams import InferenceStream, Upstreams
 from llmsuite.gateway.v1 import gateway_pb2 as pb
-from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument
 from llmsuite.runtime.logs import current_request_id, new_request_id
 from llmsuite.runtime.messages import opening_message
-from llmsuite.tokenizer.v1 import tokenizer_pb2
-
-if TYPE_CHECKING:
-    from llmsuite.gateway.service import GatewayServicer
 
 
 class ChatSession:
-    def __init__(self, servicer: GatewayServicer, context: grpc.aio.ServicerContext) -> None:
-        self._s = servicer
+    def __init__(self, upstreams: Upstreams, catalogue: Catalogue, admission: Admission,
+                 context: grpc.aio.ServicerContext) -> None:
+        self._up = upstreams
+        self._catalogue = catalogue
+        self._admission = admission
+        self._limits = admission.limits
         self._context = context
         self._request_id = current_request_id() or new_request_id()
         self._messages: list[common_pb2.ChatMessage] = []
@@ -61,7 +62,7 @@ class ChatSession:
         start = first.start
         if not start.model:
             raise InvalidArgument.for_field("start.model", "required", reason="MISSING_FIELD")
-        model = self._s.catalogue.lookup(start.model)
+        model = self._catalogue.lookup(start.model)
         require_kind(model, GENERATION)
         if not model.has_chat_template:
             raise FailedPrecondition(f"model {start.model!r} has no chat template; use Generate",
@@ -75,16 +76,16 @@ class ChatSession:
                 raise InvalidArgument.for_field("turn.messages" if turn else "start.messages",
                                                 "at least one message", reason="MISSING_FIELD")
             self._messages.extend(new_messages)
-            self._s.limits.check_request_chars("turn.messages" if turn else "start.messages", (
+            self._limits.check_request_chars("turn.messages" if turn else "start.messages", (
                 text for m in self._messages for text in (m.role, m.content, m.name)))
-            if len(self._messages) > self._s.limits.max_chat_messages:
+            if len(self._messages) > self._limits.max_chat_messages:
                 raise InvalidArgument.for_field("turn.messages", "conversation exceeds "
-                                                f"{self._s.limits.max_chat_messages} messages",
+                                                f"{self._limits.max_chat_messages} messages",
                                                 reason="TOO_MANY_MESSAGES")
             reply: list[str] = []
             async for response in self._turn(turn, sampling, reply):
                 yield response
-            self._messages.append(common_pb2.ChatMessage(role="assistant", content="".join(reply)))
+            self._messages.append(conv.assistant_message("".join(reply)))
             nxt = await anext(requests, None)
             if nxt is None:
                 return
@@ -101,37 +102,33 @@ class ChatSession:
     async def _turn(self, turn: int, sampling: common_pb2.SamplingParams, reply: list[str]
                     ) -> AsyncIterator[pb.ChatResponse]:
         started_at = time.monotonic()
-        s = self._s
-        model = s.catalogue.lookup(self._model_name)
-        max_new, stops = s.check_sampling(sampling)
-        deadline = Deadline.split(self._context.time_remaining(), s.limits.deadline_margin_s)
-        rendered = await s.up.apply_chat_template(tokenizer_pb2.ApplyChatTemplateRequest(
-            model=model.name, messages=self._messages, add_generation_prompt=True, tokenize=True),
-            time_limit_s=self._context.time_remaining())
-        s.catalogue.check_pairing(model, rendered.content_hash)
+        model = self._catalogue.lookup(self._model_name)
+        max_new, stops = self._admission.check_sampling(sampling)
+        deadline = Deadline.split(self._context.time_remaining(), self._limits.deadline_margin_s)
+        rendered = await self._up.apply_chat_template(conv.chat_template_request(model.name, self._messages),
+                                                      time_limit_s=self._context.time_remaining())
+        self._catalogue.check_pairing(model, rendered.content_hash)
         full_ids = list(rendered.token_ids)
         if self._stream is not None and self._stream_hash != model.content_hash:
             self.close()  # the session's ids were made by another tokenizer
         kept = _common_prefix(self._history_ids, full_ids) if self._stream is not None else 0
         kept = min(kept, len(full_ids) - 1)  # the turn must feed at least one id
         new_ids = full_ids[kept:] if self._stream is not None else None
-        charge = await s.admit(len(new_ids if new_ids is not None else full_ids), max_new)
+        charge = await self._admission.admit(len(new_ids if new_ids is not None else full_ids), max_new)
         used = 0
         try:
-            forwarded = s.forwarded_sampling(sampling)
             if new_ids is None:
                 self.close()
                 self._history_ids = []
-                self._stream = await s.up.open_generate(inference_pb2.GenerateStart(
-                    request_id=self._request_id, model=model.name, prompt_token_ids=full_ids, sampling=forwarded,
-                    session=True, expected_tokenizer_hash=model.content_hash),
-                    s.catalogue.replicas_for(model, chat_key(self._messages, s.limits.affinity_key_chars)),
+                self._stream = await self._up.open_generate(conv.generate_start(
+                    request_id=self._request_id, model=model, prompt_ids=full_ids, sampling=sampling, session=True),
+                    self._catalogue.replicas_for(model, chat_key(self._messages, self._limits.affinity_key_chars)),
                     time_limit_s=deadline.upstream_timeout_s)
                 self._stream_hash = model.content_hash
                 sent = full_ids
             else:
                 assert self._stream is not None
-                await self._stream.send_turn(new_ids, forwarded,
+                await self._stream.send_turn(new_ids, conv.forwarded_sampling(sampling),
                                              keep_history=kept if kept < len(self._history_ids) else None)
                 sent = new_ids
             used = len(sent)
@@ -145,14 +142,14 @@ class ChatSession:
                         continue
                     reply.append(item.text)
                     yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence, turn=turn,
-                                          delta=pb.TextDelta(text=item.text, logprobs=item.logprobs))
+                                          delta=conv.text_delta(item, token_ids=False))
                 else:
                     self._history_ids = context_ids + item.generated_ids
-                    if item.stopped_by_string or item.time_limited or item.summary.finish_reason in (
+                    if item.stopped_by_string or item.time_limited or item.finish_reason in (
                             common_pb2.FINISH_REASON_CANCELLED, common_pb2.FINISH_REASON_TIME_LIMIT):
                         self.close()  # the upstream stream ended with this turn
                     yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence, turn=turn,
-                                          final=item.summary)
+                                          final=conv.generation_summary(item))
                 self._sequence += 1
         finally:
             charge.settle(used)

@@ -14,20 +14,16 @@ import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import grpc
 
-from llmsuite.common.v1 import common_pb2
-from llmsuite.gateway.catalogue import EMBEDDING, ServedModel, require_kind
+from llmsuite.gateway import conversions as conv
+from llmsuite.gateway.admission import Admission
+from llmsuite.gateway.catalogue import EMBEDDING, Catalogue, ServedModel, require_kind
+from llmsuite.gateway.upstreams import Upstreams
 from llmsuite.gateway.v1 import gateway_pb2 as pb
-from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.errors import FieldViolation, InvalidArgument, LlmsuiteError
 from llmsuite.runtime.logs import current_request_id, new_request_id
-from llmsuite.tokenizer.v1 import tokenizer_pb2
-
-if TYPE_CHECKING:
-    from llmsuite.gateway.service import GatewayServicer
 
 MAX_INPUTS = 2048  # as OpenAI's embeddings endpoint and the inference service
 # Texts per Encode call: the tokenizer's default --max-batch-size. Larger requests are encoded in
@@ -91,49 +87,46 @@ def _renamed(error: LlmsuiteError, pattern: re.Pattern[str], field: str, offset:
     return renamed
 
 
-async def _encode(servicer: GatewayServicer, model: ServedModel, request: pb.EmbedRequest,
+async def _encode(upstreams: Upstreams, catalogue: Catalogue, model: ServedModel, request: pb.EmbedRequest,
                   time_limit_s: float | None) -> list[list[int]]:
     """Token ids of every text, encoded in chunks of ENCODE_CHUNK texts at once."""
 
     async def chunk(start: int) -> list[list[int]]:
-        encode = tokenizer_pb2.EncodeRequest(model=model.name, texts=request.texts[start:start + ENCODE_CHUNK])
-        if request.HasField("add_special_tokens"):
-            encode.add_special_tokens = request.add_special_tokens
-        if request.truncate:
-            encode.truncation.max_length = model.context_length
+        encode = conv.encode_request(
+            model.name, request.texts[start:start + ENCODE_CHUNK],
+            add_special_tokens=request.add_special_tokens if request.HasField("add_special_tokens") else None,
+            max_tokens=model.context_length if request.truncate else None)
         try:
-            encoded = await servicer.up.encode(encode, time_limit_s=time_limit_s)
+            encoded = await upstreams.encode(encode, time_limit_s=time_limit_s)
         except LlmsuiteError as error:
             raise _renamed(error, _TEXT_FIELD, "texts", start) from None
-        servicer.catalogue.check_pairing(model, encoded.content_hash)
+        catalogue.check_pairing(model, encoded.content_hash)
         return [list(e.token_ids) for e in encoded.encodings]
 
     chunks = await asyncio.gather(*(chunk(start) for start in range(0, len(request.texts), ENCODE_CHUNK)))
     return [ids for part in chunks for ids in part]
 
 
-async def embed(servicer: GatewayServicer, request: pb.EmbedRequest,
+async def embed(upstreams: Upstreams, catalogue: Catalogue, admission: Admission, request: pb.EmbedRequest,
                 context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
     field = _validated_inputs(request)
-    model = servicer.catalogue.lookup(request.model)
+    model = catalogue.lookup(request.model)
     _check_model(model, request.dimensions)
     limit = model.context_length
     if request.texts:
-        inputs = await _encode(servicer, model, request, context.time_remaining())
+        inputs = await _encode(upstreams, catalogue, model, request, context.time_remaining())
     else:
         inputs = [list(t.token_ids)[:limit] if request.truncate else list(t.token_ids) for t in request.token_ids]
     _check_lengths(inputs, field, limit)
     tokens = sum(len(ids) for ids in inputs)
     # Per-input lengths are bounded by the model above; the rate limits count every token.
-    charge = await servicer.admit(0, tokens)
+    charge = await admission.admit(0, tokens)
     used = 0
     try:
-        forwarded = inference_pb2.EmbedRequest(
-            request_id=current_request_id() or new_request_id(), model=model.name,
-            inputs=[common_pb2.TokenIds(token_ids=ids) for ids in inputs], dimensions=request.dimensions,
-            expected_tokenizer_hash=model.content_hash)
+        forwarded = conv.embed_request(request_id=current_request_id() or new_request_id(), model=model,
+                                       inputs=inputs, dimensions=request.dimensions)
         try:
-            answer = await servicer.up.embed(forwarded, servicer.catalogue.replicas_for(model),
+            answer = await upstreams.embed(forwarded, catalogue.replicas_for(model),
                                              time_limit_s=context.time_remaining())
         except LlmsuiteError as error:
             raise _renamed(error, _REPLICA_FIELD, field) from None

@@ -24,34 +24,19 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmsuite.common.v1 import common_pb2
+from llmsuite.gateway import conversions as conv
 from llmsuite.gateway.stop_strings import StopStringMatcher
+from llmsuite.gateway.turns import Delta, TurnOutcome
 from llmsuite.gateway.upstream_errors import ended_early
 from llmsuite.gateway.upstreams import InferenceStream
-from llmsuite.gateway.v1 import gateway_pb2
 from llmsuite.inference.v1 import inference_pb2
 from llmsuite.runtime.detokenizer import IncrementalDetokenizer
 from llmsuite.runtime.errors import DeadlineExceeded, LlmsuiteError
-from llmsuite.runtime.messages import duration
 
 READ_AHEAD_MESSAGES = 64  # beyond this the replica's stream waits (HTTP/2 flow control)
-
-
-@dataclass
-class Delta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[common_pb2.PositionLogprobs]
-
-
-@dataclass
-class TurnOutcome:
-    summary: gateway_pb2.GenerationSummary
-    generated_ids: list[int] = field(default_factory=list)
-    stopped_by_string: bool = False
-    time_limited: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,9 +146,8 @@ async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, sto
                     if matched is None:
                         raise ended_early("inference")
                     # The cancelled turn ended without its final message: summarize what we counted.
-                    final = inference_pb2.GenerateFinal(
-                        finish_reason=common_pb2.FINISH_REASON_CANCELLED,
-                        usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(generated)))
+                    final = conv.gateway_final(common_pb2.FINISH_REASON_CANCELLED, prompt_tokens=prompt_tokens,
+                                               completion_tokens=len(generated))
                     break
                 if item.WhichOneof("kind") == "final":
                     final = item.final
@@ -189,9 +173,8 @@ async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, sto
         feed.close()
     if time_limited:
         stream.cancel()  # the replica may still be generating: free its slot now
-        final = inference_pb2.GenerateFinal(
-            finish_reason=common_pb2.FINISH_REASON_TIME_LIMIT,
-            usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(generated)))
+        final = conv.gateway_final(common_pb2.FINISH_REASON_TIME_LIMIT, prompt_tokens=prompt_tokens,
+                                   completion_tokens=len(generated))
     assert final is not None
     if matched is None:
         tail = detok.finish()
@@ -202,21 +185,6 @@ async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, sto
         if tail:
             first_text_at = first_text_at or time.monotonic()
             yield Delta(tail, [], [])
-    yield TurnOutcome(_summary(final, matched, started_at, first_text_at), generated, matched is not None,
+    yield TurnOutcome(final, time.monotonic() - started_at,
+                      None if first_text_at is None else first_text_at - started_at, generated, matched,
                       time_limited)
-
-
-def _summary(final: inference_pb2.GenerateFinal, matched: str | None, started_at: float,
-             first_text_at: float | None) -> gateway_pb2.GenerationSummary:
-    now = time.monotonic()
-    timings = common_pb2.Timings()
-    timings.CopyFrom(final.timings)
-    timings.total_time.CopyFrom(duration(now - started_at))
-    if first_text_at is not None:
-        timings.time_to_first_token.CopyFrom(duration(first_text_at - started_at))
-    summary = gateway_pb2.GenerationSummary(
-        finish_reason=common_pb2.FINISH_REASON_STOP if matched is not None else final.finish_reason,
-        usage=final.usage, timings=timings, matched_stop_string=matched or "")
-    if matched is None and final.HasField("matched_stop_token_id"):
-        summary.matched_stop_token_id = final.matched_stop_token_id
-    return summary

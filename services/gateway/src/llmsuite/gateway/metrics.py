@@ -7,31 +7,33 @@ from the call's done callback, so a stream that fails mid-way or is cancelled
 counts too). Not a client interceptor: grpc.aio wraps every intercepted
 streaming call in extra tasks per message, and on streams the server ends
 first it leaves a pending task behind that asyncio later reports as destroyed.
-Circuit states are read from the breakers at scrape time.
+Circuit states are read from the breakers at scrape time, through a callable
+the app passes in (so this module needs nothing from upstreams.py, which
+reports to it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from llmsuite.gateway.circuit_breaker import CircuitState
+from llmsuite.gateway.circuit_breaker import CircuitBreaker, CircuitState
 from llmsuite.runtime.errors import LlmsuiteError
 
-if TYPE_CHECKING:
-    from llmsuite.gateway.upstreams import Upstreams
+# Every upstream's circuit at this moment: (upstream kind, configured target, its breaker).
+Circuits = Callable[[], Iterable[tuple[str, str, CircuitBreaker]]]
 
 
 class GatewayMetrics:
     """The gateway's metric objects; `collectors()` goes to the server's registry.
-    `upstreams` returns the connected upstreams (None before start-up)."""
+    `circuits` lists the upstreams' circuits at scrape time (none before start-up)."""
 
-    def __init__(self, upstreams: Callable[[], Upstreams | None]) -> None:
+    def __init__(self, circuits: Circuits) -> None:
         self.upstream_requests = Counter(
             "llmsuite_gateway_upstream_requests",
             "Calls to upstreams by how they ended; errors are grpc_code != OK (CANCELLED: the gateway ended "
@@ -54,7 +56,7 @@ class GatewayMetrics:
             "llmsuite_gateway_spillovers",
             "Generations moved to another replica because this one refused before streaming anything.",
             ("replica", "grpc_code"), registry=None)
-        self._circuits = _CircuitStates(upstreams)
+        self._circuits = _CircuitStates(circuits)
 
     def collectors(self) -> Sequence[Collector]:
         return (self.upstream_requests, self.rate_limited, self.rate_limit_storage_errors, self.rate_limit_unchecked,
@@ -87,8 +89,8 @@ class GatewayMetrics:
 
 
 class _CircuitStates(Collector):
-    def __init__(self, upstreams: Callable[[], Upstreams | None]) -> None:
-        self._upstreams = upstreams
+    def __init__(self, circuits: Circuits) -> None:
+        self._list_circuits = circuits
 
     def describe(self) -> Iterable[Any]:
         return ()  # families depend on the configured replicas; collected only at scrape time
@@ -102,12 +104,10 @@ class _CircuitStates(Collector):
             "llmsuite_gateway_circuit_breaker_consecutive_failures",
             "Consecutive failures counted against each upstream (its circuit opens at --breaker-failures).",
             labels=("upstream", "replica"))
-        upstreams = self._upstreams()
-        if upstreams is not None:
-            for kind, upstream in (("tokenizer", upstreams.tokenizer), *(("inference", r) for r in upstreams.replicas)):
-                current = upstream.breaker.state
-                for candidate in CircuitState:
-                    state.add_metric((kind, upstream.target, candidate.value), 1 if candidate is current else 0)
-                failures.add_metric((kind, upstream.target), upstream.breaker.consecutive_failures)
+        for kind, target, breaker in self._list_circuits():
+            current = breaker.state
+            for candidate in CircuitState:
+                state.add_metric((kind, target, candidate.value), 1 if candidate is current else 0)
+            failures.add_metric((kind, target), breaker.consecutive_failures)
         yield state
         yield failures

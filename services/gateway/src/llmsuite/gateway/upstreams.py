@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -427,6 +427,12 @@ class Upstreams:
         if last_error is not None:
             raise last_error
         raise unavailable("inference", reason="NO_UPSTREAM")
+
+    def circuits(self) -> Iterator[tuple[str, str, CircuitBreaker]]:
+        """Every upstream's circuit: (kind, configured target, breaker), as GatewayMetrics reads them."""
+        yield "tokenizer", self.tokenizer.target, self.tokenizer.breaker
+        for replica in self.replicas:
+            yield "inference", replica.target, replica.breaker
 
     async def close(self) -> None:
         await self.tokenizer.channel.close()
