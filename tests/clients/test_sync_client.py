@@ -18,6 +18,7 @@ from support import ServerThread
 
 from llmsuite.client import (
     ChatMessage,
+    GenerateOptions,
     InvalidRequest,
     LlmsuiteClient,
     LlmsuiteError,
@@ -51,6 +52,26 @@ def test_generate_returns_completion_with_summary(client, gateway):
     assert sent.model == "tiny" and sent.sampling.max_new_tokens == 3 and sent.sampling.seed == 7
     assert sent.sampling.top_k == 5 and not sent.sampling.HasField("temperature")  # unset stays unset
     assert not sent.HasField("add_special_tokens")
+
+
+def test_generate_takes_every_option_generate_options_lists_and_refuses_others(client, gateway):
+    options = dict(model="tiny", max_new_tokens=2, temperature=0.5, top_k=3, top_p=0.9, repetition_penalty=1.1,
+                   seed=1, stop=["zz"], stop_token_ids=[7], ignore_eos=False, logprobs=False, top_logprobs=None,
+                   constraint=None, add_special_tokens=False, truncate_prompt=True, keep_special_tokens=True,
+                   return_token_ids=True, request_id="rid-options", timeout_s=10.0)
+    assert set(options) == GenerateOptions.__optional_keys__  # the test covers every option there is
+    client.generate("alpha beta", **options)
+    call = gateway.app.last("Generate")
+    sent = call.request
+    assert (sent.sampling.max_new_tokens, sent.sampling.top_k, list(sent.sampling.stop_strings)) == (2, 3, ["zz"])
+    assert list(sent.sampling.stop_token_ids) == [7] and sent.sampling.temperature == pytest.approx(0.5)
+    assert sent.HasField("add_special_tokens") and not sent.add_special_tokens
+    assert sent.truncate_prompt and sent.keep_special_tokens and sent.return_token_ids
+    assert call.metadata["x-request-id"] == "rid-options"
+    with pytest.raises(TypeError, match="max_tokens"):
+        client.generate("alpha", max_tokens=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="max_tokens"):
+        client.generate_stream("alpha", max_tokens=3)  # type: ignore[call-arg]
 
 
 def test_generate_stop_reasons_and_logprobs(client, gateway):

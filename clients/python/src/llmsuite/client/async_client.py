@@ -10,7 +10,7 @@ import asyncio
 import collections
 import copy
 import dataclasses
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Unpack, cast
 
@@ -30,9 +30,9 @@ from llmsuite.client.errors import (
 from llmsuite.client.results import (
     ChatMessage,
     Completion,
-    Constraint,
     Embeddings,
     Encoding,
+    GenerateOptions,
     ModelInfo,
     SamplingOptions,
     TextChunk,
@@ -88,39 +88,12 @@ class AsyncLlmsuiteClient:
     async def generate(
         self,
         prompt: str,
-        *,
-        model: str = "tiny",
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        constraint: Constraint | None = None,
-        add_special_tokens: bool | None = None,
-        truncate_prompt: bool = False,
-        keep_special_tokens: bool = False,
-        return_token_ids: bool = False,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> Completion:
         """See LlmsuiteClient.generate."""
-        request = conv.generation_request(
-            gateway_pb2.GenerateRequest, prompt, model=model,
-            sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
-                          constraint=constraint),
-            add_special_tokens=add_special_tokens, truncate_prompt=truncate_prompt,
-            keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids,
-        )
-        call = self._gateway.Generate(request, **self.settings.call_options(request_id=request_id,
-                                                                           timeout_s=timeout_s))
+        request = conv.generation_request(gateway_pb2.GenerateRequest, prompt, options)
+        call = self._gateway.Generate(request, **self.settings.call_options(
+            request_id=options.get("request_id"), timeout_s=options.get("timeout_s")))
         with rpc_errors():
             response = await call
             headers = await call.initial_metadata()
@@ -129,39 +102,13 @@ class AsyncLlmsuiteClient:
     def generate_stream(
         self,
         prompt: str,
-        *,
-        model: str = "tiny",
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        constraint: Constraint | None = None,
-        add_special_tokens: bool | None = None,
-        truncate_prompt: bool = False,
-        keep_special_tokens: bool = False,
-        return_token_ids: bool = False,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> AsyncTextStream:
         """Start a streamed generation; `async for chunk in ...` (not awaited)."""
-        request = conv.generation_request(
-            gateway_pb2.GenerateStreamRequest, prompt, model=model,
-            sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
-                          constraint=constraint),
-            add_special_tokens=add_special_tokens, truncate_prompt=truncate_prompt,
-            keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids,
-        )
-        options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s)
-        return AsyncTextStream(self._gateway.GenerateStream(request, **options))
+        request = conv.generation_request(gateway_pb2.GenerateStreamRequest, prompt, options)
+        call_options = self.settings.call_options(request_id=options.get("request_id"),
+                                                  timeout_s=options.get("timeout_s"))
+        return AsyncTextStream(self._gateway.GenerateStream(request, **call_options))
 
     def chat(
         self,

@@ -15,8 +15,10 @@ from llmsuite.client.results import (
     Constraint,
     Embeddings,
     Encoding,
+    GenerateOptions,
     ModelInfo,
     PositionLogprobs,
+    SamplingOptions,
     TextChunk,
     Timings,
     TokenLogprob,
@@ -25,10 +27,8 @@ from llmsuite.client.results import (
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.v1 import gateway_pb2
 
-SAMPLING_OPTIONS = frozenset({
-    "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "constraint",
-})
+SAMPLING_OPTIONS = SamplingOptions.__optional_keys__
+DEFAULT_MODEL = "tiny"
 _REPEATED = {"stop_strings", "stop_token_ids"}
 
 
@@ -222,12 +222,18 @@ def text_list(texts: str | Iterable[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
-def generation_request(cls: type[Any], prompt: str, *, model: str, sampling: Mapping[str, Any],
-                       add_special_tokens: bool | None, truncate_prompt: bool, keep_special_tokens: bool,
-                       return_token_ids: bool) -> Any:
-    """A GenerateRequest or GenerateStreamRequest (they share their fields)."""
-    request = cls(model=model, prompt=prompt, sampling=sampling_params(sampling), truncate_prompt=truncate_prompt,
-                  keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids)
+def generation_request(cls: type[Any], prompt: str, options: GenerateOptions) -> Any:
+    """A GenerateRequest or GenerateStreamRequest (they share their fields) from
+    generate's keyword options; `request_id` and `timeout_s` belong to the call."""
+    unknown = set(options) - GenerateOptions.__optional_keys__
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    sampling = {name: value for name, value in options.items() if name in SAMPLING_OPTIONS}
+    request = cls(model=options.get("model", DEFAULT_MODEL), prompt=prompt, sampling=sampling_params(sampling),
+                  truncate_prompt=options.get("truncate_prompt", False),
+                  keep_special_tokens=options.get("keep_special_tokens", False),
+                  return_token_ids=options.get("return_token_ids", False))
+    add_special_tokens = options.get("add_special_tokens")
     if add_special_tokens is not None:
         request.add_special_tokens = add_special_tokens
     return request

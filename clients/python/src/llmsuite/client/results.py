@@ -7,7 +7,7 @@ Where a result comes from one proto message, that message is kept on `.raw`
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypedDict
 
@@ -183,18 +183,35 @@ class Constraint:
 
 class SamplingOptions(TypedDict, total=False):
     """Keyword arguments accepted wherever sampling can be set (see
-    `llmsuite.common.v1.SamplingParams` for ranges and defaults; unset fields
-    use the server's defaults)."""
+    `llmsuite.common.v1.SamplingParams` for ranges and defaults; unset or None
+    fields use the server's defaults). A sampling option is added here once:
+    chat, send, generate and generate_stream all take what this lists."""
 
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition_penalty: float
-    seed: int
-    stop: str | list[str]
-    stop_token_ids: list[int]
+    max_new_tokens: int | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    repetition_penalty: float | None
+    seed: int | None
+    stop: str | Sequence[str] | None
+    stop_token_ids: Sequence[int] | None
     ignore_eos: bool
     logprobs: bool
-    top_logprobs: int
-    constraint: Constraint
+    top_logprobs: int | None
+    constraint: Constraint | None
+
+
+class GenerateOptions(SamplingOptions, total=False):
+    """Keyword arguments of generate and generate_stream (sync and asyncio): the
+    sampling options, then what the request carries besides (`model` defaults
+    to "tiny"; the flags to False; `add_special_tokens` None means the server's
+    default, true), then the call's own `request_id` and `timeout_s` (None: the
+    client's default deadline)."""
+
+    model: str
+    add_special_tokens: bool | None
+    truncate_prompt: bool
+    keep_special_tokens: bool
+    return_token_ids: bool
+    request_id: str | None
+    timeout_s: float | None

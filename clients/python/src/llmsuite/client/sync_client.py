@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import queue
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Unpack, cast
 
@@ -18,9 +18,9 @@ from llmsuite.client.errors import REQUEST_ID_HEADER, InternalError, NotFound, h
 from llmsuite.client.results import (
     ChatMessage,
     Completion,
-    Constraint,
     Embeddings,
     Encoding,
+    GenerateOptions,
     ModelInfo,
     SamplingOptions,
     TextChunk,
@@ -85,82 +85,32 @@ class LlmsuiteClient:
     def generate(
         self,
         prompt: str,
-        *,
-        model: str = "tiny",
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        constraint: Constraint | None = None,
-        add_special_tokens: bool | None = None,
-        truncate_prompt: bool = False,
-        keep_special_tokens: bool = False,
-        return_token_ids: bool = False,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> Completion:
-        """Generate a completion and return it whole. Sampling arguments left
-        as None use the server's defaults (max_new_tokens 16, temperature 1)."""
-        request = conv.generation_request(
-            gateway_pb2.GenerateRequest, prompt, model=model,
-            sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
-                          constraint=constraint),
-            add_special_tokens=add_special_tokens, truncate_prompt=truncate_prompt,
-            keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids,
-        )
-        options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s)
+        """Generate a completion and return it whole. `options` are listed in
+        GenerateOptions (sampling, request flags, request_id, timeout_s);
+        sampling options left unset or None use the server's defaults
+        (max_new_tokens 16, temperature 1)."""
+        request = conv.generation_request(gateway_pb2.GenerateRequest, prompt, options)
+        call_options = self.settings.call_options(request_id=options.get("request_id"),
+                                                  timeout_s=options.get("timeout_s"))
         with rpc_errors():
-            response, call = self._gateway.Generate.with_call(request, **options)
+            response, call = self._gateway.Generate.with_call(request, **call_options)
         return conv.completion(response, header_value(call.initial_metadata(), REQUEST_ID_HEADER))
 
     def generate_stream(
         self,
         prompt: str,
-        *,
-        model: str = "tiny",
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        constraint: Constraint | None = None,
-        add_special_tokens: bool | None = None,
-        truncate_prompt: bool = False,
-        keep_special_tokens: bool = False,
-        return_token_ids: bool = False,
-        request_id: str | None = None,
-        timeout_s: float | None = None,
+        **options: Unpack[GenerateOptions],
     ) -> TextStream:
         """Start a streamed generation (same arguments as `generate`).
         Iterate the returned TextStream for TextChunks; its `completion` holds
         the summary once the stream has ended."""
-        request = conv.generation_request(
-            gateway_pb2.GenerateStreamRequest, prompt, model=model,
-            sampling=dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
-                          ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
-                          constraint=constraint),
-            add_special_tokens=add_special_tokens, truncate_prompt=truncate_prompt,
-            keep_special_tokens=keep_special_tokens, return_token_ids=return_token_ids,
-        )
-        options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s)
+        request = conv.generation_request(gateway_pb2.GenerateStreamRequest, prompt, options)
+        call_options = self.settings.call_options(request_id=options.get("request_id"),
+                                                  timeout_s=options.get("timeout_s"))
         with rpc_errors():
-            return TextStream(self._gateway.GenerateStream(request, **options))
+            return TextStream(self._gateway.GenerateStream(request, **call_options))
 
     def chat(
         self,
