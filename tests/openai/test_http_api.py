@@ -12,6 +12,8 @@ import socket
 import httpx
 import pytest
 
+from llmsuite.client import LlmsuiteClient
+
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 COMPLETION = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
 
@@ -334,6 +336,32 @@ def test_disconnecting_mid_stream_cancels_the_generation_upstream(cluster, path)
     sock.close()
     assert cluster.wait_until(lambda: cluster.inference_stats().cancelled_total == before + 1)
     assert cluster.wait_until(lambda: cluster.inference_stats().running == 0)
+
+
+def test_chat_completions_open_no_inference_session_and_grpc_chat_does_unless_stateless(cluster):
+    sock = _raw_request(cluster.base_url, cluster.api_key, "/chat/completions",
+                        {**LONG, "stream": True, "messages": CHAT["messages"]})
+    received = b""
+    while received.count(b"data: ") < 2:  # the reply is being generated
+        piece = sock.recv(65536)
+        assert piece, "the server closed the stream"
+        received += piece
+    try:
+        assert cluster.wait_until(lambda: cluster.inference_stats().running == 1)
+        assert cluster.inference_stats().sessions == 0  # a plain generation: nothing against --max-sessions
+    finally:
+        sock.close()
+    assert cluster.wait_until(lambda: cluster.inference_stats().running == 0)
+    with LlmsuiteClient(cluster.gateway.address, api_key=cluster.api_key, timeout_s=60) as client:
+        for stateless, sessions in ((False, 1), (True, 0)):
+            with client.chat(cluster.model, stateless=stateless, max_new_tokens=8000, ignore_eos=True) as chat:
+                reply = iter(chat.send("Hi"))
+                next(reply)
+                assert cluster.wait_until(lambda: cluster.inference_stats().running == 1)
+                assert cluster.inference_stats().sessions == sessions, f"stateless={stateless}"
+                chat.cancel()
+            assert cluster.wait_until(lambda: cluster.inference_stats().sessions == 0)
+            assert cluster.wait_until(lambda: cluster.inference_stats().running == 0)
 
 
 def test_disconnecting_while_waiting_for_a_whole_completion_cancels_it(cluster):

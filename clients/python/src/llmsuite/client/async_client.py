@@ -116,6 +116,7 @@ class AsyncLlmsuiteClient:
         messages: Iterable[ChatMessage | Mapping[str, str]] = (),
         *,
         system: str | None = None,
+        stateless: bool = False,
         request_id: str | None = None,
         timeout_s: float | None = None,
         **sampling: Unpack[SamplingOptions],
@@ -126,7 +127,7 @@ class AsyncLlmsuiteClient:
             history.insert(0, ChatMessage("system", system))
         conv.sampling_params(sampling)
         options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s, deadline=False)
-        return AsyncChatSession(self._gateway, model, history, dict(sampling), options)
+        return AsyncChatSession(self._gateway, model, history, dict(sampling), options, stateless=stateless)
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         with rpc_errors():
@@ -247,8 +248,9 @@ class AsyncChatSession:
     Not for concurrent use by several tasks."""
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, model: str, history: list[ChatMessage],
-                 sampling: dict[str, Any], call_options: dict[str, Any]) -> None:
+                 sampling: dict[str, Any], call_options: dict[str, Any], *, stateless: bool = False) -> None:
         self.model = model
+        self.stateless = stateless
         self.messages: list[ChatMessage] = history
         self.last: Completion | None = None
         self.request_id: str | None = None
@@ -285,6 +287,7 @@ class AsyncChatSession:
             start = gateway_pb2.ChatStart(
                 model=self.model, messages=conv.message_protos([*self.messages, reply.message]),
                 sampling=conv.sampling_params(self._sampling | reply.sampling),
+                stateless=self.stateless,
             )
             request = gateway_pb2.ChatRequest(start=start)
             self._call = self._stub.Chat(**self._call_options)

@@ -118,6 +118,7 @@ class LlmsuiteClient:
         messages: Iterable[ChatMessage | Mapping[str, str]] = (),
         *,
         system: str | None = None,
+        stateless: bool = False,
         request_id: str | None = None,
         timeout_s: float | None = None,
         **sampling: Unpack[SamplingOptions],
@@ -128,14 +129,16 @@ class LlmsuiteClient:
         prompt placed before it. `sampling` applies to every reply unless a
         `send` overrides it. Nothing is sent until the first `send`. The
         client's default timeout does not apply: `timeout_s` (if given) is the
-        deadline of the whole session.
+        deadline of the whole session. `stateless`: each reply is a plain
+        generation from the whole conversation, with no inference session held
+        between replies (for one-turn callers; see ChatStart.stateless).
         """
         history = conv.chat_messages(messages)
         if system is not None:
             history.insert(0, ChatMessage("system", system))
         conv.sampling_params(sampling)  # reject bad options now, not at the first send
         options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s, deadline=False)
-        return ChatSession(self._gateway, model, history, dict(sampling), options)
+        return ChatSession(self._gateway, model, history, dict(sampling), options, stateless=stateless)
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         with rpc_errors():
@@ -267,8 +270,9 @@ class ChatSession:
     """
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, model: str, history: list[ChatMessage],
-                 sampling: dict[str, Any], call_options: dict[str, Any]) -> None:
+                 sampling: dict[str, Any], call_options: dict[str, Any], *, stateless: bool = False) -> None:
         self.model = model
+        self.stateless = stateless
         self.messages: list[ChatMessage] = history
         self.last: Completion | None = None
         self.request_id: str | None = None
@@ -293,6 +297,7 @@ class ChatSession:
             start = gateway_pb2.ChatStart(
                 model=self.model, messages=conv.message_protos([*self.messages, message]),
                 sampling=conv.sampling_params(self._sampling | sampling),
+                stateless=self.stateless,
             )
             self._requests.put(gateway_pb2.ChatRequest(start=start))
             with rpc_errors():

@@ -12,6 +12,10 @@ the same way, the rewind cuts where they differ instead of continuing from ids
 the conversation no longer contains. A session that ended (a stop string, a
 time limit) or whose tokenizer changed is replaced by a new one started with
 the full ids, which the replica's prefix cache still mostly covers.
+
+A stateless Chat (`start.stateless`, what /v1/chat/completions sends) opens no
+session: each reply is a plain generation from the full ids, and its stream
+ends with the reply, so nothing counts against the replica's --max-sessions.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class ChatSession:
                                      reason="NO_CHAT_TEMPLATE")
         self._model_name = start.model
         self._sampling = start.sampling
+        self._stateless = start.stateless
         new_messages, sampling = list(start.messages), start.sampling
         turn = 0
         while True:
@@ -121,7 +126,8 @@ class ChatSession:
                 self.close()
                 self._history_ids = []
                 self._stream = await self._up.open_generate(conv.generate_start(
-                    request_id=self._request_id, model=model, prompt_ids=full_ids, sampling=sampling, session=True),
+                    request_id=self._request_id, model=model, prompt_ids=full_ids, sampling=sampling,
+                    session=not self._stateless),
                     self._catalogue.replicas_for(model, chat_key(self._messages, self._limits.affinity_key_chars)),
                     time_limit_s=deadline.upstream_timeout_s)
                 self._stream_hash = model.content_hash
@@ -151,6 +157,9 @@ class ChatSession:
                     yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence, turn=turn,
                                           final=conv.generation_summary(item))
                 self._sequence += 1
+            if self._stateless and self._stream is not None:
+                await self._stream.finish()  # a plain generation's stream ends with its reply
+                self.close()
         finally:
             charge.settle(used)
 

@@ -2,7 +2,8 @@
 
 Each request is parsed and checked here, then becomes one gateway call made
 with the caller's own API key (`Generate` / `GenerateStream` for
-/v1/completions, a one-turn `Chat` for /v1/chat/completions), so
+/v1/completions, a one-turn stateless `Chat` for /v1/chat/completions: a plain
+generation that holds no inference session), so
 authentication, rate limits, validation and metrics stay the gateway's. A
 caller that disconnects cancels its gateway call, and with it the generation.
 """
@@ -234,10 +235,12 @@ class OpenAiApi:
         renames = request.state.renames = {"prompt": "messages", "max_tokens": req.max_tokens_param,
                                            **_RESPONSE_FORMAT_RENAMES}
         # A stateless request carries the whole conversation: the history opens the
-        # Chat stream and the last message asks for the one reply.
+        # Chat stream and the last message asks for the one reply. `stateless`: the reply is a
+        # plain generation, not an inference session counted against --max-sessions; a
+        # conversation sent again still reuses its KV through the replica's prefix cache.
         *history, last = req.messages
         session = client.chat(req.model, [ChatMessage(m.template_role, m.content, m.name or "") for m in history],
-                              request_id=rid, timeout_s=self.settings.request_timeout_s, **sampling)
+                              stateless=True, request_id=rid, timeout_s=self.settings.request_timeout_s, **sampling)
         reply = session.send(last.content, role=last.template_role, name=last.name or "")
         if not req.stream:
             try:
