@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from llmsuite.builder import tokenizer as builder
 from llmsuite.runtime.errors import InvalidArgument
-from llmsuite.tokenizer.chat_template import ChatMessage
+from llmsuite.tokenizer.chat_template import ChatMessage, ToolCall, tool_definitions
 from llmsuite.tokenizer.engine import LoadedTokenizer
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -155,9 +155,9 @@ def test_chat_template_renders_headers_content_and_end_markers(loaded: LoadedTok
 
 def test_chat_template_rejects_unknown_roles(loaded: LoadedTokenizer) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        loaded.apply_chat_template([ChatMessage("tool", "x")], add_generation_prompt=True, tokenize=False)
+        loaded.apply_chat_template([ChatMessage("ipython", "x")], add_generation_prompt=True, tokenize=False)
     assert caught.value.reason == "CHAT_TEMPLATE_ERROR"
-    assert "tool" in caught.value.message
+    assert "ipython" in caught.value.message
 
 
 def test_prompt_for_each_assistant_turn_is_a_prefix_of_the_whole_conversation(loaded: LoadedTokenizer) -> None:
@@ -171,6 +171,33 @@ def test_prompt_for_each_assistant_turn_is_a_prefix_of_the_whole_conversation(lo
         # Token-level prefix is what lets the gateway reuse the KV cache.
         assert prompt.ids is not None
         assert full.ids[: len(prompt.ids)] == prompt.ids
+
+
+TOOLS = tool_definitions([("get_weather", "The weather in a city",
+                           '{"type": "object", "properties": {"city": {"type": "string"}}}')])
+TOOL_CONVERSATION = (
+    ChatMessage("user", "Weather in Paris?"),
+    ChatMessage("assistant", "", tool_calls=(ToolCall("call_1", "get_weather", '{"city": "Paris"}'),)),
+    ChatMessage("tool", "sunny", tool_call_id="call_1"),
+    ChatMessage("assistant", "It is sunny."),
+)
+
+
+def test_chat_template_renders_tools_calls_and_results_in_the_hermes_format(loaded: LoadedTokenizer) -> None:
+    full = loaded.apply_chat_template(TOOL_CONVERSATION, add_generation_prompt=False, tokenize=True,
+                                      extra_context={"tools": TOOLS})
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in full.text
+    assert ('<|assistant|><tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|end|>'
+            in full.text)
+    assert "<|user|><tool_response>\nsunny\n</tool_response><|end|>" in full.text
+    without_tools = loaded.apply_chat_template(TOOL_CONVERSATION[:1], add_generation_prompt=True, tokenize=False)
+    assert "<tools>" not in without_tools.text
+    # The prefix property holds with tools too: every reply's prompt is an id prefix of the whole.
+    assert full.ids is not None
+    for k in (1, 3):
+        prompt = loaded.apply_chat_template(TOOL_CONVERSATION[:k], add_generation_prompt=True, tokenize=True,
+                                            extra_context={"tools": TOOLS})
+        assert prompt.ids is not None and full.ids[: len(prompt.ids)] == prompt.ids
 
 
 def test_chat_ids_start_with_a_single_bos(loaded: LoadedTokenizer) -> None:

@@ -41,7 +41,7 @@ USER_ID = 4
 ASSISTANT_ID = 5
 END_OF_TURN_ID = 6
 
-CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 # Every byte needs a token before any merge can be learned.
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
@@ -51,15 +51,36 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
 # generation prompt tokenizes to an exact id prefix of the full conversation. A
 # newline there would merge with leading whitespace of the content and break that
 # prefix, which the gateway relies on to reuse the KV cache across turns.
+# Tools follow the Hermes / Qwen convention (a system message listing the functions as
+# JSON inside <tools>, calls written as <tool_call>{"name": ..., "arguments": ...}</tool_call>,
+# results as a user turn inside <tool_response>), so the gateway recognises the format
+# from these markers as it does for real models' templates, and a forced call is
+# written exactly as the template writes it back into the conversation.
 CHAT_TEMPLATE = "".join(
     [
         "{{ bos_token }}",
-        "{% for message in messages %}",
-        "{% if message['role'] not in ['system', 'user', 'assistant'] %}",
-        "{{ raise_exception('Unsupported chat role ' ~ message['role'] ~ "
-        "'; expected system, user or assistant') }}",
+        "{% if tools %}",
+        "{{ '<|system|>You may call functions. To call one, reply with <tool_call>\\n"
+        "{\"name\": <function name>, \"arguments\": <arguments object>}\\n</tool_call>. "
+        "The functions:\\n<tools>\\n' }}",
+        "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}",
+        "{{ '</tools><|end|>\\n' }}",
         "{% endif %}",
-        "{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ '<|end|>\\n' }}",
+        "{% for message in messages %}",
+        "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}",
+        "{{ raise_exception('Unsupported chat role ' ~ message['role'] ~ "
+        "'; expected system, user, assistant or tool') }}",
+        "{% endif %}",
+        "{% if message['role'] == 'tool' %}",
+        "{{ '<|user|><tool_response>\\n' ~ (message['content'] or '') ~ '\\n</tool_response><|end|>\\n' }}",
+        "{% else %}",
+        "{{ '<|' ~ message['role'] ~ '|>' ~ (message['content'] or '') }}",
+        "{% for call in message['tool_calls'] or [] %}",
+        "{{ '<tool_call>\\n' ~ ({'name': call['function']['name'], "
+        "'arguments': call['function']['arguments']} | tojson) ~ '\\n</tool_call>' }}",
+        "{% endfor %}",
+        "{{ '<|end|>\\n' }}",
+        "{% endif %}",
         "{% endfor %}",
         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}",
     ]

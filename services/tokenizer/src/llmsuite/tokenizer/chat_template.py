@@ -39,10 +39,27 @@ MAX_TEMPLATE_VARIABLE_DEPTH = 32
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call an assistant message made; `arguments` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+    @property
+    def chars(self) -> int:
+        """What the message adds to a request's size."""
+        return (len(self.content) + len(self.role) + len(self.name or "") + len(self.tool_call_id or "")
+                + sum(len(c.id) + len(c.name) + len(c.arguments) for c in self.tool_calls))
 
 
 @dataclass(frozen=True)
@@ -239,12 +256,7 @@ def render_context(
         raise InvalidArgument.for_field(
             "template_variables", f"may not set {', '.join(reserved)}; they come from the request itself"
         )
-    message_dicts = []
-    for message in messages:
-        entry = {"role": message.role, "content": message.content}
-        if message.name is not None:
-            entry["name"] = message.name
-        message_dicts.append(entry)
+    message_dicts = [_message_dict(message) for message in messages]
     # transformers passes tools/documents as None when absent, and the special
     # tokens map underneath caller kwargs; templates test for both.
     return {
@@ -255,3 +267,55 @@ def render_context(
         "messages": message_dicts,
         "add_generation_prompt": add_generation_prompt,
     }
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A message as transformers hands it to templates. An assistant message that only
+    calls tools has content None, as OpenAI clients send it; call arguments are a JSON
+    object, not its text, because templates write them with `tojson` (vLLM converts them
+    the same way), unless the text is not an object."""
+    entry: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.name is not None:
+        entry["name"] = message.name
+    if message.tool_calls:
+        if not message.content:
+            entry["content"] = None
+        entry["tool_calls"] = [{"id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": _json_object_or_text(call.arguments)}}
+                               for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        entry["tool_call_id"] = message.tool_call_id
+    return entry
+
+
+def _json_object_or_text(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def tool_definitions(tools: Sequence[tuple[str, str, str]], field_path: str = "tools") -> list[dict[str, Any]]:
+    """(name, description, parameters JSON text) as the `tools` transformers passes:
+    {"type": "function", "function": {"name", "description", "parameters"}}."""
+    definitions = []
+    for index, (name, description, parameters) in enumerate(tools):
+        if not name:
+            raise InvalidArgument.for_field(f"{field_path}[{index}].name", "required", reason="MISSING_FIELD")
+        function: dict[str, Any] = {"name": name}
+        if description:
+            function["description"] = description
+        if parameters:
+            try:
+                schema = json.loads(parameters)
+            except ValueError as exc:
+                raise InvalidArgument.for_field(f"{field_path}[{index}].parameters",
+                                                f"must be a JSON Schema as JSON text: {exc}") from None
+            if not isinstance(schema, dict):
+                raise InvalidArgument.for_field(f"{field_path}[{index}].parameters", "must be a JSON object")
+            function["parameters"] = schema
+        else:
+            function["parameters"] = {"type": "object", "properties": {}}
+        definitions.append({"type": "function", "function": function})
+    return definitions

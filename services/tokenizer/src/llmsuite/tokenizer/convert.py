@@ -13,7 +13,8 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from llmsuite.common.v1 import common_pb2
-from llmsuite.tokenizer.chat_template import ChatMessage
+from llmsuite.runtime.errors import InvalidArgument
+from llmsuite.tokenizer.chat_template import ChatMessage, ToolCall, tool_definitions
 from llmsuite.tokenizer.engine import EncodedText, LoadedTokenizer, TruncationSide
 from llmsuite.tokenizer.v1 import tokenizer_pb2
 
@@ -29,16 +30,24 @@ def add_special_tokens(request: tokenizer_pb2.EncodeRequest | tokenizer_pb2.Coun
     return request.add_special_tokens if request.HasField("add_special_tokens") else True
 
 
-def chat_messages(messages: Sequence[Any]) -> list[ChatMessage]:
-    return [ChatMessage(role=m.role, content=m.content, name=m.name or None) for m in messages]
+def chat_messages(messages: Sequence[common_pb2.ChatMessage]) -> list[ChatMessage]:
+    return [ChatMessage(role=m.role, content=m.content, name=m.name or None,
+                        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+                        tool_call_id=m.tool_call_id or None) for m in messages]
 
 
 def template_variables(request: tokenizer_pb2.ApplyChatTemplateRequest) -> dict[str, Any] | None:
-    """The Struct as plain Python. Unlike json_format this never raises (a NaN stays a
-    float): judging the values is the engine's job, with the field path in the error."""
-    if not request.HasField("template_variables"):
-        return None
-    return _struct(request.template_variables)
+    """The Struct as plain Python, plus `tools` from the request's tools. Unlike
+    json_format this never raises (a NaN stays a float): judging the values is the
+    engine's job, with the field path in the error."""
+    variables = _struct(request.template_variables) if request.HasField("template_variables") else None
+    if request.tools:
+        if variables is not None and "tools" in variables:
+            raise InvalidArgument.for_field("template_variables.tools", "tools are sent once: as `tools` or as "
+                                            "this variable, not both")
+        variables = {**(variables or {}),
+                     "tools": tool_definitions([(t.name, t.description, t.parameters) for t in request.tools])}
+    return variables
 
 
 def _struct(struct: struct_pb2.Struct) -> dict[str, Any]:

@@ -466,9 +466,8 @@ class LoadedTokenizer:
                 reason="INPUT_TOO_LONG", limit=str(limit),
             )
         variables_chars = check_template_variables(extra_context or {})
-        self._check_request_chars("messages", sum(
-            len(message.content) + len(message.role) + len(message.name or "") for message in messages
-        ) + len(template_override or "") + variables_chars)
+        self._check_request_chars("messages", sum(message.chars for message in messages)
+                                  + len(template_override or "") + variables_chars)
         source, from_request = self._template_source(template_override)
         context = render_context(messages, add_generation_prompt, self._template_tokens, extra_context or {})
         return ChatJob(source=source, context=context, from_request=from_request, max_output_chars=limit)
