@@ -13,6 +13,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from llmsuite.builder.tokenizer import CHAT_TEMPLATE
+from llmsuite.gateway.chat_tools import ChatTools
+from llmsuite.gateway.local_tokenizers import LocalTokenizer
 from llmsuite.gateway.tool_calls import (
     FORMATS,
     FunctionSpec,
@@ -23,7 +25,8 @@ from llmsuite.gateway.tool_calls import (
     function_specs,
     parse_format_flags,
 )
-from llmsuite.runtime.errors import InvalidArgument
+from llmsuite.gateway.v1 import gateway_pb2
+from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument
 
 DECLARED = ("get_weather", "add")
 WEATHER = ParsedCall("get_weather", '{"city": "Paris"}')
@@ -94,6 +97,17 @@ def test_text_that_may_open_a_call_is_held_back_until_it_cannot() -> None:
 def test_the_format_is_read_from_the_chat_template(template, expected) -> None:
     found = detect_format(template)
     assert (found.name if found else None) == expected
+
+
+def test_tools_on_a_model_of_unknown_format_need_the_flag(tiny_tokenizer_dir) -> None:
+    start = gateway_pb2.ChatStart(model="m")
+    start.tools.add(name="f")
+    plain = LocalTokenizer("sha256:x", Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json")),
+                           "{{ messages[0].content }}")
+    with pytest.raises(FailedPrecondition) as refused:
+        ChatTools.from_start(start, "m", plain, {})
+    assert refused.value.reason == "TOOL_CALL_FORMAT_UNKNOWN" and "--tool-call-parser m=FORMAT" in refused.value.message
+    assert ChatTools.from_start(start, "m", plain, {"m": "hermes"}) is not None
 
 
 def test_format_flags() -> None:

@@ -43,6 +43,9 @@ from llmsuite.client.results import (
     Timings,
     TokenCounts,
     TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolChoice,
     Usage,
 )
 from llmsuite.client.sync_client import ChatReply, ChatSession, LlmsuiteClient, TextStream
@@ -79,6 +82,9 @@ __all__ = [
     "Timings",
     "TokenCounts",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
     "Unauthenticated",
     "Unavailable",
     "Usage",

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import copy
 import dataclasses
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack, cast
 
@@ -37,6 +37,9 @@ from llmsuite.client.results import (
     SamplingOptions,
     TextChunk,
     TokenCounts,
+    Tool,
+    ToolCall,
+    ToolChoice,
 )
 from llmsuite.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -117,6 +120,8 @@ class AsyncLlmsuiteClient:
         *,
         system: str | None = None,
         stateless: bool = False,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | str | None = None,
         request_id: str | None = None,
         timeout_s: float | None = None,
         **sampling: Unpack[SamplingOptions],
@@ -127,7 +132,8 @@ class AsyncLlmsuiteClient:
             history.insert(0, ChatMessage("system", system))
         conv.sampling_params(sampling)
         options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s, deadline=False)
-        return AsyncChatSession(self._gateway, model, history, dict(sampling), options, stateless=stateless)
+        return AsyncChatSession(self._gateway, model, history, dict(sampling), options, stateless=stateless,
+                     tool_options=conv.chat_tool_options(tools, tool_choice))
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         with rpc_errors():
@@ -248,9 +254,11 @@ class AsyncChatSession:
     Not for concurrent use by several tasks."""
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, model: str, history: list[ChatMessage],
-                 sampling: dict[str, Any], call_options: dict[str, Any], *, stateless: bool = False) -> None:
+                 sampling: dict[str, Any], call_options: dict[str, Any], *, stateless: bool = False,
+                 tool_options: conv.ChatToolOptions | None = None) -> None:
         self.model = model
         self.stateless = stateless
+        self._tools = tool_options or conv.ChatToolOptions()
         self.messages: list[ChatMessage] = history
         self.last: Completion | None = None
         self.request_id: str | None = None
@@ -263,12 +271,15 @@ class AsyncChatSession:
         self._turns = 0
         self._closed = False
 
-    def send(self, text: str, *, role: str = "user", name: str = "",
+    def send(self, text: str, *, role: str = "user", name: str = "", tool_call_id: str = "",
+             tool_calls: Sequence[ToolCall] = (), tool_choice: ToolChoice | str | None = None,
              **sampling: Unpack[SamplingOptions]) -> AsyncChatReply:
+        """See ChatSession.send."""
         if self._closed:
             raise RuntimeError("this chat session is closed")
         conv.sampling_params(sampling)
-        reply = AsyncChatReply(self, self._turns, ChatMessage(role, text, name), dict(sampling))
+        reply = AsyncChatReply(self, self._turns, ChatMessage(role, text, name, tuple(tool_calls), tool_call_id),
+                               dict(sampling), tool_choice)
         self._turns += 1
         self._unsent.append(reply)
         return reply
@@ -289,10 +300,11 @@ class AsyncChatSession:
                 sampling=conv.sampling_params(self._sampling | reply.sampling),
                 stateless=self.stateless,
             )
+            self._tools.start(start, reply.tool_choice)
             request = gateway_pb2.ChatRequest(start=start)
             self._call = self._stub.Chat(**self._call_options)
         else:
-            turn = gateway_pb2.ChatTurn(messages=conv.message_protos([reply.message]))
+            turn = conv.chat_turn(reply.message, reply.tool_choice)
             if reply.sampling:  # a turn's sampling replaces the start's whole, so send the merged set
                 turn.sampling.CopyFrom(conv.sampling_params(self._sampling | reply.sampling))
             request = gateway_pb2.ChatRequest(turn=turn)
@@ -330,7 +342,7 @@ class AsyncChatSession:
 
     def _finished(self, completion: Completion) -> None:
         self.last = completion
-        self.messages.append(ChatMessage("assistant", completion.text))
+        self.messages.append(ChatMessage("assistant", completion.text, tool_calls=completion.tool_calls))
 
     async def cancel(self, reason: str = "") -> None:
         """Stop the running reply (finish_reason "cancelled") and end the session."""
@@ -369,10 +381,12 @@ class AsyncChatReply:
     """One reply of an AsyncChatSession: `async for` its TextChunks, or
     `await` it for the Completion."""
 
-    def __init__(self, session: AsyncChatSession, turn: int, message: ChatMessage, sampling: dict[str, Any]) -> None:
+    def __init__(self, session: AsyncChatSession, turn: int, message: ChatMessage, sampling: dict[str, Any],
+                 tool_choice: ToolChoice | str | None = None) -> None:
         self.turn = turn
         self.message = message
         self.sampling = sampling
+        self.tool_choice = tool_choice
         self.sent = False
         self.completion: Completion | None = None
         self._session = session

@@ -3,7 +3,9 @@ the sync and the asyncio clients."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import duration_pb2
@@ -22,6 +24,9 @@ from llmsuite.client.results import (
     TextChunk,
     Timings,
     TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolChoice,
     Usage,
 )
 from llmsuite.common.v1 import common_pb2
@@ -80,12 +85,73 @@ def chat_messages(messages: Iterable[ChatMessage | Mapping[str, str]]) -> list[C
         if isinstance(m, ChatMessage):
             out.append(m)
         else:
-            out.append(ChatMessage(role=m["role"], content=m.get("content", ""), name=m.get("name", "")))
+            out.append(ChatMessage(role=m["role"], content=m.get("content", ""), name=m.get("name", ""),
+                                   tool_call_id=m.get("tool_call_id", "")))
     return out
 
 
 def message_protos(messages: Sequence[ChatMessage]) -> list[common_pb2.ChatMessage]:
-    return [common_pb2.ChatMessage(role=m.role, content=m.content, name=m.name) for m in messages]
+    return [common_pb2.ChatMessage(role=m.role, content=m.content, name=m.name, tool_call_id=m.tool_call_id,
+                                   tool_calls=[tool_call_proto(c) for c in m.tool_calls]) for m in messages]
+
+
+def tool_call_proto(call: ToolCall) -> common_pb2.ToolCall:
+    return common_pb2.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+
+
+def tool_calls(calls: Iterable[common_pb2.ToolCall]) -> tuple[ToolCall, ...]:
+    return tuple(ToolCall(c.id, c.name, c.arguments) for c in calls)
+
+
+def tool_protos(tools: Iterable[Tool]) -> list[common_pb2.Tool]:
+    out = []
+    for tool in tools:
+        parameters = tool.parameters
+        text = "" if parameters is None else parameters if isinstance(parameters, str) else json.dumps(parameters)
+        out.append(common_pb2.Tool(name=tool.name, description=tool.description, parameters=text))
+    return out
+
+
+@dataclass(frozen=True)
+class ChatToolOptions:
+    """A chat session's tools and default tool choice, as protos."""
+
+    tools: tuple[common_pb2.Tool, ...] = ()
+    tool_choice: common_pb2.ToolChoice | None = None
+
+    def start(self, start: gateway_pb2.ChatStart, choice: ToolChoice | str | None) -> None:
+        """Puts the tools, and this send's choice or the session's, on the opening message."""
+        start.tools.extend(self.tools)
+        chosen = tool_choice_proto(choice) if choice is not None else self.tool_choice
+        if chosen is not None:
+            start.tool_choice.CopyFrom(chosen)
+
+
+def chat_tool_options(tools: Sequence[Tool], tool_choice: ToolChoice | str | None) -> ChatToolOptions:
+    return ChatToolOptions(tuple(tool_protos(tools)),
+                           tool_choice_proto(tool_choice) if tool_choice is not None else None)
+
+
+def chat_turn(message: ChatMessage, choice: ToolChoice | str | None) -> gateway_pb2.ChatTurn:
+    turn = gateway_pb2.ChatTurn(messages=message_protos([message]))
+    if choice is not None:
+        turn.tool_choice.CopyFrom(tool_choice_proto(choice))
+    return turn
+
+
+_TOOL_MODES = {"auto": common_pb2.ToolChoice.MODE_AUTO, "none": common_pb2.ToolChoice.MODE_NONE,
+               "required": common_pb2.ToolChoice.MODE_REQUIRED}
+
+
+def tool_choice_proto(choice: ToolChoice | str) -> common_pb2.ToolChoice:
+    """A ToolChoice, or one of its modes by name ("auto", "none", "required")."""
+    if isinstance(choice, str):
+        choice = ToolChoice(mode=choice)
+    if choice.function:
+        return common_pb2.ToolChoice(function_name=choice.function)
+    if choice.mode not in _TOOL_MODES:
+        raise ValueError(f"tool_choice mode must be one of {', '.join(_TOOL_MODES)}, not {choice.mode!r}")
+    return common_pb2.ToolChoice(mode=_TOOL_MODES[choice.mode])
 
 
 def finish_reason_name(value: int) -> str:
@@ -152,13 +218,16 @@ class StreamAccumulator:
         self._text: list[str] = []
         self._token_ids: list[int] = []
         self._logprobs: list[PositionLogprobs] = []
+        self._tool_calls: list[ToolCall] = []
 
     def delta(self, delta: gateway_pb2.TextDelta, request_id: str) -> TextChunk:
         self.request_id = request_id or self.request_id
-        chunk = TextChunk(text=delta.text, token_ids=tuple(delta.token_ids), logprobs=logprobs(delta.logprobs))
+        chunk = TextChunk(text=delta.text, token_ids=tuple(delta.token_ids), logprobs=logprobs(delta.logprobs),
+                          tool_calls=tool_calls(delta.tool_calls))
         self._text.append(chunk.text)
         self._token_ids.extend(chunk.token_ids)
         self._logprobs.extend(chunk.logprobs)
+        self._tool_calls.extend(chunk.tool_calls)
         return chunk
 
     def finish(self, summary: gateway_pb2.GenerationSummary, request_id: str, raw: Any) -> Completion:
@@ -174,6 +243,7 @@ class StreamAccumulator:
             matched_stop=matched_stop(summary),
             turn=self.turn,
             raw=raw,
+            tool_calls=tuple(self._tool_calls),
         )
 
 

@@ -51,13 +51,53 @@ class PositionLogprobs:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made; `arguments` is a JSON object as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def parsed_arguments(self) -> Any:
+        return json.loads(self.arguments)
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call: `parameters` is the JSON Schema of its
+    arguments (a dict, or its JSON text; None: no arguments)."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] | str | None = None
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """Whether a chat reply may call tools: `mode` "auto" (the model decides),
+    "none" or "required" (exactly one call); or `function`, exactly one call to
+    that function. Calls forced by "required" or `function` are constrained by
+    grammar, so they always parse and fit the function's parameters."""
+
+    mode: str = "auto"
+    function: str = ""
+
+    @classmethod
+    def named(cls, function: str) -> ToolChoice:
+        return cls(mode="required", function=function)
+
+
+@dataclass(frozen=True)
 class TextChunk:
     """One streamed piece of text (whole characters only). `token_ids` and
-    `logprobs` are filled when requested and may run ahead of the text."""
+    `logprobs` are filled when requested and may run ahead of the text.
+    `tool_calls`: calls recognised in a chat reply with tools, each whole and
+    sent once (text that may be part of a call is held back until it is known)."""
 
     text: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[PositionLogprobs, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,7 +105,8 @@ class Completion:
     """A finished generation or chat reply.
 
     `finish_reason` is lowercase: "length", "stop", "cancelled", "time_limit",
-    "context_full" or "grammar" (a `constraint` was complete). `matched_stop` is the stop string (str) or the stop /
+    "context_full", "grammar" (a `constraint` was complete) or "tool_calls" (a chat
+    reply that called tools, in `tool_calls`). `matched_stop` is the stop string (str) or the stop /
     end-of-sequence token id (int) that ended the text, else None. `turn` is
     the reply's index in a chat session (0 for the first and for generate).
     """
@@ -80,6 +121,7 @@ class Completion:
     matched_stop: str | int | None = None
     turn: int = 0
     raw: Message | None = field(default=None, repr=False, compare=False)
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (without `.raw`)."""
@@ -96,6 +138,8 @@ class ChatMessage:
     role: str
     content: str
     name: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls
+    tool_call_id: str = ""  # a "tool" message: the call it answers
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import queue
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack, cast
 
@@ -25,6 +25,9 @@ from llmsuite.client.results import (
     SamplingOptions,
     TextChunk,
     TokenCounts,
+    Tool,
+    ToolCall,
+    ToolChoice,
 )
 from llmsuite.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -119,6 +122,8 @@ class LlmsuiteClient:
         *,
         system: str | None = None,
         stateless: bool = False,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | str | None = None,
         request_id: str | None = None,
         timeout_s: float | None = None,
         **sampling: Unpack[SamplingOptions],
@@ -126,8 +131,12 @@ class LlmsuiteClient:
         """A multi-turn conversation over one bidirectional Chat stream.
 
         `messages` is the history so far and `system` (if given) a system
-        prompt placed before it. `sampling` applies to every reply unless a
-        `send` overrides it. Nothing is sent until the first `send`. The
+        prompt placed before it. `tools` are functions the model may call (the
+        chat template renders them) and `tool_choice` ("auto" by default with
+        tools, "none", "required", or `ToolChoice.named(name)`) whether it must;
+        a reply's calls are in `Completion.tool_calls`, answered with
+        `send(result, role="tool", tool_call_id=call.id)`. `sampling` applies to
+        every reply unless a `send` overrides it. Nothing is sent until the first `send`. The
         client's default timeout does not apply: `timeout_s` (if given) is the
         deadline of the whole session. `stateless`: each reply is a plain
         generation from the whole conversation, with no inference session held
@@ -138,7 +147,8 @@ class LlmsuiteClient:
             history.insert(0, ChatMessage("system", system))
         conv.sampling_params(sampling)  # reject bad options now, not at the first send
         options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s, deadline=False)
-        return ChatSession(self._gateway, model, history, dict(sampling), options, stateless=stateless)
+        return ChatSession(self._gateway, model, history, dict(sampling), options, stateless=stateless,
+                     tool_options=conv.chat_tool_options(tools, tool_choice))
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         with rpc_errors():
@@ -270,9 +280,11 @@ class ChatSession:
     """
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, model: str, history: list[ChatMessage],
-                 sampling: dict[str, Any], call_options: dict[str, Any], *, stateless: bool = False) -> None:
+                 sampling: dict[str, Any], call_options: dict[str, Any], *, stateless: bool = False,
+                 tool_options: conv.ChatToolOptions | None = None) -> None:
         self.model = model
         self.stateless = stateless
+        self._tools = tool_options or conv.ChatToolOptions()
         self.messages: list[ChatMessage] = history
         self.last: Completion | None = None
         self.request_id: str | None = None
@@ -285,25 +297,30 @@ class ChatSession:
         self._turns = 0
         self._closed = False
 
-    def send(self, text: str, *, role: str = "user", name: str = "", **sampling: Unpack[SamplingOptions]) -> ChatReply:
+    def send(self, text: str, *, role: str = "user", name: str = "", tool_call_id: str = "",
+             tool_calls: Sequence[ToolCall] = (), tool_choice: ToolChoice | str | None = None,
+             **sampling: Unpack[SamplingOptions]) -> ChatReply:
         """Add a message and ask for the next reply. Sampling given here
-        applies to this reply only, on top of the session's."""
+        applies to this reply only, on top of the session's; so does
+        `tool_choice`. A tool's result is sent as `role="tool"` with the
+        `tool_call_id` it answers; `tool_calls` are an assistant message's."""
         if self._closed:
             raise RuntimeError("this chat session is closed")
         if self._reply is not None and self._reply.completion is None:
             self._reply.wait()
-        message = ChatMessage(role, text, name)
+        message = ChatMessage(role, text, name, tuple(tool_calls), tool_call_id)
         if self._call is None:
             start = gateway_pb2.ChatStart(
                 model=self.model, messages=conv.message_protos([*self.messages, message]),
                 sampling=conv.sampling_params(self._sampling | sampling),
                 stateless=self.stateless,
             )
+            self._tools.start(start, tool_choice)
             self._requests.put(gateway_pb2.ChatRequest(start=start))
             with rpc_errors():
                 self._call = self._stub.Chat(iter(self._requests.get, _HALF_CLOSE), **self._call_options)
         else:
-            turn = gateway_pb2.ChatTurn(messages=conv.message_protos([message]))
+            turn = conv.chat_turn(message, tool_choice)
             if sampling:  # a turn's sampling replaces the start's whole, so send the merged set
                 turn.sampling.CopyFrom(conv.sampling_params(self._sampling | sampling))
             self._requests.put(gateway_pb2.ChatRequest(turn=turn))
@@ -321,7 +338,7 @@ class ChatSession:
 
     def _finished(self, completion: Completion) -> None:
         self.last = completion
-        self.messages.append(ChatMessage("assistant", completion.text))
+        self.messages.append(ChatMessage("assistant", completion.text, tool_calls=completion.tool_calls))
 
     def cancel(self, reason: str = "") -> None:
         """Stop the current reply (its finish_reason becomes "cancelled") and

@@ -13,6 +13,7 @@ from pathlib import Path
 from llmsuite.gateway.admission import GatewayLimits
 from llmsuite.gateway.app import GatewayApp
 from llmsuite.gateway.rate_limit import RateLimitSettings, StorageFailureMode, build_rate_limiter
+from llmsuite.gateway.tool_calls import FORMATS, parse_format_flags
 from llmsuite.gateway.upstreams import Upstreams, parse_inference_targets
 from llmsuite.runtime.channels import ChannelSettings
 from llmsuite.runtime.logs import configure_logging
@@ -51,6 +52,12 @@ def build_parser() -> EnvArgumentParser:
     u.add_argument("--startup-timeout", type=float, default=0.0,
                    help="seconds to wait at start for a servable model before exiting with status 1; 0 waits "
                         "for ever. Meanwhile the port answers, health is NOT_SERVING and calls get UNAVAILABLE")
+    chat = parser.add_argument_group("chat")
+    chat.add_argument("--tool-call-parser", action="append", default=[], metavar="NAME=FORMAT",
+                      help="how model NAME writes tool calls: " + ", ".join(sorted(FORMATS)) + ". Without it the "
+                           "format is read from the chat template's markers (<tool_call>, [TOOL_CALLS], "
+                           "<|python_tag|>); a chat with tools on a model whose format is known neither way is "
+                           "refused (FAILED_PRECONDITION, TOOL_CALL_FORMAT_UNKNOWN). Repeatable")
     lim = parser.add_argument_group("limits")
     lim.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens, help="cap on prompt tokens")
     lim.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens, help="cap on max_new_tokens")
@@ -113,8 +120,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     keep_large_buffers_out_of_the_heap()
     if args.max_request_chars < 1:
         raise SystemExit("--max-request-chars must be at least 1")
+    try:
+        tool_call_parsers = parse_format_flags(args.tool_call_parser)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     limits = GatewayLimits(args.max_prompt_tokens, args.max_new_tokens, deadline_margin_s=args.deadline_margin,
-                           affinity_key_chars=args.prefix_affinity_chars, max_request_chars=args.max_request_chars)
+                           affinity_key_chars=args.prefix_affinity_chars, max_request_chars=args.max_request_chars,
+                           tool_call_parsers=tool_call_parsers)
     settings = server_settings_from_args(args, service_name="llmsuite-gateway")
     settings = replace(settings, max_receive_message_bytes=limits.max_receive_bytes(settings.max_message_bytes))
     configure_logging(settings.log_level, settings.log_format)

@@ -8,8 +8,8 @@ admit through one `Admission`, so a cap or a rate means the same on every RPC.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.affinity import DEFAULT_KEY_CHARS
@@ -39,6 +39,8 @@ class GatewayLimits:
     # Characters of text one request may carry (a prompt; Tokenize's or CountTokens' texts
     # together; a Chat conversation's messages together), checked before anything is forwarded.
     max_request_chars: int = 1_000_000
+    # Tool-call format per model name (--tool-call-parser), where the chat template does not show it.
+    tool_call_parsers: Mapping[str, str] = field(default_factory=dict)
 
     def max_receive_bytes(self, max_message_bytes: int) -> int:
         """The gRPC server's receive cap: the largest request `max_request_chars` allows (4 UTF-8

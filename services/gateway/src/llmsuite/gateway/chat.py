@@ -20,6 +20,7 @@ ends with the reply, so nothing counts against the replica's --max-sessions.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -30,6 +31,7 @@ from llmsuite.gateway import conversions as conv
 from llmsuite.gateway.admission import Admission
 from llmsuite.gateway.affinity import chat_key
 from llmsuite.gateway.catalogue import GENERATION, Catalogue, require_kind
+from llmsuite.gateway.chat_tools import ChatTools, refuse_choice_without_tools
 from llmsuite.gateway.generation import Deadline, relay_turn
 from llmsuite.gateway.turns import Delta
 from llmsuite.gateway.upstreams import InferenceStream, Upstreams
@@ -74,7 +76,9 @@ class ChatSession:
         self._model_name = start.model
         self._sampling = start.sampling
         self._stateless = start.stateless
+        self._tools = ChatTools.from_start(start, start.model, model.tokenizer, self._limits.tool_call_parsers)
         new_messages, sampling = list(start.messages), start.sampling
+        choice = None
         turn = 0
         while True:
             if not new_messages:
@@ -82,15 +86,17 @@ class ChatSession:
                                                 "at least one message", reason="MISSING_FIELD")
             self._messages.extend(new_messages)
             self._limits.check_request_chars("turn.messages" if turn else "start.messages", (
-                text for m in self._messages for text in (m.role, m.content, m.name)))
+                text for m in self._messages for text in (m.role, m.content, m.name, m.tool_call_id,
+                                                          *(c.arguments for c in m.tool_calls))))
             if len(self._messages) > self._limits.max_chat_messages:
                 raise InvalidArgument.for_field("turn.messages", "conversation exceeds "
                                                 f"{self._limits.max_chat_messages} messages",
                                                 reason="TOO_MANY_MESSAGES")
             reply: list[str] = []
-            async for response in self._turn(turn, sampling, reply):
+            calls: list[common_pb2.ToolCall] = []
+            async for response in self._turn(turn, sampling, choice, reply, calls):
                 yield response
-            self._messages.append(conv.assistant_message("".join(reply)))
+            self._messages.append(conv.assistant_message("".join(reply), calls))
             nxt = await anext(requests, None)
             if nxt is None:
                 return
@@ -103,14 +109,22 @@ class ChatSession:
             turn += 1
             new_messages = list(nxt.turn.messages)
             sampling = nxt.turn.sampling if nxt.turn.HasField("sampling") else self._sampling
+            choice = nxt.turn.tool_choice if nxt.turn.HasField("tool_choice") else None
 
-    async def _turn(self, turn: int, sampling: common_pb2.SamplingParams, reply: list[str]
-                    ) -> AsyncIterator[pb.ChatResponse]:
+    async def _turn(self, turn: int, sampling: common_pb2.SamplingParams, choice: common_pb2.ToolChoice | None,
+                    reply: list[str], calls: list[common_pb2.ToolCall]) -> AsyncIterator[pb.ChatResponse]:
         started_at = time.monotonic()
         model = self._catalogue.lookup(self._model_name)
         max_new, stops = self._admission.check_sampling(sampling)
+        choice_field = "turn.tool_choice" if turn else "start.tool_choice"
+        if self._tools is None:
+            refuse_choice_without_tools(choice, choice_field)
+        tools = self._tools.reply(choice, choice_field) if self._tools is not None else None
+        if tools is not None:
+            sampling = tools.constrained(sampling, choice_field)
         deadline = Deadline.split(self._context.time_remaining(), self._limits.deadline_margin_s)
-        rendered = await self._up.apply_chat_template(conv.chat_template_request(model.name, self._messages),
+        rendered = await self._up.apply_chat_template(conv.chat_template_request(
+            model.name, self._messages, self._tools.tools if self._tools is not None else ()),
                                                       time_limit_s=self._context.time_remaining())
         self._catalogue.check_pairing(model, rendered.content_hash)
         full_ids = list(rendered.token_ids)
@@ -139,23 +153,38 @@ class ChatSession:
                 sent = new_ids
             used = len(sent)
             context_ids = full_ids
-            detok = model.tokenizer.detokenizer(context_ids, skip_special_tokens=True)
+            detok = model.tokenizer.detokenizer(context_ids, skip_special_tokens=True,
+                                                keep_ids=tools.keep_ids() if tools is not None else ())
             async for item in relay_turn(self._stream, detok, stops, started_at=started_at,
                                          prompt_tokens=len(sent), deadline=deadline):
                 if isinstance(item, Delta):
                     used += len(item.token_ids)
-                    if not item.text and not item.logprobs:
+                    text, made = tools.feed(item.text) if tools is not None else (item.text, [])
+                    if not text and not item.logprobs and not made:
                         continue
-                    reply.append(item.text)
+                    reply.append(text)
+                    calls.extend(made)
+                    delta = conv.text_delta(dataclasses.replace(item, text=text), token_ids=False)
+                    delta.tool_calls.extend(made)
                     yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence, turn=turn,
-                                          delta=conv.text_delta(item, token_ids=False))
+                                          delta=delta)
                 else:
+                    summary = conv.generation_summary(item)
+                    if tools is not None:
+                        text, made = tools.finish()  # what was held back as a possible call
+                        if text or made:
+                            reply.append(text)
+                            calls.extend(made)
+                            yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence,
+                                                  turn=turn, delta=pb.TextDelta(text=text, tool_calls=made))
+                            self._sequence += 1
+                        summary.finish_reason = tools.finish_reason(summary.finish_reason)
                     self._history_ids = context_ids + item.generated_ids
                     if item.stopped_by_string or item.time_limited or item.finish_reason in (
                             common_pb2.FINISH_REASON_CANCELLED, common_pb2.FINISH_REASON_TIME_LIMIT):
                         self.close()  # the upstream stream ended with this turn
                     yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence, turn=turn,
-                                          final=conv.generation_summary(item))
+                                          final=summary)
                 self._sequence += 1
             if self._stateless and self._stream is not None:
                 await self._stream.finish()  # a plain generation's stream ends with its reply

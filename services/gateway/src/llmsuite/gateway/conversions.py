@@ -39,15 +39,15 @@ def count_tokens_request(model: str, texts: Sequence[str], *,
     return request
 
 
-def chat_template_request(model: str, messages: Sequence[common_pb2.ChatMessage]
-                          ) -> tokenizer_pb2.ApplyChatTemplateRequest:
+def chat_template_request(model: str, messages: Sequence[common_pb2.ChatMessage],
+                          tools: Sequence[common_pb2.Tool] = ()) -> tokenizer_pb2.ApplyChatTemplateRequest:
     """The whole conversation, rendered for the next assistant reply and tokenized."""
     return tokenizer_pb2.ApplyChatTemplateRequest(model=model, messages=messages, add_generation_prompt=True,
-                                                  tokenize=True)
+                                                  tokenize=True, tools=tools)
 
 
-def assistant_message(text: str) -> common_pb2.ChatMessage:
-    return common_pb2.ChatMessage(role="assistant", content=text)
+def assistant_message(text: str, tool_calls: Sequence[common_pb2.ToolCall] = ()) -> common_pb2.ChatMessage:
+    return common_pb2.ChatMessage(role="assistant", content=text, tool_calls=tool_calls)
 
 
 def forwarded_sampling(sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:

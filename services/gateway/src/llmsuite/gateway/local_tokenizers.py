@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -22,6 +23,8 @@ from llmsuite.runtime.detokenizer import IncrementalDetokenizer
 from llmsuite.runtime.tokenizer_hash import content_hash_of
 
 TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class TokenizerFilesRejected(Exception):
@@ -34,6 +37,10 @@ class LocalTokenizer:
 
     content_hash: str
     tokenizer: Tokenizer
+    # The chat template's source (every named template, when there are several): the
+    # gateway reads which tool-call format the model writes from it. Rendering stays
+    # the tokenizer service's.
+    chat_template: str | None = None
 
     @classmethod
     def from_files(cls, files: dict[str, bytes], expected_hash: str) -> LocalTokenizer:
@@ -48,15 +55,53 @@ class LocalTokenizer:
             tokenizer = Tokenizer.from_str(files[TOKENIZER_JSON].decode("utf-8"))
         except Exception as exc:  # the Rust parser reports every problem as a plain Exception
             raise TokenizerFilesRejected(f"{TOKENIZER_JSON} cannot be loaded: {exc}") from exc
-        return cls(expected_hash, tokenizer)
+        return cls(expected_hash, tokenizer, _chat_template(files))
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def detokenizer(self, prefix_ids: Sequence[int], *, skip_special_tokens: bool) -> IncrementalDetokenizer:
-        """The same incremental detokenizer the tokenizer service's DecodeStream runs."""
+    def detokenizer(self, prefix_ids: Sequence[int], *, skip_special_tokens: bool,
+                    keep_ids: Collection[int] = ()) -> IncrementalDetokenizer:
+        """The same incremental detokenizer the tokenizer service's DecodeStream runs.
+        `keep_ids`: special tokens whose text stays even when special tokens are
+        skipped (a tool-call marker such as Mistral's `[TOOL_CALLS]`)."""
+        if keep_ids and skip_special_tokens:
+            return IncrementalDetokenizer(functools.partial(self._decode_keeping, frozenset(keep_ids)),
+                                          prefix_ids=prefix_ids)
         decode = functools.partial(self.tokenizer.decode, skip_special_tokens=skip_special_tokens)
         return IncrementalDetokenizer(decode, prefix_ids=prefix_ids)
+
+    def special_ids(self, texts: Collection[str]) -> frozenset[int]:
+        """The ids of those texts that are special tokens (dropped by skip_special_tokens)."""
+        special = {token.content: token_id for token_id, token in self.tokenizer.get_added_tokens_decoder().items()
+                   if token.special}
+        return frozenset(special[text] for text in texts if text in special)
+
+    def _decode_keeping(self, keep: frozenset[int], ids: Sequence[int]) -> str:
+        pieces: list[str] = []
+        run: list[int] = []
+        for token_id in ids:
+            if token_id in keep:
+                pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
+                pieces.append(self.tokenizer.decode([token_id], skip_special_tokens=False))
+                run = []
+            else:
+                run.append(token_id)
+        pieces.append(self.tokenizer.decode(run, skip_special_tokens=True))
+        return "".join(pieces)
+
+
+def _chat_template(files: dict[str, bytes]) -> str | None:
+    if CHAT_TEMPLATE_FILE in files:
+        return files[CHAT_TEMPLATE_FILE].decode("utf-8", errors="replace")
+    try:
+        config = json.loads(files.get(TOKENIZER_CONFIG, b"{}"))
+    except ValueError:
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # named templates ("default", "tool_use", ...)
+        return "\n".join(str(item.get("template", "")) for item in template if isinstance(item, dict))
+    return template if isinstance(template, str) else None
 
 
 class LocalTokenizers:
