@@ -13,6 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from llmsuite.builder.tokenizer import CHAT_TEMPLATE
+from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.chat_tools import ChatTools
 from llmsuite.gateway.local_tokenizers import LocalTokenizer
 from llmsuite.gateway.tool_calls import (
@@ -104,10 +105,14 @@ def test_tools_on_a_model_of_unknown_format_need_the_flag(tiny_tokenizer_dir) ->
     start.tools.add(name="f")
     plain = LocalTokenizer("sha256:x", Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json")),
                            "{{ messages[0].content }}")
+    tools = ChatTools.from_start(start, "m", plain, {})
+    none = common_pb2.ToolChoice(mode=common_pb2.ToolChoice.MODE_NONE)
+    assert tools is not None and tools.reply(none, "start.tool_choice").parser is None  # none needs no format
     with pytest.raises(FailedPrecondition) as refused:
-        ChatTools.from_start(start, "m", plain, {})
+        tools.reply(None, "start.tool_choice")
     assert refused.value.reason == "TOOL_CALL_FORMAT_UNKNOWN" and "--tool-call-parser m=FORMAT" in refused.value.message
-    assert ChatTools.from_start(start, "m", plain, {"m": "hermes"}) is not None
+    configured = ChatTools.from_start(start, "m", plain, {"m": "hermes"})
+    assert configured is not None and configured.reply(None, "start.tool_choice").parser is not None
 
 
 def test_format_flags() -> None:

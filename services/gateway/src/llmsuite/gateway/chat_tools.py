@@ -35,14 +35,14 @@ class ReplyTools:
     """Tool handling for one reply. `parser` is None under tool_choice none."""
 
     tokenizer: LocalTokenizer
-    fmt: CallFormat
+    fmt: CallFormat | None
     parser: ToolCallParser | None
     grammar: str | None  # the constraint forcing a call, if any
     calls: list[common_pb2.ToolCall] = field(default_factory=list)
 
     def keep_ids(self) -> frozenset[int]:
         """Special tokens the reply's text must keep for the parser to see them."""
-        return self.tokenizer.special_ids(self.fmt.markers) if self.parser is not None else frozenset()
+        return self.tokenizer.special_ids(self.fmt.markers) if self.fmt is not None else frozenset()
 
     def constrained(self, sampling: common_pb2.SamplingParams, field_path: str) -> common_pb2.SamplingParams:
         """The reply's sampling with the grammar that forces a call, if any."""
@@ -72,6 +72,7 @@ class ReplyTools:
         return common_pb2.FINISH_REASON_TOOL_CALLS if self.calls and reason in _TOOL_FINISHES else reason
 
     def _released(self, piece: Parsed) -> tuple[str, list[common_pb2.ToolCall]]:
+        assert self.fmt is not None
         calls = [common_pb2.ToolCall(id=self.fmt.new_call_id(), name=c.name, arguments=c.arguments)
                  for c in piece.calls]
         self.calls.extend(calls)
@@ -81,9 +82,10 @@ class ReplyTools:
 class ChatTools:
     """Declared once, at the start of a Chat; each reply gets its own ReplyTools."""
 
-    def __init__(self, tools: Sequence[common_pb2.Tool], specs: list[FunctionSpec], fmt: CallFormat,
-                 tokenizer: LocalTokenizer, choice: common_pb2.ToolChoice | None) -> None:
+    def __init__(self, tools: Sequence[common_pb2.Tool], specs: list[FunctionSpec], fmt: CallFormat | None,
+                 tokenizer: LocalTokenizer, choice: common_pb2.ToolChoice | None, model_name: str) -> None:
         self.tools = list(tools)
+        self._model_name = model_name
         self._specs = specs
         self._fmt = fmt
         self._tokenizer = tokenizer
@@ -100,12 +102,7 @@ class ChatTools:
         specs = function_specs([(t.name, t.parameters) for t in start.tools])
         configured = configured_formats.get(model_name)
         fmt = FORMATS[configured] if configured else detect_format(tokenizer.chat_template)
-        if fmt is None:
-            raise FailedPrecondition(
-                f"model {model_name!r}: its chat template shows no tool-call format the gateway knows; "
-                f"start the gateway with --tool-call-parser {model_name}=FORMAT ({', '.join(sorted(FORMATS))})",
-                reason="TOOL_CALL_FORMAT_UNKNOWN", metadata={"model": model_name})
-        tools = cls(start.tools, specs, fmt, tokenizer, choice)
+        tools = cls(start.tools, specs, fmt, tokenizer, choice, model_name)
         if choice is not None:
             tools._check_choice(choice, "start.tool_choice")
         return tools
@@ -118,7 +115,12 @@ class ChatTools:
             choice = self._choice
         mode = _mode(choice) if choice is not None else _MODE.MODE_AUTO
         if mode == _MODE.MODE_NONE:
-            return ReplyTools(self._tokenizer, self._fmt, None, None)
+            return ReplyTools(self._tokenizer, None, None, None)
+        if self._fmt is None:  # tool_choice none alone needs no format: the template renders the tools
+            raise FailedPrecondition(
+                f"model {self._model_name!r}: its chat template shows no tool-call format the gateway knows; start "
+                f"the gateway with --tool-call-parser {self._model_name}=FORMAT ({', '.join(sorted(FORMATS))}), or "
+                "send tool_choice none", reason="TOOL_CALL_FORMAT_UNKNOWN", metadata={"model": self._model_name})
         forced: list[FunctionSpec] = []
         if choice is not None and choice.WhichOneof("kind") == "function_name":
             forced = [s for s in self._specs if s.name == choice.function_name]

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmsuite.client import AsyncLlmsuiteClient, ChatMessage, Completion, Constraint, LlmsuiteError, TextChunk
-from llmsuite.gateway.openai import errors, responses
+from llmsuite.gateway.openai import errors, responses, tools
 from llmsuite.gateway.openai.embeddings import embeddings
 from llmsuite.gateway.openai.errors import ApiError
 from llmsuite.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
@@ -233,15 +233,19 @@ class OpenAiApi:
         builder = responses.ResponseBuilder(chat=True, request_id=rid, created=int(time.time()), model=req.model,
                                             logprobs=bool(req.logprobs), include_usage=req.include_usage)
         renames = request.state.renames = {"prompt": "messages", "max_tokens": req.max_tokens_param,
-                                           **_RESPONSE_FORMAT_RENAMES}
+                                           **_RESPONSE_FORMAT_RENAMES, **tools.renames(len(req.tools or ()))}
         # A stateless request carries the whole conversation: the history opens the
         # Chat stream and the last message asks for the one reply. `stateless`: the reply is a
         # plain generation, not an inference session counted against --max-sessions; a
         # conversation sent again still reuses its KV through the replica's prefix cache.
         *history, last = req.messages
-        session = client.chat(req.model, [ChatMessage(m.template_role, m.content, m.name or "") for m in history],
+        session = client.chat(req.model, [ChatMessage(m.template_role, m.content, m.name or "",
+                                                      tools.sdk_tool_calls(m.tool_calls), m.tool_call_id or "")
+                                          for m in history],
+                              tools=tools.sdk_tools(req.tools), tool_choice=tools.sdk_tool_choice(req.tool_choice),
                               stateless=True, request_id=rid, timeout_s=self.settings.request_timeout_s, **sampling)
-        reply = session.send(last.content, role=last.template_role, name=last.name or "")
+        reply = session.send(last.content, role=last.template_role, name=last.name or "",
+                             tool_calls=tools.sdk_tool_calls(last.tool_calls), tool_call_id=last.tool_call_id or "")
         if not req.stream:
             try:
                 completion = await until_disconnected(request, reply.wait())

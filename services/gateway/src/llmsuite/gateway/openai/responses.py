@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmsuite.client import Completion, PositionLogprobs, TextChunk, TokenLogprob, Usage
+from llmsuite.gateway.openai import tools
 from llmsuite.gateway.openai.errors import ApiError
 
 _FINISH_REASONS = {"stop": "stop", "grammar": "stop", "length": "length", "time_limit": "length",
-                   "context_full": "length"}
+                   "context_full": "length", "tool_calls": "tool_calls"}
 
 
 class ServerCancelled(ApiError):
@@ -85,6 +86,7 @@ class ResponseBuilder:
         self.model = model
         self.logprobs = logprobs
         self.include_usage = include_usage
+        self._tool_calls = tools.StreamedToolCalls()
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -100,7 +102,7 @@ class ResponseBuilder:
     def completion(self, c: Completion) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": self._logprobs(c.logprobs), "finish_reason": finish_reason(c)}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": c.text, "refusal": None}
+            choice["message"] = tools.assistant_message(c.text, c.tool_calls)
             return self._envelope("chat.completion", [choice], usage=usage(c.usage))
         choice["text"] = c.text
         return self._envelope("text_completion", [choice], usage=usage(c.usage))
@@ -121,11 +123,11 @@ class ResponseBuilder:
 
     def text_chunk(self, chunk: TextChunk) -> dict[str, Any] | None:
         """A delta; None when there is nothing to show (held-back text, no logprobs asked)."""
-        if not chunk.text and not (self.logprobs and chunk.logprobs):
+        if not chunk.text and not chunk.tool_calls and not (self.logprobs and chunk.logprobs):
             return None
         choice: dict[str, Any] = {"index": 0, "logprobs": self._logprobs(chunk.logprobs), "finish_reason": None}
         if self.chat:
-            choice["delta"] = {"content": chunk.text}
+            choice["delta"] = self._tool_calls.delta(chunk.text, chunk.tool_calls)
         else:
             choice["text"] = chunk.text
         return self._chunk([choice])

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from llmsuite.gateway.openai.tools import ToolCallParam, ToolChoiceParam, ToolParam, parse_tool_choice
 from llmsuite.runtime.sampling_limits import check_sampling_values
 
 
@@ -116,9 +117,11 @@ class CompletionRequest(_Sampling):
 
 class ChatMessage(_Strict):
     # "developer" is what newer OpenAI models call the system message.
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str = ""  # also a list of text parts, joined by the validator
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content", mode="plain")
     @classmethod
@@ -165,20 +168,21 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolParam] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    # Accepted; a forced call (required, named) is one call, `auto` replies may hold several.
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
 
+    _tool_choice = field_validator("tool_choice", mode="plain")(parse_tool_choice)
+
     def unsupported_fields(self) -> list[tuple[str, str]]:
         refused = super().unsupported_fields()
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                refused.append((name, "tool and function calling are not supported"))
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                refused.append((name, "tool and function calling are not supported"))
+        if self.functions:
+            refused.append(("functions", "the legacy functions parameter is not supported: send tools"))
+        if self.function_call not in (None, "none"):
+            refused.append(("function_call", "the legacy function_call parameter is not supported: send tool_choice"))
         response_format = self.response_format
         if response_format is not None and (response_format.type == "json_schema") != (
                 response_format.json_schema is not None):
