@@ -10,9 +10,12 @@ import shutil
 import pytest
 
 from llmsuite.builder import tokenizer as builder
+from llmsuite.common.v1 import common_pb2
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument
-from llmsuite.tokenizer.chat_template import ChatMessage, ChatTemplate
+from llmsuite.tokenizer import convert
+from llmsuite.tokenizer.chat_template import ChatMessage, ChatTemplate, render_context
 from llmsuite.tokenizer.engine import LoadedTokenizer, TokenizerLimits
+from llmsuite.tokenizer.v1 import tokenizer_pb2
 
 MESSAGES = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hi <b>&'\"</b>", name="ann"))
 
@@ -198,3 +201,30 @@ def test_templates_are_compiled_once() -> None:
     first = ChatTemplate.compile(source, from_request=True)
     second = ChatTemplate.compile(source, from_request=False)
     assert first._template is second._template
+
+
+def test_tools_and_calls_reach_the_template_as_transformers_passes_them() -> None:
+    request = tokenizer_pb2.ApplyChatTemplateRequest(model="m", messages=[
+        common_pb2.ChatMessage(role="assistant", tool_calls=[
+            common_pb2.ToolCall(id="c1", name="f", arguments='{"x": 1}'),
+            common_pb2.ToolCall(id="c2", name="f", arguments="not json")]),
+        common_pb2.ChatMessage(role="tool", content="2", tool_call_id="c1")],
+        tools=[common_pb2.Tool(name="f", description="F", parameters='{"type": "object"}'), common_pb2.Tool(name="g")])
+    variables = convert.template_variables(request)
+    assert variables == {"tools": [
+        {"type": "function", "function": {"name": "f", "description": "F", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {}}}}]}
+    context = render_context(convert.chat_messages(request.messages), True, {}, variables)
+    assert context["messages"] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+            {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "not json"}}]},
+        {"role": "tool", "content": "2", "tool_call_id": "c1"}]
+    request.template_variables.update({"tools": []})
+    with pytest.raises(InvalidArgument) as caught:
+        convert.template_variables(request)
+    assert caught.value.violations[0].field == "template_variables.tools"
+    bad = tokenizer_pb2.ApplyChatTemplateRequest(tools=[common_pb2.Tool(name="f", parameters="[")])
+    with pytest.raises(InvalidArgument) as caught:
+        convert.template_variables(bad)
+    assert caught.value.violations[0].field == "tools[0].parameters"
