@@ -206,8 +206,8 @@ def test_one_conversation_gives_one_answer_whatever_the_cache_holds(load_engine:
             if index == evict_after:
                 scheduler = target._models["tiny"].scheduler
                 with scheduler._cond:
-                    for entry in scheduler._prefix.least_recently_used():
-                        scheduler._evict(entry)
+                    for entry in scheduler._budget.prefix.least_recently_used():
+                        scheduler._budget.evict(entry)
         session.close()
         return replies
 

@@ -28,7 +28,10 @@ from llmsuite.inference.engine.memory import (
     resolve_max_memory,
 )
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
-from llmsuite.inference.engine.scheduler import PrefillEstimate, Scheduler, SessionState, StepObserver, TurnFailed
+from llmsuite.inference.engine.padded_executor import PaddedExecutor
+from llmsuite.inference.engine.prefill_estimate import PrefillEstimate
+from llmsuite.inference.engine.scheduler import Scheduler, StepObserver
+from llmsuite.inference.engine.turn import SessionState, Turn, TurnFailed
 from llmsuite.inference.engine.types import (
     EngineSettings,
     EngineStats,
@@ -253,7 +256,8 @@ class InferenceEngine:
                     prepare_decoder(decoder)
                 on_failed = (None if on_model_failed is None
                              else lambda cause, model=name: on_model_failed(model, cause))
-                scheduler = Scheduler(name, decoder, settings, kv_ops=kv_ops, kv_budget_bytes=budget,
+                executor: PaddedExecutor[Turn] = PaddedExecutor(decoder, kv_ops)
+                scheduler = Scheduler(name, decoder, settings, executor=executor, kv_budget_bytes=budget,
                                       prefill_estimate=estimate, step_observer=step_observer,
                                       sampling_threads=intra_op_threads(settings), on_failed=on_failed,
                                       memory_guard=guard)

@@ -14,7 +14,7 @@ until the chain breaks, then extends the match token by token into the best entr
 exact, not block-aligned, and the ids are compared, so a hash collision cannot return wrong
 KV). An entry whose ids are a prefix of a newer entry is dropped as the newer one is stored
 (a chat's turn N+1 subsumes turn N), so a conversation costs one entry, not one per turn.
-Eviction is least recently used, driven by the scheduler's KV budget, which counts each
+Eviction is least recently used, driven by the KV budget (kv_budget.py), which counts each
 entry by the bytes of the tensors it keeps alive.
 
 Not thread-safe: the scheduler calls it under its lock.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmsuite.inference.engine.onnx_model import KvCache
+from llmsuite.inference.engine.executor import StoredKv
 
 BLOCK_TOKENS = 16
 # How many entries sharing a request's deepest matching block are compared id by id.
@@ -42,7 +42,7 @@ class CacheEntry:
     """A finished sequence's ids and the KV covering exactly those ids."""
 
     ids: np.ndarray  # int64 [length]
-    cache: KvCache
+    cache: StoredKv  # opaque: made and read back by the model's executor
     block_hashes: list[int] = field(default_factory=list)
     last_used: float = 0.0  # time.monotonic() of the last store or hit
 
@@ -83,14 +83,14 @@ class PrefixCache:
     def __init__(self) -> None:
         self._entries: OrderedDict[int, CacheEntry] = OrderedDict()  # id(entry) -> entry, oldest first
         self._by_block: dict[int, dict[int, CacheEntry]] = {}  # chained block hash -> entries having it
-        self._caches: set[int] = set()  # id() of every entry's KvCache
+        self._caches: set[int] = set()  # id() of every entry's KV
         self.nbytes = 0
         self.tokens = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def holds(self, cache: KvCache) -> bool:
+    def holds(self, cache: StoredKv) -> bool:
         """Whether `cache` is an entry's (its bytes are then in `nbytes`)."""
         return id(cache) in self._caches
 
@@ -120,7 +120,7 @@ class PrefixCache:
             best.last_used = time.monotonic()
         return PrefixHit(best, length)
 
-    def insert(self, ids: Sequence[int] | np.ndarray, cache: KvCache) -> CacheEntry | None:
+    def insert(self, ids: Sequence[int] | np.ndarray, cache: StoredKv) -> CacheEntry | None:
         """Stores a finished sequence (`cache` covers exactly `ids`); entries it extends are dropped.
 
         Returns the new entry, or None when the sequence is shorter than a block or already

@@ -1,20 +1,30 @@
-"""Per-model continuous batching: request queue, KV admission, and the worker thread.
+"""Per-model continuous batching: the worker thread that plans each step, has it executed and
+applies the results.
 
 The asyncio side only submits, cancels and reads results; every model forward runs on the
 scheduler's own worker thread, so the event loop is never blocked by model work. Results
 go back through a per-turn `deliver` callback (the engine wraps `loop.call_soon_threadsafe`).
 
-`Scheduler.step()` is one iteration of the batch:
-  1. housekeeping under the lock: end cancelled turns and turns whose deadline is near
-     (early enough that their final message still reaches the client), evict idle KV,
-     admit queued turns FIFO while the KV budget and max_running allow;
-  2. retire interrupted rows (their KV leaves the batch, or is kept for their session);
-  3. prefill: feed at most `prefill_chunk_tokens` prompt tokens, oldest admitted prompt
-     first. Fresh prompts next in line that fit that budget share one left-padded forward
-     (of equal length only, for exports that cannot be left-padded); a continuation from
-     cached KV, or a prompt longer than the budget, gets a chunk of its own (its unpadded
-     KV, positions continuing from its cache). A prompt whose last chunk is fed samples its
-     first token and joins the batch;
+The work is split as vLLM's scheduler and onnxruntime-genai's Engine split it:
+  * the planner (planner.py) decides what a step does: which rows end before any forward,
+    which queued turns are admitted (the KV budget, kv_budget.py, evicting cached prefixes
+    to make room), which prefill forwards fit `prefill_chunk_tokens` and which rows decode;
+  * an executor (executor.py; today padded_executor.py) runs the plan's forwards on its
+    KV layout and owns every running row's KV; the scheduler holds only opaque handles;
+  * this module applies the results: sampling (with constraint masks), delivery, finishing
+    rows (their KV to the prefix cache), and containing faults.
+
+`Scheduler.step()` is one iteration:
+  1. plan, under the lock: end cancelled turns and turns whose deadline is near (early
+     enough that their final message still reaches the client), expire idle cache entries,
+     admit queued turns FIFO while the KV budget and max_running allow, each starting from
+     the longest cached prefix of its ids;
+  2. retire the interrupted rows (their KV leaves the executor, or goes to the prefix cache);
+  3. prefill: at most `prefill_chunk_tokens` prompt tokens, oldest admitted prompt first.
+     Fresh prompts next in line that fit share one forward (left-padded, or of equal length
+     only for exports that cannot be left-padded); a continuation from cached KV, or a prompt
+     longer than the budget, gets a chunk of its own. A prompt whose last chunk is fed samples
+     its first token and joins the decode set;
   4. decode: ONE forward over every decoding row (per length, for exports that cannot be
      left-padded), one token sampled per row, finished rows leave at once.
 Prefill and decode share a step instead of alternating whole prompts: running streams
@@ -26,8 +36,8 @@ Every turn that ends (finished, cancelled or timed out) leaves its KV in the pre
 ids: a session's next turn, a conversation re-sent in full, a retry. The cache changes what
 is computed, never the tokens: a turn's output depends only on its ids and sampling.
 
-Threading rule: the lock guards the queues, counters, sessions and the prefix cache. KV
-tensors of a batch or of a prefilling turn are touched only by the worker thread.
+Threading rule: the lock guards the queues, counters, sessions, the budget and the prefix
+cache. The executor's tensors are touched only by the worker thread.
 """
 
 from __future__ import annotations
@@ -38,17 +48,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
-from llmsuite.inference.engine.batch import DecodeBatch
 from llmsuite.inference.engine.constraints import RowGrammar
-from llmsuite.inference.engine.kv_ops import KvOps
+from llmsuite.inference.engine.executor import KvExecutor, KvReleaseFailed, PrefillWork, StoredKv
+from llmsuite.inference.engine.faults import caller_error, engine_failed
+from llmsuite.inference.engine.kv_budget import KvBudget, RowsKv
 from llmsuite.inference.engine.memory import MemoryGuard
-from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
-from llmsuite.inference.engine.prefix_cache import CacheEntry, PrefixCache, PrefixHit
+from llmsuite.inference.engine.onnx_model import OnnxDecoder
+from llmsuite.inference.engine.planner import StepPlanner
+from llmsuite.inference.engine.prefill_estimate import PrefillEstimate
 from llmsuite.inference.engine.sampling import NonFiniteLogits, TokenSampler, choose_batch
+from llmsuite.inference.engine.turn import Delivery, Ending, SessionState, Turn, TurnFailed
 from llmsuite.inference.engine.types import (
     EngineSettings,
     EngineStats,
@@ -57,12 +69,9 @@ from llmsuite.inference.engine.types import (
     SamplingParams,
     StepReport,
     TurnResult,
-    TurnTimings,
-    TurnUsage,
 )
 from llmsuite.inference.engine.validation import tokens_to_drop, validate_prompt, validate_sampling
 from llmsuite.runtime.errors import (
-    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -71,151 +80,40 @@ from llmsuite.runtime.errors import (
     Unavailable,
 )
 
+__all__ = ["PrefillEstimate", "Scheduler", "SessionState", "StepObserver", "Turn", "TurnFailed"]
+
 logger = logging.getLogger(__name__)
 
 _COUNTER_FOR_REASON = {FinishReason.CANCELLED: "cancelled", FinishReason.TIME_LIMIT: "time_limited"}
 
-# A turn ends with TIME_LIMIT this long (plus two steps' worth) before its deadline, so its
-# final message, carrying everything generated so far, reaches the client in time.
-TIME_LIMIT_MARGIN_S = 0.05
 # After a step that failed, the engine checks that its model still runs with a one-token
 # forward, up to max_step_failures times, waiting this long (doubling) between tries.
 PROBE_BACKOFF_S = 0.05
-# How ONNX Runtime and CUDA word an allocation that failed (their errors are RuntimeErrors,
-# not MemoryError): such a failure is capacity (OUT_OF_MEMORY), not a broken model.
-_ALLOCATION_FAILURE_WORDS = ("failed to allocate", "bad_alloc", "out of memory")
 
-
-@dataclass
-class TurnFailed:
-    """Delivered instead of a TurnResult when the model itself failed; the stream re-raises it."""
-
-    error: BaseException
-
-
-Delivery = Callable[[GeneratedToken | TurnResult | TurnFailed], None]
 StepObserver = Callable[[StepReport], None]
 # Called once, on the worker thread, with a one-line cause, when the engine gives up.
 FailureObserver = Callable[[str], None]
 
 
-class PrefillEstimate:
-    """Predicts prefill seconds as fixed + per_token * tokens, for refusing hopeless deadlines.
-
-    Measured at warm-up, then nudged towards each observed prefill so it tracks the real
-    load. Without warm-up it predicts 0 (only already-passed deadlines are refused).
-    """
-
-    def __init__(self, fixed_s: float = 0.0, per_token_s: float = 0.0) -> None:
-        self.fixed_s = fixed_s
-        self.per_token_s = per_token_s
-
-    def seconds(self, tokens: int) -> float:
-        return self.fixed_s + self.per_token_s * tokens
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        if tokens > 0:
-            sample = max(0.0, seconds - self.fixed_s) / tokens
-            self.per_token_s = 0.8 * self.per_token_s + 0.2 * sample
-
-    @classmethod
-    def measure(cls, decoder: OnnxDecoder) -> PrefillEstimate:
-        """Warms the session up (first runs allocate and tune) and times a short and a long prefill."""
-        vocab = decoder.signature.vocab_size
-        long_tokens = max(2, min(64, decoder.context_length - 1))
-        short_tokens = max(1, min(8, long_tokens // 2))
-
-        def best_time(tokens: int) -> float:
-            ids = [i % vocab for i in range(tokens)]
-            times = []
-            for _ in range(2):
-                start = time.perf_counter()
-                decoder.forward(ids, decoder.empty_cache())
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        warm = decoder.forward([0] * short_tokens, decoder.empty_cache())
-        decoder.forward([0], warm.cache)  # the decode shape gets its first run too
-        short_s, long_s = best_time(short_tokens), best_time(long_tokens)
-        per_token = max(0.0, (long_s - short_s) / (long_tokens - short_tokens))
-        return cls(fixed_s=max(0.0, short_s - per_token * short_tokens), per_token_s=per_token)
-
-
-@dataclass(eq=False)
-class SessionState:
-    """One conversation's token history (prompts and generated ids); turns run one at a time.
-
-    Its KV lives in the prefix cache between turns, like every finished request's: the next
-    turn finds it there by its ids.
-    """
-
-    id: int
-    multi_turn: bool
-    history: list[int] = field(default_factory=list)
-    active: Turn | None = None
-    last_used: float = field(default_factory=time.monotonic)
-    closed: bool = False
-
-
-@dataclass(eq=False)
-class Turn:
-    """One generate() call in flight, one row of the batch: queued, prefilling, decoding, finished."""
-
-    session: SessionState
-    params: SamplingParams
-    sampler: TokenSampler
-    stop_token_ids: frozenset[int]
-    prompt_tokens: int
-    reserved_tokens: int  # the longest this row can grow to: what admission reserves
-    deadline: float | None
-    deliver: Delivery
-    submitted_at: float
-    hit: PrefixHit | None = None  # the cached prefix found at admission
-    grammar: RowGrammar | None = None  # the sampling constraint's matcher (its sampler masks with it)
-    cache: KvCache | None = None  # own KV while prefilling (unpadded, one row)
-    pending: list[int] = field(default_factory=list)  # prompt ids still to feed
-    batch: DecodeBatch[Turn] | None = None  # set while decoding
-    admitted: bool = False
-    cached_tokens: int = 0
-    generated: int = 0
-    cancel_requested: bool = False
-    finished: bool = False
-    first_forward_at: float | None = None
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    prefill_s: float = 0.0
-
-
-@dataclass
-class _Ending:
-    """A row that stops this step, and why."""
-
-    turn: Turn
-    reason: FinishReason | None
-    matched: int | None = None
-    error: BaseException | None = None
-
-
 class Scheduler:
-    """Owns one model's sessions, queue, batch and worker thread; see the module docstring."""
+    """Owns one model's sessions, queue, planner, executor and worker thread; see the module docstring."""
 
     def __init__(self, name: str, decoder: OnnxDecoder, settings: EngineSettings, *,
-                 kv_ops: KvOps, kv_budget_bytes: int, prefill_estimate: PrefillEstimate | None = None,
+                 executor: KvExecutor[Turn], kv_budget_bytes: int, prefill_estimate: PrefillEstimate | None = None,
                  step_observer: StepObserver | None = None, sampling_threads: int = 1,
                  on_failed: FailureObserver | None = None, memory_guard: MemoryGuard | None = None) -> None:
         self.name = name
-        self.decoder = decoder
         self.settings = settings
-        self.kv_budget_bytes = kv_budget_bytes
         self.prefill_estimate = prefill_estimate or PrefillEstimate()
         self.eos_token_ids = frozenset(decoder.config.eos_token_ids)
-        self.prefill_chunk_tokens = settings.prefill_chunk_tokens
-        self._ops = kv_ops
+        self._executor = executor
+        self._budget = KvBudget(kv_budget_bytes, settings.session_idle_timeout_s)
+        self._planner = StepPlanner(settings, self._budget, executor, padded=decoder.left_padding)
         self._observer = step_observer
         self._on_failed = on_failed
         self._failure: str | None = None  # set once the engine gave up: every call is refused
         self._step_faulted = False  # a row failed for a fault of the model or the engine this step
-        # Rows failed this step, out of the batch (KV dropped) but not told yet: whether their
+        # Rows failed this step, out of the executor (KV dropped) but not told yet: whether their
         # error is their own (MODEL_ERROR, OUT_OF_MEMORY) or ENGINE_FAILED depends on whether the
         # model still runs, which `_work` checks after the step.
         self._failed_rows: list[tuple[Turn, LlmsuiteError]] = []
@@ -226,13 +124,11 @@ class Scheduler:
         self._kv_in_host_memory = decoder.placement.device_type == "cpu"
         self._vocab_size = decoder.signature.vocab_size
         self._context_length = decoder.context_length
-        self._padded = decoder.left_padding
         self._cond = threading.Condition(threading.RLock())
         self._waiting: deque[Turn] = deque()
-        self._prefilling: deque[Turn] = deque()
-        self._batches: list[DecodeBatch[Turn]] = []
+        self._prefilling: deque[Turn] = deque()  # admitted, prompt not fed yet; oldest first
+        self._decoding: list[Turn] = []
         self._sessions: dict[int, SessionState] = {}
-        self._prefix = PrefixCache()
         self._session_ids = count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -241,8 +137,12 @@ class Scheduler:
         self._last_decode_rows = 0
         self._counters = dict(
             total_requests=0, completed=0, cancelled=0, time_limited=0, rejected_overloaded=0,
-            prefix_cache_evictions=0, prefix_cache_hit_tokens=0, prefix_cache_query_tokens=0, steps=0,
+            prefix_cache_hit_tokens=0, prefix_cache_query_tokens=0, steps=0,
         )
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        return self._budget.budget_bytes
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -260,12 +160,11 @@ class Scheduler:
         if self._sampling_pool is not None:
             self._sampling_pool.shutdown()
         self._tell_failed_rows(engine_failed=False)  # stopped mid-check: they failed on their own account
+        self._executor.clear()
         with self._cond:
-            for turn in [*self._decoding(), *self._prefilling, *self._waiting]:
-                turn.cache, turn.batch = None, None
-                self._finish(_Ending(turn, FinishReason.CANCELLED), kv=None)
-            self._batches.clear()
-            self._prefix.clear()
+            for turn in [*self._decoding, *self._prefilling, *self._waiting]:
+                self._finish(Ending(turn, FinishReason.CANCELLED), kv=None)
+            self._budget.clear()
             for session in self._sessions.values():
                 session.closed = True
             self._sessions.clear()
@@ -305,7 +204,7 @@ class Scheduler:
                     continue
                 # Queued turns that could not be admitted wait for a submit, cancel or finish to
                 # notify; the timeout only backs that up (and drives idle-session expiry).
-                delay = self._next_wakeup_delay()
+                delay = self._budget.next_expiry_delay()
                 if self._waiting:
                     delay = 0.05 if delay is None else min(delay, 0.05)
                 self._cond.wait(timeout=delay)
@@ -317,7 +216,7 @@ class Scheduler:
         tries = self.settings.max_step_failures
         for attempt in range(1, tries + 1):
             try:
-                self.decoder.forward([0], self.decoder.empty_cache())
+                self._executor.probe()
                 return True
             except Exception as exc:
                 logger.error("model %s: check forward %d of %d failed: %s: %s", self.name, attempt, tries,
@@ -342,31 +241,28 @@ class Scheduler:
             except Exception:  # e.g. the service's event loop already closed: nobody left to tell
                 logger.exception("model %s: the failure observer failed", self.name)
         self._tell_failed_rows(engine_failed=True)
+        self._executor.clear()
         with self._cond:
-            error = self._engine_failed()
-            for turn in [*self._decoding(), *self._prefilling, *self._waiting]:
-                turn.cache, turn.batch = None, None
-                self._finish(_Ending(turn, None, error=error), kv=None)
-            self._batches.clear()
-            self._prefix.clear()
+            error = engine_failed(self.name)
+            for turn in [*self._decoding, *self._prefilling, *self._waiting]:
+                self._finish(Ending(turn, None, error=error), kv=None)
+            self._budget.clear()
 
     def _tell_failed_rows(self, *, engine_failed: bool) -> None:
         with self._cond:
             failed, self._failed_rows = self._failed_rows, []
             for turn, error in failed:
-                self._finish(_Ending(turn, None, error=self._engine_failed() if engine_failed else error), kv=None)
+                self._finish(Ending(turn, None, error=self._engine_failed() if engine_failed else error), kv=None)
 
     def _engine_failed(self) -> Unavailable:
-        return Unavailable(f"model {self.name!r} on this replica cannot run its model any more and is restarting; "
-                           "retry on another replica", reason="ENGINE_FAILED", retry_after_s=1.0,
-                           metadata={"model": self.name})
+        return engine_failed(self.name)
 
     # ---- sessions --------------------------------------------------------------------
 
     def open_session(self, *, multi_turn: bool) -> SessionState:
         with self._cond:
             if self._failure is not None:
-                raise self._engine_failed()
+                raise engine_failed(self.name)
             if self._stopping:
                 raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING")
             if multi_turn and self._multi_turn_sessions() >= self.settings.max_sessions:
@@ -398,7 +294,7 @@ class Scheduler:
         with self._cond:
             if not session.history:
                 return 0
-            hit = self._prefix.lookup(session.history, limit=len(session.history), touch=False)
+            hit = self._budget.lookup(session.history, limit=len(session.history), touch=False)
             return hit.length if hit is not None else 0
 
     def _multi_turn_sessions(self) -> int:
@@ -424,7 +320,7 @@ class Scheduler:
         new_ids = validate_prompt(new_token_ids, self._vocab_size, allow_empty=bool(kept_history))
         with self._cond:
             if self._failure is not None:
-                raise self._engine_failed()
+                raise engine_failed(self.name)
             if self._stopping:
                 raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING")
             if session.closed:
@@ -451,11 +347,12 @@ class Scheduler:
             if drop:
                 context = context[drop:]  # positions shift: the prefix cache finds what still matches
             reserved = min(self._context_length, len(context) + params.max_new_tokens)
-            self._check_fits_budget(reserved)
+            self._budget.refuse_if_never_fits(reserved, self._executor.reservation_bytes([reserved]))
             self._check_memory(reserved)
             if deadline is not None:
-                hit = self._prefix.lookup(context, limit=len(context) - 1, touch=False)
-                self._check_deadline(deadline, len(context) - (hit.length if hit is not None else 0))
+                hit = self._budget.lookup(context, limit=len(context) - 1, touch=False)
+                to_prefill = len(context) - (hit.length if hit is not None else 0)
+                self.prefill_estimate.refuse_hopeless_deadline(deadline, to_prefill)
             session.history = context
             stop_ids = frozenset(params.stop_token_ids)
             if not params.ignore_eos:
@@ -479,36 +376,12 @@ class Scheduler:
             self._cond.notify_all()
             return turn
 
-    def _check_fits_budget(self, reserved_tokens: int) -> None:
-        """A request that could not fit even alone is the caller's to shrink: retrying cannot help."""
-        needed = reserved_tokens * self._bytes_per_token
-        if needed > self.kv_budget_bytes:
-            raise InvalidArgument.for_field(
-                "sampling.max_new_tokens",
-                f"the prompt plus max_new_tokens can grow to {reserved_tokens} tokens, whose KV cache ({needed} "
-                f"bytes) exceeds this server's KV budget for the model ({self.kv_budget_bytes} bytes); lower "
-                "max_new_tokens or shorten the prompt",
-                reason="KV_BUDGET_EXCEEDED",
-                needed_bytes=str(needed), kv_budget_bytes=str(self.kv_budget_bytes),
-            )
-
     def _check_memory(self, reserved_tokens: int) -> None:
         """--max-memory: refuses (RESOURCE_EXHAUSTED, MEMORY_PRESSURE) before the process outgrows it."""
         if self._memory_guard is not None:
             kv_here = self._kv_in_host_memory  # KV in device memory does not grow the process
             self._memory_guard.admit(self.name, reserved_tokens * self._bytes_per_token if kv_here else 0,
-                                     self._growth_to_come() if kv_here else 0)
-
-    def _check_deadline(self, deadline: float, tokens_to_prefill: int) -> None:
-        remaining = deadline - time.monotonic()
-        needed = self.prefill_estimate.seconds(tokens_to_prefill)
-        if remaining <= 0 or remaining < needed:
-            raise DeadlineExceeded(
-                f"{max(remaining, 0.0):.3f}s left before the deadline cannot cover the estimated "
-                f"{needed:.3f}s prefill of {tokens_to_prefill} tokens",
-                reason="DEADLINE_TOO_SHORT",
-                metadata={"remaining_s": f"{max(remaining, 0.0):.3f}", "estimated_prefill_s": f"{needed:.3f}"},
-            )
+                                     self._budget.growth_to_come(self._rows_kv()) if kv_here else 0)
 
     def _retry_after_s(self) -> float:
         backlog = len(self._waiting) + self._admitted_count()
@@ -524,19 +397,31 @@ class Scheduler:
     # ---- the scheduling step -----------------------------------------------------------
 
     def step(self) -> bool:
-        """Housekeeping, one prefill budget and one decode forward; False when there was nothing to do."""
+        """Plans, runs one prefill budget and one decode forward, applies the results; False
+        when there was nothing to do."""
         self._step_faulted = False
         with self._cond:
             now = time.monotonic()
-            endings = self._collect_interrupted(now)
+            endings = self._planner.interrupted([*self._waiting, *self._prefilling, *self._decoding], now,
+                                                self._step_s)
+            for ending in endings:
+                if not ending.turn.admitted:  # queued: ends at once, it holds no KV
+                    self._finish(ending, kv=None)
             self._expire_cache(now)
-            self._admit()
-            if not endings and not self._prefilling and not self._batches:
+            plan = self._planner.plan(self._waiting, self._prefilling, self._decoding,
+                                      [e for e in endings if e.turn.admitted])
+            for turn in plan.admitted:
+                assert self._waiting[0] is turn
+                self._waiting.popleft()
+                self._prefilling.append(turn)
+                self._counters["prefix_cache_query_tokens"] += len(turn.session.history)
+                self._counters["prefix_cache_hit_tokens"] += turn.cached_tokens
+            if plan.empty:
                 return False
         started = time.perf_counter()
-        self._retire(endings)
-        prefill_tokens, prefill_forwards = self._prefill()
-        decode_rows, decode_forwards = self._decode()
+        self._retire(plan.interrupted)
+        prefill_tokens, prefill_forwards = self._prefill(plan.prefill)
+        decode_rows, decode_forwards = self._decode([turn for turn in plan.decode if turn.decoding])
         elapsed = time.perf_counter() - started
         with self._cond:
             if prefill_forwards or decode_forwards:
@@ -552,269 +437,109 @@ class Scheduler:
                 logger.exception("scheduler %s: step observer failed", self.name)
         return True
 
-    def _collect_interrupted(self, now: float) -> list[_Ending]:
-        """Ends queued turns at once; returns admitted ones, whose KV the worker must release."""
-        cutoff = now + TIME_LIMIT_MARGIN_S + 2 * self._step_s
-        endings: list[_Ending] = []
-        for turn in [*self._waiting, *self._prefilling, *self._decoding()]:
-            if turn.cancel_requested:
-                reason = FinishReason.CANCELLED
-            elif turn.deadline is not None and cutoff >= turn.deadline:
-                reason = FinishReason.TIME_LIMIT
-            else:
-                continue
-            if turn.admitted:
-                endings.append(_Ending(turn, reason))
-            else:
-                self._finish(_Ending(turn, reason), kv=None)
-        return endings
+    def _expire_cache(self, now: float) -> None:
+        self._budget.expire(now)
 
-    def _admit(self) -> None:
-        """FIFO: the head of the queue waits for room rather than being overtaken."""
-        while self._waiting and self._admitted_count() < self.settings.max_running:
-            turn = self._waiting[0]
-            context = turn.session.history
-            # Look up first: the hit becomes the most recently used entry, the last to be evicted.
-            hit = (self._prefix.lookup(context, limit=len(context) - 1)
-                   if self.settings.prefix_cache else None)
-            if not self._make_room_for(turn, keep=hit.entry if hit is not None else None):
-                return
-            self._waiting.popleft()
-            turn.admitted = True
-            turn.hit = hit
-            turn.cached_tokens = hit.length if hit is not None else 0
-            turn.pending = context[turn.cached_tokens:]
-            turn.prompt_tokens = len(turn.pending)
-            self._counters["prefix_cache_query_tokens"] += len(context)
-            self._counters["prefix_cache_hit_tokens"] += turn.cached_tokens
-            self._prefilling.append(turn)
-
-    def _starting_cache(self, turn: Turn) -> KvCache:
-        """The KV a turn's first prefill continues from: its cached prefix, or nothing."""
-        hit = turn.hit
-        turn.hit = None
-        if hit is None:
-            return self.decoder.empty_cache()
-        cache = hit.entry.cache
-        if hit.length == cache.length:
-            return cache  # immutable: the forward writes new tensors and the entry stays valid
-        return KvCache(self._ops.reshape(cache.tensors, [0], keep=hit.length), hit.length, 1)
-
-    def _retire(self, endings: Sequence[_Ending]) -> None:
-        """Releases the KV of ending rows (kept for retained sessions), then delivers their results.
-
-        KV work happens first, outside the lock; the new batch layouts and the finished turns
-        are then published together, so stats never see a row in no state or in two.
-        """
-        if not endings:
-            return
-        kept: dict[int, KvCache | None] = {}
-        by_batch: dict[int, tuple[DecodeBatch[Turn], list[Turn]]] = {}
-        try:
-            for ending in endings:
-                turn = ending.turn
-                keep = ending.error is None and self.settings.prefix_cache
-                if turn.batch is not None:
-                    kept[id(turn)] = turn.batch.extract(turn) if keep else None
-                    by_batch.setdefault(id(turn.batch), (turn.batch, []))[1].append(turn)
-                else:
-                    kept[id(turn)] = turn.cache if keep else None
-            layouts = [(batch, batch.without_rows(leaving)) for batch, leaving in by_batch.values()]
-        except Exception as exc:
-            logger.exception("model %s: releasing the KV of ending rows failed; dropping their batches", self.name)
-            self._retire_dropping_batches(endings, exc)
-            return
-        with self._cond:
-            for batch, layout in layouts:
-                batch.apply(layout)
-            self._batches = [b for b in self._batches if len(b)]
-            for ending in endings:
-                ending.turn.cache, ending.turn.batch = None, None
-                self._finish(ending, kv=kept[id(ending.turn)])
-
-    def _retire_dropping_batches(self, endings: Sequence[_Ending], error: BaseException) -> None:
-        """When the KV work of `_retire` failed: the ending turns still end as they would have
-        (their KV is not kept), and every other row of their batches fails, since a batch
-        whose rows cannot be removed cannot run again. Dropping a whole batch needs no KV work."""
-        ending_turns = {id(e.turn) for e in endings}
-        batches = {id(e.turn.batch): e.turn.batch for e in endings if e.turn.batch is not None}
-        casualties: list[Turn] = []
-        with self._cond:
-            for batch in batches.values():
-                casualties += [t for t in batch.keys if id(t) not in ending_turns]
-                batch.apply(batch.without_rows(list(batch.keys)))
-            self._batches = [b for b in self._batches if len(b)]
-            for ending in endings:
-                ending.turn.cache, ending.turn.batch = None, None
-                self._finish(ending, kv=None)
-        self._fail(casualties, error)
-
-    def _prefill(self) -> tuple[int, int]:
-        """Feeds up to prefill_chunk_tokens prompt tokens, oldest admitted prompt first;
-        returns (tokens, forwards).
-
-        Fresh prompts (nothing cached, short enough to finish within the budget) that are
-        next in line are prefilled together in one left-padded forward; a continuation or a
-        long prompt gets a chunk of its own, continuing from its cache.
-        """
-        budget = self.prefill_chunk_tokens
+    def _prefill(self, works: Sequence[PrefillWork[Turn]]) -> tuple[int, int]:
+        """Runs the plan's prefill forwards in order; returns (tokens, forwards). A row whose
+        prompt is fed samples its first token, then ends or joins the decode set."""
         fed = forwards = 0
-        while budget > 0:
-            with self._cond:
-                waiting = [t for t in self._prefilling if not t.cancel_requested]
-            if not waiting:
-                break
-            group = self._fresh_group(waiting, budget)
-            if len(group) > 1:
-                fed += sum(len(t.pending) for t in group)
-                budget -= len(group) * max(len(t.pending) for t in group)
-                forwards += 1
-                self._prefill_together(group)
-                continue
-            turn = waiting[0]
-            chunk = turn.pending[:budget]
+        for work in works:
             started = time.monotonic()
-            if turn.first_forward_at is None:
-                turn.first_forward_at = started
+            for turn in work.rows:
+                if turn.first_forward_at is None:
+                    turn.first_forward_at = started
             try:
-                if turn.cache is None:
-                    turn.cache = self._starting_cache(turn)
-                result = self.decoder.forward(chunk, turn.cache)
-            except Exception as exc:  # the model failed: end this turn, keep serving the others
-                logger.exception("model %s: prefill failed", self.name)
-                self._fail([turn], exc)
+                logits = self._executor.prefill(work)
+            except Exception as exc:  # the model failed: end these turns, keep serving the others
+                logger.exception("model %s: prefill of %d row(s) failed", self.name, len(work.rows))
+                self._fail(work.rows, exc)
                 continue
             elapsed = time.monotonic() - started
-            turn.prefill_s += elapsed
-            self.prefill_estimate.observe(len(chunk), elapsed)
-            turn.cache = result.cache
-            del turn.pending[:len(chunk)]
-            fed += len(chunk)
+            tokens = sum(len(ids) for ids in work.tokens)
+            self.prefill_estimate.observe(tokens, elapsed)
+            for turn, ids in zip(work.rows, work.tokens, strict=True):
+                turn.hit = None  # read: an evicted entry must not stay alive through this turn
+                turn.prefill_s += elapsed
+                del turn.pending[:len(ids)]
+            fed += tokens
             forwards += 1
-            budget -= len(chunk)
-            if turn.pending:
-                continue
-            (token,) = choose_batch([turn.sampler], result.logits[-1:])
-            ending = self._emit(turn, token)
-            if ending is not None:
-                self._retire([ending])
-            else:
-                self._join(turn)
+            if work.completes:
+                self._first_tokens(work.rows, logits)
         return fed, forwards
 
-    def _fresh_group(self, waiting: Sequence[Turn], budget: int) -> list[Turn]:
-        """The prompts next in line that can share one prefill forward within `budget` padded
-        tokens: nothing cached, whole prompt fed at once (equal lengths without position_ids)."""
-        group: list[Turn] = []
-        width = 0
-        for turn in waiting:
-            fresh = turn.hit is None and turn.cache is None and turn.first_forward_at is None
-            if not fresh or (not self._padded and group and len(turn.pending) != width):
-                break
-            wider = max(width, len(turn.pending))
-            if (len(group) + 1) * wider > budget:
-                break
-            group.append(turn)
-            width = wider
-        return group
-
-    def _prefill_together(self, group: list[Turn]) -> None:
-        """One forward for every prompt of `group`; the rows that go on join a decode batch."""
-        started = time.monotonic()
-        for turn in group:
-            turn.first_forward_at = started
-        try:
-            batch, logits = DecodeBatch.prefill(self.decoder, self._ops, group, [t.pending for t in group],
-                                                padded=self._padded)
-        except Exception as exc:
-            logger.exception("model %s: batched prefill failed", self.name)
-            self._fail(group, exc)
+    def _first_tokens(self, rows: Sequence[Turn], logits: Any) -> None:
+        """Samples each fully prefilled row's first token; the rows that go on start decoding."""
+        pool = self._sampling_pool if len(rows) > 1 else None
+        sampled = choose_batch([turn.sampler for turn in rows], logits, pool)
+        self._retire([e for e in (self._emit(t, token) for t, token in zip(rows, sampled, strict=True))
+                      if e is not None])
+        going_on = [turn for turn in rows if turn in self._prefilling]  # not ended, not failed
+        if not going_on:
             return
-        elapsed = time.monotonic() - started
-        tokens = sum(len(t.pending) for t in group)
-        self.prefill_estimate.observe(tokens, elapsed)
-        for turn in group:
-            turn.prefill_s += elapsed
-            turn.pending = []
-            turn.batch = batch
-        endings = [e for e in (self._emit(t, token) for t, token in
-                               zip(group, choose_batch([t.sampler for t in group], logits, self._sampling_pool),
-                                   strict=True)) if e is not None]
-        self._retire(endings)
-        if not len(batch):
-            return
-        target = next((b for b in self._batches if b.accepts(batch.padded_length)), None)
-        if target is None:
-            target = DecodeBatch(self.decoder, self._ops, padded=self._padded)
         try:
-            layout = target.with_batch(batch)
+            self._executor.start_decoding(going_on)
         except Exception as exc:
             logger.exception("model %s: joining the batch failed", self.name)
-            self._fail(list(batch.keys), exc)
+            self._fail(going_on, exc)
             return
         with self._cond:
-            target.apply(layout)
-            if target not in self._batches:
-                self._batches.append(target)
-            for turn in batch.keys:
+            for turn in going_on:
                 self._prefilling.remove(turn)
-                turn.batch = target
+                self._decoding.append(turn)
+                turn.decoding = True
 
-    def _join(self, turn: Turn) -> None:
-        """Moves a prefilled turn into a batch (KV work outside the lock, bookkeeping inside)."""
-        cache = turn.cache
-        assert cache is not None
-        batch = next((b for b in self._batches if b.accepts(cache.length)), None)
-        if batch is None:
-            batch = DecodeBatch(self.decoder, self._ops, padded=self._padded)
+    def _decode(self, rows: Sequence[Turn]) -> tuple[int, int]:
+        """The executor's decode forwards over `rows`; returns (rows, forwards)."""
+        decoded = forwards = 0
+        if not rows:
+            return 0, 0
+        for outcome in self._executor.decode(rows, [turn.session.history[-1] for turn in rows]):
+            if outcome.logits is None:
+                error = outcome.error if outcome.error is not None else RuntimeError("no logits")
+                logger.error("model %s: decode forward failed", self.name, exc_info=error)
+                self._fail(outcome.rows, error)
+                continue
+            decoded += len(outcome.rows)
+            forwards += 1
+            sampled = choose_batch([turn.sampler for turn in outcome.rows], outcome.logits, self._sampling_pool)
+            self._retire([e for e in (self._emit(t, token) for t, token in zip(outcome.rows, sampled, strict=True))
+                          if e is not None])
+        return decoded, forwards
+
+    def _retire(self, endings: Sequence[Ending]) -> None:
+        """Takes ending rows' KV out of the executor (a copy of their tokens kept for the prefix
+        cache), then finishes them. When that KV work fails, they end without keeping it, and
+        the rows that shared their storage fail."""
+        if not endings:
+            return
+        keep = [e.turn for e in endings if e.error is None and self.settings.prefix_cache]
         try:
-            layout = batch.with_row(turn, cache)
-        except Exception as exc:
-            logger.exception("model %s: joining the batch failed", self.name)
-            self._fail([turn], exc)
+            kept = self._executor.release([e.turn for e in endings], keep)
+        except KvReleaseFailed as failure:
+            logger.exception("model %s: releasing the KV of ending rows failed; dropping their batches", self.name)
+            with self._cond:
+                for ending in endings:
+                    self._finish(ending, kv=None)
+            self._fail([t for t in failure.casualties if isinstance(t, Turn)], failure.cause)
             return
         with self._cond:
-            batch.apply(layout)
-            if batch not in self._batches:
-                self._batches.append(batch)
-            self._prefilling.remove(turn)
-            turn.cache, turn.batch = None, batch
+            for ending in endings:
+                self._finish(ending, kv=kept.get(ending.turn))
 
-    def _decode(self) -> tuple[int, int]:
-        """One forward per batch over all its rows; returns (rows, forwards)."""
-        rows = forwards = 0
-        for batch in list(self._batches):
-            turns = list(batch.keys)
-            try:
-                logits = batch.forward([t.session.history[-1] for t in turns])
-            except Exception as exc:
-                logger.exception("model %s: decode forward failed", self.name)
-                with self._cond:
-                    batch.apply(batch.without_rows(turns))  # every row leaves: no KV work
-                self._fail(turns, exc)
-                continue
-            rows += len(turns)
-            forwards += 1
-            endings = [e for e in (self._emit(t, token) for t, token in
-                                   zip(turns, choose_batch([t.sampler for t in turns], logits, self._sampling_pool),
-                                       strict=True))
-                       if e is not None]
-            self._retire(endings)
-        return rows, forwards
-
-    def _emit(self, turn: Turn, token: GeneratedToken | NonFiniteLogits) -> _Ending | None:
+    def _emit(self, turn: Turn, token: GeneratedToken | NonFiniteLogits) -> Ending | None:
         """Records and delivers one sampled token; returns an ending when it was the turn's last
         (or when its logits could not be sampled: NUMERIC_ERROR, only this row ends)."""
         if isinstance(token, NonFiniteLogits):
             logger.warning("model %s: non-finite logits at position %d; ending that request with NUMERIC_ERROR: %s",
                            self.name, len(turn.session.history), token)
-            return _Ending(turn, None, error=Internal(
+            return Ending(turn, None, error=Internal(
                 f"model {self.name!r} produced logits that cannot be sampled ({token}) for output token "
                 f"{turn.generated + 1} of this request; it ends here, and other requests are not affected",
                 reason="NUMERIC_ERROR",
                 metadata={"model": self.name, "output_tokens": str(turn.generated)}))
         if turn.grammar is not None and turn.grammar.failure is not None:
-            return _Ending(turn, None, error=turn.grammar.failure)  # sampled without a mask: not delivered
+            return Ending(turn, None, error=turn.grammar.failure)  # sampled without a mask: not delivered
         now = time.monotonic()
         turn.generated += 1
         if turn.first_token_at is None:
@@ -823,53 +548,46 @@ class Scheduler:
         turn.session.history.append(token.token_id)
         self._deliver(turn, token)
         if token.token_id in turn.stop_token_ids:
-            return _Ending(turn, FinishReason.STOP, token.token_id)
+            return Ending(turn, FinishReason.STOP, token.token_id)
         if turn.grammar is not None and turn.grammar.advance(token.token_id):
-            return _Ending(turn, FinishReason.GRAMMAR)
+            return Ending(turn, FinishReason.GRAMMAR)
         if turn.generated >= turn.params.max_new_tokens:
-            return _Ending(turn, FinishReason.LENGTH)
+            return Ending(turn, FinishReason.LENGTH)
         if len(turn.session.history) >= self._context_length:
             # The last token sits at position context-1: there is no position left to feed it.
-            return _Ending(turn, FinishReason.CONTEXT_FULL)
+            return Ending(turn, FinishReason.CONTEXT_FULL)
         return None
 
     def _fail(self, turns: Iterable[Turn], error: BaseException) -> None:
-        """Takes `turns` out of the batch (their KV is dropped; the caller has logged the
+        """Takes `turns` out of the executor (their KV is dropped; the caller has logged the
         traceback) and marks the step as faulted; `_work` tells them after the step."""
         self._step_faulted = True
-        caller_error = self._caller_error(error)
+        error_for_caller = caller_error(self.name, error)
+        turns = list(turns)
+        self._executor.discard(turns)
         with self._cond:
-            self._batches = [b for b in self._batches if len(b)]
             for turn in turns:
-                if turn in self._prefilling:
-                    self._prefilling.remove(turn)
-                turn.cache, turn.batch = None, None
+                self._leave_rows(turn)
                 if not turn.finished and all(turn is not t for t, _ in self._failed_rows):
-                    self._failed_rows.append((turn, caller_error))
+                    self._failed_rows.append((turn, error_for_caller))
 
     def _fail_admitted(self, error: BaseException) -> None:
         """After a step failed outside any forward: the rows' state is unknown, so every admitted
-        row ends (queued turns stay queued) and every batch is dropped with its KV."""
+        row ends (queued turns stay queued) and the executor drops all KV."""
         with self._cond:
-            turns = [*self._decoding(), *self._prefilling]
-            self._batches.clear()
+            turns = [*self._decoding, *self._prefilling]
+        self._executor.clear()
         self._fail(turns, error)
 
-    def _caller_error(self, error: BaseException) -> LlmsuiteError:
-        """What a caller sees for a fault of the model or the engine: OUT_OF_MEMORY when an
-        allocation failed (capacity: a retry may fit), MODEL_ERROR for anything else."""
-        if isinstance(error, LlmsuiteError):
-            return error
-        if isinstance(error, MemoryError) or any(w in str(error).lower() for w in _ALLOCATION_FAILURE_WORDS):
-            return ResourceExhausted(
-                f"model {self.name!r} ran out of memory computing this request; retry later or send less",
-                reason="OUT_OF_MEMORY", retry_after_s=5.0, metadata={"model": self.name})
-        return Internal(f"model {self.name!r} failed computing this request ({type(error).__name__}); the "
-                        "server's log has the details; other requests are not affected",
-                        reason="MODEL_ERROR", metadata={"model": self.name})
+    def _leave_rows(self, turn: Turn) -> None:
+        if turn in self._prefilling:
+            self._prefilling.remove(turn)
+        if turn.decoding:
+            self._decoding.remove(turn)
+            turn.decoding = False
 
-    def _finish(self, ending: _Ending, kv: KvCache | None) -> None:
-        """Ends a turn (caller holds the lock): hands its KV to the session or frees it, delivers its last item."""
+    def _finish(self, ending: Ending, kv: StoredKv | None) -> None:
+        """Ends a turn (caller holds the lock): its KV goes to the prefix cache (or nowhere), its last item out."""
         turn = ending.turn
         if turn.finished:
             return
@@ -877,16 +595,14 @@ class Scheduler:
         turn.hit = None  # an evicted entry must not stay alive through a finished turn
         if turn in self._waiting:
             self._waiting.remove(turn)
-        if turn in self._prefilling:
-            self._prefilling.remove(turn)
+        self._leave_rows(turn)
         session = turn.session
         now = time.monotonic()
         session.active = None
         session.last_used = now
         if kv is not None:
             # The KV covers the first kv.length tokens of the history (never the last sampled one).
-            self._prefix.insert(session.history[:kv.length], kv)
-            self._enforce_budget()
+            self._budget.store(session.history[:kv.length], kv, self._rows_kv())
         if session.closed:
             self._sessions.pop(session.id, None)
         self._mean_turn_s = 0.9 * self._mean_turn_s + 0.1 * (now - turn.submitted_at)
@@ -896,7 +612,7 @@ class Scheduler:
             return
         assert ending.reason is not None
         self._counters[_COUNTER_FOR_REASON.get(ending.reason, "completed")] += 1
-        self._deliver(turn, TurnResult(ending.reason, ending.matched, self._usage(turn), self._timings(turn, now)))
+        self._deliver(turn, TurnResult(ending.reason, ending.matched, turn.usage(), turn.timings(now)))
 
     def _deliver(self, turn: Turn, item: Any) -> None:
         try:
@@ -904,124 +620,35 @@ class Scheduler:
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening
             turn.cancel_requested = True
 
-    @staticmethod
-    def _usage(turn: Turn) -> TurnUsage:
-        return TurnUsage(prompt_tokens=turn.prompt_tokens, completion_tokens=turn.generated,
-                         cached_tokens=turn.cached_tokens)
-
-    @staticmethod
-    def _timings(turn: Turn, now: float) -> TurnTimings:
-        submitted = turn.submitted_at
-        first_token, last_token = turn.first_token_at, turn.last_token_at
-        decode_s = last_token - first_token if first_token is not None and last_token is not None else 0.0
-        first_forward = turn.first_forward_at if turn.first_forward_at is not None else now
-        return TurnTimings(
-            queue_s=first_forward - submitted,
-            prefill_s=turn.prefill_s,
-            time_to_first_token_s=first_token - submitted if first_token is not None else 0.0,
-            decode_s=decode_s,
-            mean_inter_token_s=decode_s / (turn.generated - 1) if turn.generated > 1 else 0.0,
-            total_s=now - submitted,
-        )
-
-    # ---- KV memory ---------------------------------------------------------------------
-
-    def _decoding(self) -> list[Turn]:
-        return [turn for batch in self._batches for turn in batch.keys]
+    # ---- KV accounting -----------------------------------------------------------------
 
     def _admitted_count(self) -> int:
-        return len(self._prefilling) + sum(len(b) for b in self._batches)
+        return len(self._prefilling) + len(self._decoding)
 
-    def _reserved_bytes(self, extra: Turn | None = None) -> int:
-        """What admitted rows (+ `extra`) may grow to, padded as their batches pad them (a forecast)."""
-        rows = [*self._prefilling, *self._decoding(), *([extra] if extra is not None else [])]
-        if not rows:
-            return 0
-        if self._padded:  # one batch: every row is as long as the longest
-            return len(rows) * max(t.reserved_tokens for t in rows) * self._bytes_per_token
-        return sum(t.reserved_tokens for t in rows) * self._bytes_per_token
-
-    def _row_caches(self) -> list[KvCache]:
-        """KV that admitted rows keep alive and the prefix cache does not account for: batches,
-        prefilling rows' own caches, and cached prefixes they are about to read (an entry evicted
-        since admission stays alive until its reader starts), each once."""
-        caches: dict[int, KvCache] = {}
-        for batch in self._batches:
-            if batch.cache is not None:
-                caches[id(batch.cache)] = batch.cache
-        for turn in self._prefilling:
-            for cache in (turn.cache, turn.hit.entry.cache if turn.hit is not None else None):
-                if cache is not None and not self._prefix.holds(cache):
-                    caches[id(cache)] = cache
-        return list(caches.values())
+    def _rows_kv(self) -> RowsKv:
+        return self._planner.rows_kv([*self._prefilling, *self._decoding])
 
     def held_kv_bytes(self) -> int:
-        """Bytes of every KV tensor this model keeps alive right now (caller holds the lock)."""
-        return sum(cache.nbytes for cache in self._row_caches()) + self._prefix.nbytes
-
-    def _kv_needed(self, extra: Turn | None = None) -> int:
-        """What the KV budget must cover: the rows' reservations (or what they really hold,
-        when that is more) plus the prefix cache's held bytes."""
-        rows_held = sum(cache.nbytes for cache in self._row_caches())
-        return max(self._reserved_bytes(extra), rows_held) + self._prefix.nbytes
-
-    def _growth_to_come(self) -> int:
-        """Bytes admitted rows may still add to what they hold (for --max-memory)."""
-        return max(0, self._reserved_bytes() - sum(cache.nbytes for cache in self._row_caches()))
-
-    def _make_room_for(self, turn: Turn, keep: CacheEntry | None = None) -> bool:
-        """True when `turn` fits the KV budget, evicting least recently used cache entries
-        (never `keep`, the entry it is about to read) if needed."""
-        if self._kv_needed(extra=turn) - self._prefix.nbytes > self.kv_budget_bytes:
-            return False  # wait for running rows to finish; evicting the cache would not be enough
-        for entry in self._prefix.least_recently_used():
-            if self._kv_needed(extra=turn) <= self.kv_budget_bytes:
-                return True
-            if entry is not keep:
-                self._evict(entry)
-        return self._kv_needed(extra=turn) <= self.kv_budget_bytes
-
-    def _enforce_budget(self) -> None:
-        """After a store: evicts least recently used entries until the rows' KV and the cache fit."""
-        for entry in self._prefix.least_recently_used():
-            if self._kv_needed() <= self.kv_budget_bytes:
-                return
-            self._evict(entry)
-
-    def _evict(self, entry: CacheEntry) -> None:
-        self._prefix.remove(entry)
-        self._counters["prefix_cache_evictions"] += 1
-
-    def _expire_cache(self, now: float) -> None:
-        timeout = self.settings.session_idle_timeout_s
-        for entry in self._prefix.least_recently_used():
-            if now - entry.last_used < timeout:
-                return
-            self._evict(entry)
-
-    def _next_wakeup_delay(self) -> float | None:
-        entries = self._prefix.least_recently_used()
-        if not entries:
-            return None
-        return max(0.0, entries[0].last_used + self.settings.session_idle_timeout_s - time.monotonic())
+        """Bytes of every KV tensor this model keeps alive right now."""
+        with self._cond:
+            return self._budget.held_bytes(self._rows_kv())
 
     # ---- observability -----------------------------------------------------------------
 
     def stats(self) -> EngineStats:
         with self._cond:
-            decoding = self._decoding()
-            cached = (sum(t.cache.length for t in self._prefilling if t.cache is not None)
-                      + sum(sum(b.lengths) for b in self._batches) + self._prefix.tokens)
+            rows = self._rows_kv()
             return EngineStats(
                 model=self.name,
-                running=len(self._prefilling) + len(decoding),
+                running=self._admitted_count(),
                 queued=len(self._waiting),
                 sessions=self._multi_turn_sessions(),
-                cached_tokens=cached,
-                kv_bytes=self.held_kv_bytes(),
-                kv_budget_bytes=self.kv_budget_bytes,
-                kv_reserved_bytes=self._kv_needed(),
-                prefix_cache_entries=len(self._prefix),
+                cached_tokens=self._executor.held_tokens() + self._budget.prefix.tokens,
+                kv_bytes=self._budget.held_bytes(rows),
+                kv_budget_bytes=self._budget.budget_bytes,
+                kv_reserved_bytes=self._budget.needed_bytes(rows),
+                prefix_cache_entries=len(self._budget.prefix),
+                prefix_cache_evictions=self._budget.evictions,
                 decode_rows=self._last_decode_rows,
                 **self._counters,
             )
