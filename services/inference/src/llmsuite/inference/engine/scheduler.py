@@ -80,8 +80,6 @@ from llmsuite.runtime.errors import (
     Unavailable,
 )
 
-__all__ = ["PrefillEstimate", "Scheduler", "SessionState", "StepObserver", "Turn", "TurnFailed"]
-
 logger = logging.getLogger(__name__)
 
 _COUNTER_FOR_REASON = {FinishReason.CANCELLED: "cancelled", FinishReason.TIME_LIMIT: "time_limited"}
