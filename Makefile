@@ -15,7 +15,7 @@ SOAK_ARGS ?=
 BREAKING_AGAINST ?= .git\#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto proto-check lint format test fuzz bench bench-engine soak model run stubs breaking lock clean
+.PHONY: help setup proto proto-check lint format test fuzz bench bench-http bench-engine soak model run stubs breaking lock clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -77,8 +77,21 @@ RUN_ARGS  ?=
 run: setup model ## start tokenizer, inference, gateway and the HTTP API locally (PORT_BASE=N: ports N..N+3; RUN_ARGS: launcher options, see its --help); Ctrl-C stops them
 	$(BIN)/python -m llmsuite.cluster --model tiny=$(MODEL) --embedding-model tiny-embed=$(EMBED_MODEL) $(if $(PORT_BASE),--port-base $(PORT_BASE)) $(RUN_ARGS)
 
-bench: setup ## serving benchmark vs in-process ONNX Runtime on the bench preset; writes docs/performance.md (knobs: BENCH_ARGS)
+# Benchmark-only tools, each in a virtualenv of its own under build/bench-tools, so that
+# neither they nor the onnxruntime build onnxruntime-genai brings touch the services' .venv.
+BENCH_TOOLS := build/bench-tools
+$(BENCH_TOOLS)/%/.installed: bench/requirements/%.txt
+	rm -rf $(BENCH_TOOLS)/$*
+	$(PYTHON) -m venv $(BENCH_TOOLS)/$*
+	$(BENCH_TOOLS)/$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+bench: setup $(BENCH_TOOLS)/ortgenai/.installed ## serving benchmark vs in-process ONNX Runtime and onnxruntime-genai, bench preset in each layout; writes docs/performance.md (knobs: BENCH_ARGS)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+BENCH_HTTP_ARGS ?=
+bench-http: setup $(BENCH_TOOLS)/guidellm/.installed $(BENCH_TOOLS)/aiperf/.installed ## guidellm and aiperf with their defaults against llmsuite-openai; fails on any errored request (knobs: BENCH_HTTP_ARGS)
+	$(BIN)/python bench/ecosystem.py $(BENCH_HTTP_ARGS)
 
 bench-engine: setup ## engine microbenchmarks: prefill/decode tokens/s, what the KV cache buys
 	$(BIN)/python bench/bench_engine.py

@@ -1,4 +1,6 @@
-"""The issue-7 ratios from one `make bench` run, and docs/performance.md written from them.
+"""The ratios from one `make bench` run, and docs/performance.md written from them: issue 7's
+per layout, and issue 16's and 17's across layouts (fused and int4 builds against the Optimum
+one, onnxruntime-genai's Generator, memory against the budget, the HTTP hop).
 
 The whole document is generated, so what it says about the method always matches the
 code that produced the numbers; edit this file, not docs/performance.md.
@@ -19,7 +21,9 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(results: dict[str, Any], *, batch: int) -> list[dict[str, Any]]:
-    """The targets of issue 7 §4 as measured; `met` is None where a side is missing."""
+    """The targets of issue 7 §4 as measured in one layout (`results` holds that layout's gateway
+    levels and references, and on the first layout the constrained and embeddings levels);
+    `met` is None where a side is missing."""
     refs = results["references"]
 
     def tps(c: int) -> float | None:
@@ -52,12 +56,69 @@ def ratios(results: dict[str, Any], *, batch: int) -> list[dict[str, Any]]:
         level = embeddings["level"]
         rows.append((f"gateway embeddings c={level['concurrency']} texts/s / in-process loop",
                      _div(level["texts_per_s"], embeddings["reference"]["texts_per_s"]), ">=", 0.8))
+    return _verdicts(rows)
+
+
+def _verdicts(rows: list[tuple[str, float | None, str, float]]) -> list[dict[str, Any]]:
     out = []
     for name, value, op, target in rows:
         met = None if value is None else (value >= target if op == ">=" else value <= target)
         out.append({"name": name, "value": None if value is None else round(value, 3), "target": f"{op} {target:g}",
                     "met": met})
     return out
+
+
+WORKING_MARGIN_MIB = 512  # issue 15: peak RSS <= weights + --kv-cache-bytes + 512 MiB
+
+
+def _layout_tps(results: dict[str, Any], layout: str, concurrency: int) -> float | None:
+    found = results["layouts"].get(layout)
+    level = _level(found, concurrency) if found else None
+    return level["output_tokens_per_s"] if level else None
+
+
+def _reference_tps(results: dict[str, Any], layout: str, *keys: str) -> float | None:
+    """The fastest of these in-process loops of the layout (None where none ran)."""
+    found = results["layouts"].get(layout)
+    values = [found["references"][k]["output_tokens_per_s"] for k in keys if found and k in found["references"]]
+    return max(values) if values else None
+
+
+def memory_ratio(memory: dict[str, Any]) -> float | None:
+    """Peak RSS against what issue 15 allows it: weights + the KV budget + 512 MiB."""
+    budget = (memory.get("reported_kv_budget") or {}).get("kv_cache_budget_bytes")
+    if memory.get("vm_hwm_mib") is None or budget is None:
+        return None
+    return float(memory["vm_hwm_mib"]) / (memory["model_weights_mib"] + budget / 2**20 + WORKING_MARGIN_MIB)
+
+
+def http_ratio(hop: dict[str, Any] | None) -> float | None:
+    return _div(hop["http_output_tokens_per_s"], hop["grpc_output_tokens_per_s"]) if hop else None
+
+
+def cross_layout_ratios(results: dict[str, Any], *, batch: int) -> list[dict[str, Any]]:
+    """Issue 16 §5's and issue 17's HTTP-hop targets as measured; `met` is None where a side was not run."""
+    ortgenai = (results["layouts"].get("gqa") or {}).get("ortgenai")
+    hop = results.get("http_hop")
+    rows: list[tuple[str, float | None, str, float]] = [
+        (f"fused fp32: gateway c={batch} / Optimum in-process batch of {batch}",
+         _div(_layout_tps(results, "gqa", batch), _reference_tps(results, "optimum", "batch")), ">=", 1.3),
+        (f"fused fp32: gateway c={batch} / fused in-process batch of {batch} (the faster loop)",
+         _div(_layout_tps(results, "gqa", batch), _reference_tps(results, "gqa", "batch", "batch_concat")), ">=",
+         0.85),
+        ("int4: gateway c=1 / Optimum fp32 in-process single sequence",
+         _div(_layout_tps(results, "int4", 1), _reference_tps(results, "optimum", "single")), ">=", 2.5),
+        ("int4: gateway c=1 / int4 in-process single sequence",
+         _div(_layout_tps(results, "int4", 1), _reference_tps(results, "int4", "single")), ">=", 0.9),
+        (f"fused fp32: gateway c={batch} / onnxruntime-genai static batch of {batch}",
+         _div(_layout_tps(results, "gqa", batch), ortgenai["output_tokens_per_s"] if ortgenai else None), ">=",
+         2.0),
+        *((f"{name}: peak RSS / (weights + KV budget + {WORKING_MARGIN_MIB} MiB)", memory_ratio(layout["memory"]),
+           "<=", 1.0) for name, layout in results["layouts"].items()),
+        (f"HTTP c={hop['concurrency'] if hop else 16} / gRPC output tok/s, same prompts (issue 17)",
+         http_ratio(hop), ">=", 0.9),
+    ]
+    return _verdicts(rows)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -88,17 +149,29 @@ def _memory_line(memory: dict[str, Any]) -> str:
             f"{memory['peak_queued']}); {budget_text}")
 
 
+def _ratio_lines(ratios: list[dict[str, Any]]) -> list[str]:
+    return [f"  {r['name']:<72} {_fmt(r['value'], 3):>9}  target {r['target']:<7} {_verdict(r['met'])}"
+            for r in ratios]
+
+
 def summary_text(results: dict[str, Any]) -> str:
-    lines = ["", "issue 7 targets (bench preset):"]
-    for r in results["ratios"]:
-        lines.append(f"  {r['name']:<58} {_fmt(r['value'], 3):>9}  target {r['target']:<7} {_verdict(r['met'])}")
-    refs = results["references"]
-    lines.append(f"  in-process single sequence {refs['single']['output_tokens_per_s']:.1f} tok/s, batch of "
-                 f"{refs['batch']['rows']} {refs['batch']['output_tokens_per_s']:.1f} tok/s")
-    agreement = results["token_agreement"]
-    lines.append("  greedy tokens identical to the references: " + ", ".join(
-        f"{k} {v['identical']}/{v['compared']}" for k, v in agreement.items()))
-    lines.append("  " + _memory_line(results["memory"]))
+    lines = ["", "issue 16 and 17 targets (bench preset, across layouts):", *_ratio_lines(results["targets"])]
+    for name, layout in results["layouts"].items():
+        lines += ["", f"[{name}] {layout['title']}: issue 7 targets", *_ratio_lines(layout["ratios"])]
+        refs = layout["references"]
+        lines.append("  in-process " + ", ".join(f"{r['label']} {r['output_tokens_per_s']:.1f} tok/s"
+                                                 for r in refs.values()))
+        lines.append("  greedy tokens identical to the references: " + ", ".join(
+            f"{k} {v['identical']}/{v['compared']}" for k, v in layout["token_agreement"].items()))
+        lines.append("  " + _memory_line(layout["memory"]))
+        if layout.get("ortgenai"):
+            og = layout["ortgenai"]
+            lines.append(f"  {og['label']} (onnxruntime-genai {og['onnxruntime_genai']}) "
+                         f"{og['output_tokens_per_s']:.1f} tok/s")
+    hop = results.get("http_hop")
+    if hop:
+        lines.append(f"\nHTTP hop c={hop['concurrency']}: gRPC {_fmt(hop['grpc_output_tokens_per_s'])} tok/s, HTTP "
+                     f"{_fmt(hop['http_output_tokens_per_s'])} tok/s, errors {hop['errors']}")
     chat = results.get("chat")
     if chat and chat.get("last_turn_ttft_p50_ms") is not None:
         lines.append(f"  chat: last turn TTFT p50 / uncached TTFT p50 of a {chat['last_turn_prompt_tokens']}-token "
@@ -109,6 +182,7 @@ def summary_text(results: dict[str, Any]) -> str:
         lines.append(f"  embeddings: gateway {embeddings['level']['texts_per_s']} texts/s at c="
                      f"{embeddings['level']['concurrency']}, in-process {embeddings['reference']['texts_per_s']} "
                      "texts/s")
+    lines.append(f"  the whole run took {_fmt(results.get('duration_s'), 0)} s")
     if results["note"]:
         lines.append(f"  note: {results['note']}")
     return "\n".join(lines)
@@ -219,11 +293,75 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _layout_section(layout: dict[str, Any]) -> list[str]:
+    levels = layout["gateway"]["levels"]
+    refs = layout["references"]
+    lines = [
+        f"### {layout['title']} (`{layout['model_dir']}`)",
+        "",
+        f"Built by `{layout['build']}`; served and measured by `{layout['llmsuite_bench']}`.",
+        "",
+        "Issue 7's targets in this layout:",
+        "",
+        *_table(["ratio", "measured", "target", ""],
+                [[r["name"], _fmt(r["value"], 3), r["target"], _verdict(r["met"])] for r in layout["ratios"]]),
+        "",
+        *_table(["", *(f"c={lv['concurrency']}" for lv in levels)],
+                [[label, *(str(fmt(lv)) for lv in levels)] for label, fmt in _GATEWAY_ROWS]),
+        "",
+        "In-process references:",
+        "",
+        *_table(["", "runs", "output tokens", "seconds", "output tokens/s", "prefill p50 (ms)",
+                 "decode step p50 (ms)"],
+                [[r["label"], r["runs"], r["output_tokens"], _fmt(r["seconds"], 2), _fmt(r["output_tokens_per_s"]),
+                  _fmt(r["ttft_p50_ms"]), _fmt(r["itl_p50_ms"])] for r in refs.values()]),
+        "",
+        "Greedy tokens through the gateway identical to the reference's for the same prompt: " + ", ".join(
+            f"{k} {v['identical']}/{v['compared']}" for k, v in layout["token_agreement"].items()) + ".",
+        "",
+        "Memory (peak over this layout's run): " + _memory_line(layout["memory"]) + ".",
+        "",
+    ]
+    ortgenai = layout.get("ortgenai")
+    if ortgenai:
+        agreement = ortgenai["token_agreement"]
+        lines += [
+            f"onnxruntime-genai {ortgenai['onnxruntime_genai']} on the same files and the c={ortgenai['rows']} "
+            f"level's prompts ({ortgenai['label']}): {ortgenai['runs']} runs, {ortgenai['output_tokens']} tokens "
+            f"in {_fmt(ortgenai['seconds'], 2)} s, **{_fmt(ortgenai['output_tokens_per_s'])} output tokens/s**, "
+            f"prefill p50 {_fmt(ortgenai['ttft_p50_ms'])} ms, decode step p50 {_fmt(ortgenai['itl_p50_ms'])} ms; "
+            f"greedy tokens identical to the in-process batch's in {agreement['identical']}/"
+            f"{agreement['compared']} rows.",
+            "",
+        ]
+    return lines
+
+
+def _http_section(hop: dict[str, Any] | None, layout: str | None) -> list[str]:
+    heading = ["### The HTTP hop (issue 17)", ""]
+    if not hop:
+        return [*heading, "Not part of this run (`--http-concurrency 0`).", ""]
+    return [
+        *heading,
+        f"On the `{layout}` cluster, {hop['rounds']} rounds of `{hop['commands']['grpc']}` (gRPC, the gateway) "
+        f"then `{hop['commands']['http']}` (bench/http_bench.py: the same prompt texts, streamed "
+        "`/v1/completions` through `llmsuite-openai`, greedy, `ignore_eos`, usage in the last event).",
+        "",
+        *_table(["", "output tokens/s", "TTFT p50 per round (ms)", "ITL p50 per round (ms)", "errors",
+                 "wrong output length"],
+                [[f"{side} c={hop['concurrency']}", _fmt(hop[f"{side}_output_tokens_per_s"]),
+                  ", ".join(_fmt(v) for v in hop["ttft_p50_ms"][side]),
+                  ", ".join(_fmt(v) for v in hop["itl_p50_ms"][side]), hop["errors"][side],
+                  hop["length_mismatches"][side]] for side in ("grpc", "http")]),
+        "",
+        f"Ratio HTTP / gRPC {_fmt(http_ratio(hop), 3)} (target >= 0.9).",
+        "",
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     s = results["settings"]
     m = results["machine"]
-    levels = results["gateway"]["levels"]
-    refs = results["references"]
     batch = s["batch"]
     lines = [
         "# Performance",
@@ -232,29 +370,48 @@ def render(results: dict[str, Any]) -> str:
         "",
         "How fast llmsuite serves the `bench` preset (`llmsuite-build-model --preset bench`: a Llama-style",
         "decoder of about 100M parameters with random weights, vocabulary 16384) compared with what ONNX",
-        "Runtime does in-process on the same model, the same session settings and the same prompt tokens.",
+        "Runtime does in-process on the same model, the same session settings and the same prompt tokens,",
+        "in each layout the inference service loads: the Optimum export, ONNX Runtime GenAI's fused",
+        "layout of the same weights (`--layout gqa`), and that layout quantized to int4.",
         "",
         "## Method",
         "",
         f"- **Workload**: {s['prompt_tokens']}-token prompts, {s['output_tokens']} new tokens, greedy with EOS "
         "ignored, so every request does the same work. Each concurrency level sends its own prompts "
         "(random English words cut to an exact token length).",
+        "- **Layouts**: `make bench` serves each build in turn on its own cluster (`--layouts`, default "
+        "`optimum,gqa,int4`: `llmsuite-build-model --preset bench`, the same with `--layout gqa`, and with "
+        "`--layout gqa --precision int4`), with the same levels, prompts and references in each.",
         "- **Through the gateway**: `make bench` starts the local cluster (`python -m llmsuite.cluster`, "
-        "tokenizer + inference + gateway on one machine) and runs `llmsuite bench` against the gateway at "
-        "each level in turn (closed loop: a finished request starts the next). The client runs on the same "
-        "machine and takes its share of the CPU. See [clients.md](clients.md#llmsuite-bench-the-serving-"
-        "benchmark) for what each column means.",
+        "tokenizer + inference + gateway + `llmsuite-openai` on one machine) and runs `llmsuite bench` against "
+        "the gateway at each level in turn (closed loop: a finished request starts the next). The client runs "
+        "on the same machine and takes its share of the CPU. See [clients.md](clients.md#llmsuite-bench-the-"
+        "serving-benchmark) for what each column means.",
         "- **In-process references** (bench/reference.py, written straight against onnxruntime, never "
         "through llmsuite's engine), run after the cluster has stopped: (a) one sequence, a greedy loop "
         "with the KV cache kept where the provider put it (IOBinding, present fed back as past), over the "
         f"c=1 level's prompts; (b) the same loop over a left-padded batch of the c={batch} level's "
-        f"{batch} prompts (attention_mask 0 on pads, position_ids per row): the ceiling for this export "
-        "layout. Output tokens/s counts prefill, like the gateway's.",
+        f"{batch} prompts (attention_mask 0 on pads, position_ids per row): the ceiling for the Optimum "
+        "layout. In the fused layout, whose `genai_config.json` says `past_present_share_buffer`, the batch "
+        "also runs as onnxruntime-genai runs it: one max-length KV buffer per layer bound as both past and "
+        "present and written in place by GroupQueryAttention; issue 16's ratio takes the faster of the two "
+        "loops. Output tokens/s counts prefill, like the gateway's.",
+        "- **onnxruntime-genai** (issue 16): its own Generator, static batch of "
+        f"{batch} (`batch_size` {batch}, greedy, `min_length` = `max_length` so every row makes "
+        f"{s['output_tokens']} tokens) on the fused fp32 files and the c={batch} prompts, with the same "
+        "intra-op threads (bench/ortgenai_reference.py). It runs in its own virtual environment "
+        "(build/bench-tools/ortgenai, from bench/requirements/ortgenai.txt), with the onnxruntime build that "
+        "package brings; the services never import it.",
+        "- **The HTTP hop** (issue 17): on one layout's cluster, the same prompts over gRPC and through "
+        "`llmsuite-openai`, alternated; see its section.",
         f"- **Same settings**: the inference service and the references both run {s['intra_op_threads']} "
         f"intra-op threads (`--intra-op-threads`, default: the CPUs the benchmark may use), default "
-        f"inter-op threads and graph optimization `{s['graph_optimization']}`, on `{s['device']}`.",
-        "- **Memory**: the inference process's peak resident set (VmHWM from /proc) after all levels, and "
-        "the KV-cache bytes the service reports in GetModelInfo, sampled every 0.5 s.",
+        f"inter-op threads and graph optimization `{s['graph_optimization']}`, on `{s['device']}`; "
+        "`--kv-cache-bytes` " + (f"`{s['kv_cache_bytes']}`" if s.get("kv_cache_bytes") else
+                                 "at the service's default (sized from memory)") + ".",
+        "- **Memory**: the inference process's peak resident set (VmHWM from /proc) over each layout's run, "
+        "and the KV-cache bytes the service reports in GetModelInfo, sampled every 0.5 s. Issue 15's bound: "
+        f"peak RSS <= weights + the KV budget + {WORKING_MARGIN_MIB} MiB.",
         "- Nothing here is asserted in tests: speed is measured here, on a quiet machine, not in CI.",
         "- Engine-level microbenchmarks (prefill and decode tokens/s, what the KV cache buys): "
         "`python bench/bench_engine.py` (`make bench-engine`).",
@@ -265,36 +422,22 @@ def render(results: dict[str, Any]) -> str:
     if results["note"]:
         lines += [f"> **Note:** {results['note']}", ""]
     lines += [
-        f"- Command: {_make_command(results['arguments'])}, which ran `{results['llmsuite_bench']}`",
+        f"- Command: {_make_command(results['arguments'])}; it took {_fmt(results.get('duration_s'), 0)} s",
         f"- Machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
         f"{_fmt(m['memory_gib'])} GiB; {m['os']}; Python {m['python']}; onnxruntime {m['onnxruntime']}; "
         f"load average at the end {m['load_average']}",
         f"- Commit {m['commit']}, {m['date']}",
         "",
-        "### Targets (issue 7)",
+        "### Targets (issues 16 and 17)",
         "",
         *_table(["ratio", "measured", "target", ""],
-                [[r["name"], _fmt(r["value"], 3), r["target"], _verdict(r["met"])] for r in results["ratios"]]),
+                [[r["name"], _fmt(r["value"], 3), r["target"], _verdict(r["met"])] for r in results["targets"]]),
         "",
-        "### Through the gateway",
-        "",
-        *_table(["", *(f"c={lv['concurrency']}" for lv in levels)],
-                [[label, *(str(fmt(lv)) for lv in levels)] for label, fmt in _GATEWAY_ROWS]),
-        "",
-        "### In-process references",
-        "",
-        *_table(["", "runs", "output tokens", "seconds", "output tokens/s", "prefill p50 (ms)",
-                 "decode step p50 (ms)"],
-                [[r["label"], r["runs"], r["output_tokens"], _fmt(r["seconds"], 2), _fmt(r["output_tokens_per_s"]),
-                  _fmt(r["ttft_p50_ms"]), _fmt(r["itl_p50_ms"])] for r in refs.values()]),
-        "",
-        "Greedy tokens through the gateway identical to the reference's for the same prompt: " + ", ".join(
-            f"{k} {v['identical']}/{v['compared']}" for k, v in results["token_agreement"].items()) + ".",
-        "",
-        "### Memory (peak over the whole run)",
-        "",
-        _memory_line(results["memory"]) + ".",
-        "",
+    ]
+    for layout in results["layouts"].values():
+        lines += _layout_section(layout)
+    lines += [
+        *_http_section(results.get("http_hop"), results.get("http_layout")),
         *_chat_section(results.get("chat")),
         *_constraint_section(results.get("constrained")),
         *_embeddings_section(results.get("embeddings")),

@@ -1,27 +1,37 @@
-"""`make bench`: the serving benchmark against its in-process yardstick, in one run.
+"""`make bench`: the serving benchmark against its in-process yardsticks, in one run.
 
-    python bench/run.py                      # what `make bench` runs
+    python bench/run.py                      # what `make bench` runs: three builds of the bench preset
+    python bench/run.py --layouts gqa        # one layout only (optimum, gqa, int4; comma-separated)
     python bench/run.py --requests 8,32,128,256 --reference-runs 3   # longer, steadier
     python bench/run.py --output-tokens 32 --requests 2,4,16,64 --no-write   # a quick look
 
-1. Builds the `bench` preset (about 100M parameters) into --model-dir unless it is there.
+For each layout in --layouts (issue 16: the same seeded weights as the Optimum export, as
+ONNX Runtime GenAI's fused layout `--layout gqa`, and that layout quantized to int4):
+1. Builds the `bench` preset in that layout into --models-dir unless it is there.
 2. Starts the local cluster (`python -m llmsuite.cluster`) on free ports, the inference
    service with --threads intra-op threads.
 3. Runs `llmsuite bench` through the gateway at each concurrency level (greedy, EOS
    ignored), sampling the inference process's memory and KV counters meanwhile. With
    --profile, py-spy records the inference and gateway processes meanwhile (to find what
-   bounds a missed target); with --chat, issue 11's multi-turn workload follows.
-   Then issue 17's constrained level: c=16 with every request under a JSON Schema
-   (bench/structured_output.schema.json) against plain c=16, alternated on the same cluster.
-4. Stops the cluster, then runs the references on a quiet machine, straight on
-   onnxruntime with the same session settings and the very prompt tokens the gateway
-   sent (bench/reference.py): one sequence at a time, and one left-padded batch.
-5. Embeddings (issue 18): the cluster also serves the encoder bench preset; `llmsuite bench
-   --workload embed` sends --texts-per-request texts per request at --embed-concurrency,
-   and after the cluster stops bench/embed_reference.py embeds the very same texts straight
-   on onnxruntime, one forward per request. --no-embeddings skips it.
-6. Prints the issue-7 ratios and writes them, with the machine and the command, to
-   docs/performance.md (unless --no-write). Raw results go to --results-dir.
+   bounds a missed target).
+4. On the --http-layout: the HTTP hop (issue 17), c=--http-concurrency through the gateway
+   over gRPC and then the same prompts through `llmsuite-openai` (bench/http_bench.py),
+   alternated --http-rounds times on the same cluster.
+5. On the first layout only: issue 17's constrained level (c=16 with every request under
+   bench/structured_output.schema.json against plain c=16, alternated), with --chat issue
+   11's multi-turn workload, and the embeddings level (issue 18): the cluster also serves the
+   encoder bench preset, `llmsuite bench --workload embed` at --embed-concurrency, and after
+   the cluster stops bench/embed_reference.py embeds the same texts straight on onnxruntime.
+6. Stops the cluster, then runs the references on a quiet machine, straight on onnxruntime
+   with the same session settings and the very prompt tokens the gateway sent
+   (bench/reference.py): one sequence at a time, and one batch (left-padded; in the fused
+   layout also with the KV buffer shared in place, as onnxruntime-genai runs it).
+After every layout: onnxruntime-genai's own Generator (static batch of --batch) on the fused
+fp32 files with the c=--batch prompts, in its own virtual environment
+(bench/ortgenai_reference.py; `make bench` installs it, --no-ortgenai skips it).
+Then it prints issue 7's ratios per layout and issue 16's and 17's across them, and writes
+them, with the machine, the command and the run's duration, to docs/performance.md (unless
+--no-write). Raw results go to --results-dir.
 
 It asserts nothing: a missed target is reported, not failed.
 """
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -40,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import onnxruntime as ort
 import performance_doc
 from embed_reference import run_embed_reference
@@ -56,8 +69,38 @@ from llmsuite.cluster import wait_serving
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 MODEL_NAME = "bench"
+ORTGENAI_PYTHON = REPO / "build" / "bench-tools" / "ortgenai" / "bin" / "python"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One build of the bench preset: the same seeded weights, a different export."""
+
+    name: str
+    folder: str  # under --models-dir
+    builder_args: tuple[str, ...]
+    title: str
+
+
+LAYOUTS = {layout.name: layout for layout in (
+    Layout("optimum", "bench", (), "Optimum layout, fp32"),
+    Layout("gqa", "bench-gqa", ("--layout", "gqa"), "fused GroupQueryAttention (ONNX Runtime GenAI) layout, fp32"),
+    Layout("int4", "bench-gqa-int4", ("--layout", "gqa", "--precision", "int4"),
+           "fused layout, int4 (MatMulNBits, block 32)"),
+)}
+
+
+def parse_layouts(text: str) -> list[Layout]:
+    """--layouts: names from LAYOUTS, comma-separated, each at most once, in the order given."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"--layouts takes one or more of {', '.join(LAYOUTS)}, comma-separated, each once (got {text!r})")
+    return [LAYOUTS[n] for n in names]
 STRUCTURED_OUTPUT_SCHEMA = Path(__file__).resolve().parent / "structured_output.schema.json"
 EMBED_MODEL_NAME = "bench-embed"
 
@@ -81,7 +124,7 @@ class Cluster:
 
     def __init__(self, model_dir: Path, device: str, threads: int, log_path: Path, *, model_name: str = MODEL_NAME,
                  env: dict[str, str] | None = None, embed_model_dir: Path | None = None) -> None:
-        self.ports = {name: _free_port() for name in ("gateway", "tokenizer", "inference")}
+        self.ports = {name: _free_port() for name in ("gateway", "tokenizer", "inference", "openai")}
         self.argv = [str(BIN / "python"), "-m", "llmsuite.cluster", "--model", f"{model_name}={model_dir}",
                      "--device", device, *(f"--{n}-port={p}" for n, p in self.ports.items())]
         if embed_model_dir is not None:
@@ -94,6 +137,23 @@ class Cluster:
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    def wait_http(self, timeout_s: float = 300.0) -> str:
+        """The adapter's base URL once its /health answers 200 (the launcher starts it after the gateway)."""
+        url = f"http://{self.address('openai')}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the cluster exited ({self.proc.returncode}); see {self.log_path}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"llmsuite-openai not ready within {timeout_s:.0f} s; see {self.log_path}")
+            time.sleep(0.5)
 
     def __enter__(self) -> Cluster:
         self._log = self.log_path.open("wb")
@@ -299,9 +359,10 @@ def run_embed_bench(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -
         "--save-texts", str(out_dir / "embed-texts.jsonl")], out_dir / "embed.json", model=EMBED_MODEL_NAME)
 
 
-def embeddings_results(args: argparse.Namespace, gateway: dict[str, Any], argv: list[str]) -> dict[str, Any]:
+def embeddings_results(args: argparse.Namespace, out_dir: Path, gateway: dict[str, Any], argv: list[str]
+                       ) -> dict[str, Any]:
     """The gateway's texts/s against the in-process loop over the same texts (run with the cluster stopped)."""
-    batches = [json.loads(line) for line in (args.results_dir / "embed-texts.jsonl").read_text().splitlines()]
+    batches = [json.loads(line) for line in (out_dir / "embed-texts.jsonl").read_text().splitlines()]
     print(f"reference: embedding {len(batches)} requests of {args.texts_per_request} texts in-process",
           file=sys.stderr)
     reference = run_embed_reference(args.embed_model_dir, batches, intra_op_threads=args.threads)
@@ -337,19 +398,89 @@ class ReferenceResult:
                 "itl_p50_ms": round(self.itl_p50_s * 1e3, 2)}
 
 
-def run_references(args: argparse.Namespace, singles: list[list[int]], batch: list[list[int]]
+def run_references(model_dir: Path, args: argparse.Namespace, singles: list[list[int]], batch: list[list[int]]
                    ) -> dict[str, ReferenceResult]:
-    """One greedy run per prompt in `singles`, alone; --reference-runs runs of `batch` as one batch."""
-    ref = ReferenceSession.load(args.model_dir, intra_op_threads=args.threads, device=args.device)
-    # Warm the session for both shapes (allocator arenas, kernels) outside the timings.
+    """One greedy run per prompt in `singles`, alone; --reference-runs runs of `batch` as one batch.
+    Where the export shares its KV buffer between past and present (GenAI's
+    past_present_share_buffer), the batch runs both ways: in place, and with present fed back."""
+    ref = ReferenceSession.load(model_dir, intra_op_threads=args.threads, device=args.device)
+    loops = {"batch": ref}
+    if ref.share_buffer:
+        loops["batch_concat"] = dataclasses.replace(ref, share_buffer=False)
+    # Warm the session for every shape (allocator arenas, kernels) outside the timings.
     greedy(ref, singles[:1], 2)
-    greedy(ref, batch, 2)
+    for loop in loops.values():
+        greedy(loop, batch, 2)
     print(f"reference: {len(singles)} single-sequence runs of {args.output_tokens} tokens", file=sys.stderr)
-    single = ReferenceResult("single sequence", 1, [greedy(ref, [p], args.output_tokens) for p in singles])
-    print(f"reference: {args.reference_runs} runs of a left-padded batch of {len(batch)}", file=sys.stderr)
-    batched = ReferenceResult(f"left-padded batch of {len(batch)}", len(batch),
-                              [greedy(ref, batch, args.output_tokens) for _ in range(args.reference_runs)])
-    return {"single": single, "batch": batched}
+    results = {"single": ReferenceResult("single sequence", 1, [greedy(ref, [p], args.output_tokens)
+                                                                for p in singles])}
+    for key, loop in loops.items():
+        label = (f"batch of {len(batch)}, KV buffer shared in place" if loop.share_buffer else
+                 f"left-padded batch of {len(batch)}" + (", present fed back as past" if key != "batch" else ""))
+        print(f"reference: {args.reference_runs} runs of a {label}", file=sys.stderr)
+        results[key] = ReferenceResult(label, len(batch), [greedy(loop, batch, args.output_tokens)
+                                                           for _ in range(args.reference_runs)])
+    return results
+
+
+def run_http_hop(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Issue 17's HTTP hop: c=N over gRPC, then the very same prompts through llmsuite-openai,
+    alternated --http-rounds times so that drift in a shared machine's load falls on both sides."""
+    url = cluster.wait_http()
+    c = args.http_concurrency
+    prompts = out_dir / "http-hop-prompts.jsonl"
+    runs: dict[str, list[dict[str, Any]]] = {"grpc": [], "http": []}
+    commands: dict[str, str] = {}
+    for round_ in range(args.http_rounds):
+        grpc_result, grpc_argv = llmsuite_bench(cluster, [
+            "-c", str(c), "-n", str(args.http_requests), "--prompt-tokens", str(args.prompt_tokens),
+            "--output-tokens", str(args.output_tokens), "--warmup", "1", "--seed", str(args.seed + 3),
+            "--save-prompts", str(prompts)], out_dir / f"http-hop-grpc-{round_}.json")
+        runs["grpc"].append(grpc_result["levels"][0])
+        commands["grpc"] = shlex.join(grpc_argv)
+        http_argv = [str(BIN / "python"), str(BENCH / "http_bench.py"), "--url", url, "--model", MODEL_NAME,
+                     "--prompts", str(prompts), "-c", str(c), "--warmup", "1"]
+        print("$ " + shlex.join(http_argv), file=sys.stderr, flush=True)
+        done = subprocess.run(http_argv, stdout=subprocess.PIPE, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"bench/http_bench.py failed with exit code {done.returncode}")
+        (out_dir / f"http-hop-http-{round_}.json").write_bytes(done.stdout)
+        runs["http"].append(json.loads(done.stdout))
+        commands["http"] = shlex.join(["python", *http_argv[1:]])
+
+    def tokens_per_s(side: str) -> float | None:
+        seconds = sum(level["duration_s"] for level in runs[side])
+        return sum(level["output_tokens"] for level in runs[side]) / seconds if seconds else None
+
+    return {
+        "concurrency": c, "rounds": args.http_rounds, "requests": args.http_requests, "commands": commands,
+        "grpc_output_tokens_per_s": tokens_per_s("grpc"), "http_output_tokens_per_s": tokens_per_s("http"),
+        "errors": {side: sum(sum(level["errors"].values()) for level in levels) for side, levels in runs.items()},
+        "length_mismatches": {side: sum(level["length_mismatches"] for level in levels)
+                              for side, levels in runs.items()},
+        "ttft_p50_ms": {side: [level["ttft_ms"]["p50"] for level in levels] for side, levels in runs.items()},
+        "itl_p50_ms": {side: [level["itl_ms"]["p50"] for level in levels] for side, levels in runs.items()},
+    }
+
+
+def run_ortgenai(args: argparse.Namespace, model_dir: Path, batch_rows: list[list[int]], out_dir: Path
+                 ) -> dict[str, Any] | None:
+    """onnxruntime-genai's Generator on the same files and prompts, in its own environment."""
+    if not args.ortgenai_python.is_file():
+        print(f"onnxruntime-genai: no {args.ortgenai_python} (make bench installs it); skipped", file=sys.stderr)
+        return None
+    prompts = out_dir / "ortgenai-prompts.json"
+    prompts.write_text(json.dumps(batch_rows))
+    argv = [str(args.ortgenai_python), str(BENCH / "ortgenai_reference.py"), "--model-dir", str(model_dir),
+            "--prompts", str(prompts), "--new-tokens", str(args.output_tokens), "--batch", str(len(batch_rows)),
+            "--runs", str(args.reference_runs), "--threads", str(args.threads)]
+    print("$ " + shlex.join(argv), file=sys.stderr, flush=True)
+    done = subprocess.run(argv, stdout=subprocess.PIPE, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"bench/ortgenai_reference.py failed with exit code {done.returncode}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    (out_dir / "ortgenai.json").write_bytes(done.stdout)
+    return result
 
 
 def token_agreement(outputs: dict[tuple[int, ...], list[int]], rows: list[list[int]], runs: list[GreedyRun]
@@ -393,11 +524,15 @@ def _status_kib_meminfo() -> int | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "bench",
-                        help="the bench preset (built here if absent)")
-    parser.add_argument("--concurrency", default="1,4,16,64", help="levels for llmsuite bench")
+    parser.add_argument("--layouts", type=parse_layouts, default=list(LAYOUTS.values()),
+                        help=f"builds of the bench preset to serve, in turn (default {','.join(LAYOUTS)}); the "
+                             "first also runs the constrained, chat and embeddings levels")
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models",
+                        help="where each layout's build lives (" + ", ".join(
+                            f"{layout.name}: {layout.folder}" for layout in LAYOUTS.values()) + "; built if absent)")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="levels for llmsuite bench, in every layout")
     # A closed loop starts every level with a burst of `concurrency` simultaneous arrivals, whose
     # prefills queue behind each other; four times as many requests keep that burst from
     # setting the level's medians, which should describe the steady state.
@@ -406,14 +541,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="llmsuite bench warm-up requests")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=16, help="rows of the batched reference (and the level it "
-                                                              "is compared with)")
+    parser.add_argument("--batch", type=int, default=16, help="rows of the batched references (and the level they "
+                                                              "are compared with)")
     parser.add_argument("--reference-runs", type=int, default=2,
                         help="single-sequence prompts, and batched runs, timed for the references")
     parser.add_argument("--threads", type=int, default=_usable_cores(),
                         help="intra-op threads for the inference service and the references alike "
                              "(default: the CPUs this process may use)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=_default_device())
+    parser.add_argument("--kv-cache-bytes", default=None,
+                        help="the inference service's --kv-cache-bytes (default: its own, sized from memory)")
+    http = parser.add_argument_group("the HTTP hop (issue 17)")
+    http.add_argument("--http-layout", default="gqa",
+                      help="layout whose cluster also measures llmsuite-openai against gRPC (default gqa, or the "
+                           "first layout when gqa is not run)")
+    http.add_argument("--http-concurrency", type=int, default=16, help="0 skips the HTTP hop")
+    http.add_argument("--http-requests", type=int, default=48, help="requests per side per round")
+    http.add_argument("--http-rounds", type=int, default=2, help="gRPC-then-HTTP rounds, summed on each side")
+    ortgenai = parser.add_argument_group("onnxruntime-genai (issue 16)")
+    ortgenai.add_argument("--no-ortgenai", dest="ortgenai", action="store_false",
+                          help="skip onnxruntime-genai's Generator on the fused fp32 files")
+    ortgenai.add_argument("--ortgenai-python", type=Path, default=ORTGENAI_PYTHON,
+                          help="the interpreter of the environment holding onnxruntime-genai (make bench makes it "
+                               "from bench/requirements/ortgenai.txt)")
     chat = parser.add_argument_group("multi-turn chat (issue 11's prefix cache), off unless --chat")
     chat.add_argument("--chat", action="store_true",
                       help="also run conversations re-sent whole each turn, and an uncached prompt as long as "
@@ -441,80 +591,138 @@ def main(argv: list[str] | None = None) -> int:
     emb.add_argument("--texts-per-request", type=int, default=32)
     parser.add_argument("--profile", action="store_true",
                         help="record the inference and gateway processes with py-spy during the gateway levels "
-                             "(speedscope files in --results-dir)")
+                             "(speedscope files in --results-dir, one folder per layout)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "build" / "bench")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
     parser.add_argument("--note", default="", help="a remark printed at the top of the results (e.g. the "
                                                    "machine was busy)")
-    args = parser.parse_args(argv)
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
+    return parser
 
-    if not (args.model_dir / "model.onnx").is_file():
-        print(f"building the bench preset into {args.model_dir} ...", file=sys.stderr, flush=True)
-        subprocess.run([str(BIN / "llmsuite-build-model"), "--preset", "bench", "--out", str(args.model_dir)],
-                       check=True)
+
+def http_layout(args: argparse.Namespace) -> str | None:
+    """The layout whose cluster measures the HTTP hop, or None when it is skipped."""
+    if args.http_concurrency <= 0:
+        return None
+    names = [layout.name for layout in args.layouts]
+    return args.http_layout if args.http_layout in names else names[0]
+
+
+def ensure_built(layout: Layout, model_dir: Path) -> list[str]:
+    """The builder's command for this layout; it runs only when the folder holds no model yet."""
+    argv = ["llmsuite-build-model", "--preset", "bench", *layout.builder_args, "--out", str(model_dir)]
+    if not (model_dir / "model.onnx").is_file():
+        print(f"building the bench preset ({layout.title}) into {model_dir} ...", file=sys.stderr, flush=True)
+        subprocess.run([str(BIN / argv[0]), *argv[1:]], check=True)
+    return argv
+
+
+def run_layout(layout: Layout, args: argparse.Namespace, *, primary: bool) -> dict[str, Any]:
+    """One cluster on this layout's build: the gateway levels (and, where asked, the HTTP hop and
+    the first layout's extra levels), then the in-process references with the cluster stopped."""
+    model_dir = args.models_dir / layout.folder
+    build_argv = ensure_built(layout, model_dir)
+    out_dir = args.results_dir / layout.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    embed_dir = args.embed_model_dir if primary and args.embeddings else None
+    env = {"LLMSUITE_KV_CACHE_BYTES": args.kv_cache_bytes} if args.kv_cache_bytes else {}
+    print(f"[{layout.name}] starting the cluster (inference: {args.device}, {args.threads} intra-op threads) ...",
+          file=sys.stderr, flush=True)
+    extra: dict[str, Any] = {}
+    with Cluster(model_dir, args.device, args.threads, out_dir / "cluster.log", env=env,
+                 embed_model_dir=embed_dir) as cluster:
+        pid = cluster.service_pid("inference")
+        services = {name: cluster.service_pid(name) for name in ("inference", "gateway")} if args.profile else {}
+        with MemoryWatch(pid, cluster.address("inference")) as memory, profiling(services, out_dir):
+            gateway, bench_argv = run_gateway_bench(cluster, args, out_dir)
+        if layout.name == http_layout(args):
+            extra["http_hop"] = run_http_hop(cluster, args, out_dir)
+        if primary:
+            extra["constrained"] = (run_constraint_bench(cluster, args, out_dir)
+                                    if args.constraint_concurrency > 0 else None)
+            extra["chat"] = run_chat_bench(cluster, args, out_dir) if args.chat else None
+            embed = run_embed_bench(cluster, args, out_dir) if embed_dir is not None else None
+
+    prompts: dict[int, list[list[int]]] = {}
+    by_request: dict[tuple[int, int], list[int]] = {}
+    for line in (out_dir / "prompts.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        prompts.setdefault(entry["concurrency"], []).append(entry["token_ids"])
+        by_request[entry["concurrency"], entry["index"]] = entry["token_ids"]
+    outputs = {}
+    for line in (out_dir / "requests.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["code"] == "OK":
+            outputs[tuple(by_request[r["concurrency"], r["index"]])] = r["output_token_ids"]
+    single_rows = (prompts.get(1) or next(iter(prompts.values())))[:args.reference_runs]
+    batch_rows = (prompts.get(args.batch) or [p for level in prompts.values() for p in level])[:args.batch]
+    print(f"[{layout.name}] in-process references", file=sys.stderr, flush=True)
+    references = run_references(model_dir, args, single_rows, batch_rows)
+    agreement = {
+        "single": sum_agreement(token_agreement(outputs, [row], [run])
+                                for row, run in zip(single_rows, references["single"].runs, strict=True)),
+        "batch": token_agreement(outputs, batch_rows, references["batch"].runs[:1]),
+    }
+    if primary and embed is not None:
+        extra["embeddings"] = embeddings_results(args, out_dir, *embed)
+    ortgenai = None
+    if layout.name == "gqa" and args.ortgenai:
+        ortgenai = run_ortgenai(args, model_dir, batch_rows, out_dir)
+        if ortgenai is not None:
+            served = ortgenai.pop("tokens")
+            ortgenai["token_agreement"] = {"identical": sum(a == b for a, b in zip(
+                served, references["batch"].runs[0].tokens, strict=True)), "compared": len(served)}
+    result = {
+        "layout": layout.name, "title": layout.title, "model_dir": str(model_dir.relative_to(REPO))
+        if model_dir.is_relative_to(REPO) else str(model_dir), "build": shlex.join(build_argv),
+        "llmsuite_bench": shlex.join(bench_argv), "gateway": gateway,
+        "references": {k: v.to_dict() for k, v in references.items()},
+        "token_agreement": agreement,
+        "memory": {"inference_pid": pid, "vm_hwm_mib": _mib(memory.hwm_kib), "peak_rss_sampled_mib":
+                   _mib(memory.peak_rss_kib), "peak_kv_cache_mib": round(memory.peak_kv_bytes / 2**20, 1),
+                   "peak_running": memory.peak_running, "peak_queued": memory.peak_queued,
+                   "model_weights_mib": round(sum(p.stat().st_size for p in model_dir.glob("model.onnx*"))
+                                              / 2**20, 1),
+                   "reported_kv_budget": memory.budget or None},
+        "ortgenai": ortgenai,
+    }
+    return {**result, **extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    args.results_dir.mkdir(parents=True, exist_ok=True)
 
     if args.embeddings and not (args.embed_model_dir / "model.onnx").is_file():
         print(f"building the encoder bench preset into {args.embed_model_dir} ...", file=sys.stderr, flush=True)
         subprocess.run([str(BIN / "llmsuite-build-model"), "--kind", "encoder", "--preset", "bench", "--out",
                         str(args.embed_model_dir)], check=True)
 
-    print(f"starting the cluster (inference: {args.device}, {args.threads} intra-op threads) ...", file=sys.stderr,
-          flush=True)
-    embed_dir = args.embed_model_dir if args.embeddings else None
-    with Cluster(args.model_dir, args.device, args.threads, args.results_dir / "cluster.log",
-                 embed_model_dir=embed_dir) as cluster:
-        pid = cluster.service_pid("inference")
-        services = {name: cluster.service_pid(name) for name in ("inference", "gateway")} if args.profile else {}
-        with MemoryWatch(pid, cluster.address("inference")) as memory, profiling(services, args.results_dir):
-            gateway, bench_argv = run_gateway_bench(cluster, args, args.results_dir)
-        constrained = (run_constraint_bench(cluster, args, args.results_dir)
-                       if args.constraint_concurrency > 0 else None)
-        chat = run_chat_bench(cluster, args, args.results_dir) if args.chat else None
-        embed = run_embed_bench(cluster, args, args.results_dir) if args.embeddings else None
-
-    prompts: dict[int, list[list[int]]] = {}
-    by_request: dict[tuple[int, int], list[int]] = {}
-    for line in (args.results_dir / "prompts.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        prompts.setdefault(entry["concurrency"], []).append(entry["token_ids"])
-        by_request[entry["concurrency"], entry["index"]] = entry["token_ids"]
-    outputs = {}
-    for line in (args.results_dir / "requests.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["code"] == "OK":
-            outputs[tuple(by_request[r["concurrency"], r["index"]])] = r["output_token_ids"]
-    single_rows = (prompts.get(1) or next(iter(prompts.values())))[:args.reference_runs]
-    batch_rows = (prompts.get(args.batch) or [p for level in prompts.values() for p in level])[:args.batch]
-    references = run_references(args, single_rows, batch_rows)
-    agreement = {
-        "single": sum_agreement(token_agreement(outputs, [row], [run])
-                                for row, run in zip(single_rows, references["single"].runs, strict=True)),
-        "batch": token_agreement(outputs, batch_rows, references["batch"].runs[:1]),
-    }
-
+    layouts = {layout.name: run_layout(layout, args, primary=i == 0) for i, layout in enumerate(args.layouts)}
+    primary = layouts[args.layouts[0].name]
     results = {
-        "arguments": arguments, "llmsuite_bench": shlex.join(bench_argv), "machine": machine(),
+        "arguments": arguments, "machine": machine(),
         "settings": {"device": args.device, "intra_op_threads": args.threads, "inter_op_threads": 0,
                      "graph_optimization": "all", "prompt_tokens": args.prompt_tokens,
-                     "output_tokens": args.output_tokens, "batch": args.batch},
-        "gateway": gateway,
-        "references": {k: v.to_dict() for k, v in references.items()},
-        "token_agreement": agreement,
-        "memory": {"inference_pid": pid, "vm_hwm_mib": _mib(memory.hwm_kib), "peak_rss_sampled_mib":
-                   _mib(memory.peak_rss_kib), "peak_kv_cache_mib": round(memory.peak_kv_bytes / 2**20, 1),
-                   "peak_running": memory.peak_running, "peak_queued": memory.peak_queued,
-                   "model_weights_mib": round(sum(p.stat().st_size for p in args.model_dir.glob("model.onnx*"))
-                                              / 2**20, 1),
-                   "reported_kv_budget": memory.budget or None},
-        "chat": chat,
-        "constrained": constrained,
-        "embeddings": embeddings_results(args, *embed) if embed is not None else None,
+                     "output_tokens": args.output_tokens, "batch": args.batch,
+                     "kv_cache_bytes": args.kv_cache_bytes},
+        "layouts": layouts,
+        "primary": args.layouts[0].name,
+        "http_hop": next((lay["http_hop"] for lay in layouts.values() if "http_hop" in lay), None),
+        "http_layout": http_layout(args),
+        "chat": primary.get("chat"),
+        "constrained": primary.get("constrained"),
+        "embeddings": primary.get("embeddings"),
         "note": args.note,
     }
-    results["ratios"] = performance_doc.ratios(results, batch=args.batch)
+    for name, layout in layouts.items():
+        layout["ratios"] = performance_doc.ratios(
+            {**layout, **({"constrained": results["constrained"], "embeddings": results["embeddings"]}
+                          if name == results["primary"] else {})}, batch=args.batch)
+    results["targets"] = performance_doc.cross_layout_ratios(results, batch=args.batch)
+    results["duration_s"] = round(time.monotonic() - started, 1)
     (args.results_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(performance_doc.summary_text(results))
     if not args.no_write:
