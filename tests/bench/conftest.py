@@ -29,3 +29,21 @@ def reference() -> ModuleType:
 @pytest.fixture(scope="session")
 def performance_doc() -> ModuleType:
     return load_bench_module("performance_doc")
+
+
+@pytest.fixture(scope="session")
+def bench_run() -> ModuleType:
+    """bench/run.py, after the sibling modules it imports by name."""
+    for sibling in ("reference", "performance_doc", "embed_reference"):
+        load_bench_module(sibling)
+    return load_bench_module("run")
+
+
+@pytest.fixture(scope="session")
+def http_bench() -> ModuleType:
+    return load_bench_module("http_bench")
+
+
+@pytest.fixture(scope="session")
+def ecosystem(bench_run: ModuleType) -> ModuleType:
+    return load_bench_module("ecosystem")

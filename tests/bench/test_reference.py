@@ -49,3 +49,23 @@ def test_ragged_batch_needs_position_ids(tmp_path, reference):
     assert len(reference.greedy(session, [[5, 6], [7, 8]], 2).tokens) == 2  # equal lengths need no padding
     with pytest.raises(ValueError, match="position_ids"):
         reference.greedy(session, [[5, 6, 7], [8]], 2)
+
+
+def test_fused_layout_loops_give_the_optimum_layouts_tokens(tmp_path, reference):
+    """The GenAI folder is read from genai_config.json; its KV buffer shared in place (as
+    onnxruntime-genai runs it) and present fed back as past give the Optimum export's tokens."""
+    import dataclasses
+
+    from llmsuite.builder.variants import build_variant
+
+    build_variant(tmp_path / "optimum")
+    build_variant(tmp_path / "gqa", layout="gqa")
+    optimum = reference.ReferenceSession.load(tmp_path / "optimum", intra_op_threads=1)
+    fused = reference.ReferenceSession.load(tmp_path / "gqa", intra_op_threads=1)
+    assert fused.share_buffer and not optimum.share_buffer
+    assert "position_ids" not in fused.input_dtypes  # GroupQueryAttention derives positions from the mask
+    prompts = [[5, 9, 200, 31, 8], [7, 7, 7, 7, 7], [100, 3, 64, 1, 2]]  # equal lengths: no padding
+    expected = reference.greedy(optimum, prompts, 8).tokens
+    assert reference.greedy(fused, prompts, 8).tokens == expected
+    assert reference.greedy(dataclasses.replace(fused, share_buffer=False), prompts, 8).tokens == expected
+    assert reference.greedy(fused, prompts[:1], 8).tokens == expected[:1]
