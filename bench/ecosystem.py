@@ -15,6 +15,10 @@ bench-http` installs them from bench/requirements/), so neither touches the serv
   completions at concurrency 1 over synthetic prompts of about 550 tokens.
 
 Both are handed the model's own tokenizer folder (they would otherwise fetch one from a hub).
+guidellm's throughput strategy opens 512 streams at once; the inference service queues 64
+requests per model by default and refuses the rest with 429 `engine_overloaded`, as a
+bounded server should, so the cluster runs with --max-queued (default 1024) to take them
+the way vLLM, which queues without bound, does.
 The tools' exit codes do not say whether requests failed (guidellm exits 0 with every request
 errored), so this reads their result files: every errored request is counted and its message
 kept. It prints a summary per tool, writes it to --results-dir/summary.json, and exits 1 when a
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one virtualenv per tool (make bench-http makes them)")
     parser.add_argument("--threads", type=int, default=_usable_cores(), help="inference intra-op threads")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=_default_device())
+    parser.add_argument("--max-queued", type=int, default=1024,
+                        help="the inference service's --max-queued: room for guidellm's 512 simultaneous streams")
     parser.add_argument("--results-dir", type=Path, default=REPO / "build" / "bench-http")
     args = parser.parse_args(argv)
     args.results_dir = args.results_dir.resolve()  # the tools run in folders of their own
@@ -125,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_built(layout, model_dir)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
-    with Cluster(model_dir, args.device, args.threads, args.results_dir / "cluster.log") as cluster:
+    with Cluster(model_dir, args.device, args.threads, args.results_dir / "cluster.log",
+                 env={"LLMSUITE_MAX_QUEUED": str(args.max_queued)}) as cluster:
         url = cluster.wait_http()
         for tool in tools:
             summaries.append(run_tool(tool, args, url, model_dir))

@@ -595,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path, default=REPO / "build" / "bench")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="run nothing: write --doc from a results.json an earlier run saved (after editing "
+                             "bench/performance_doc.py's text)")
     parser.add_argument("--note", default="", help="a remark printed at the top of the results (e.g. the "
                                                    "machine was busy)")
     return parser
@@ -691,6 +694,11 @@ def run_layout(layout: Layout, args: argparse.Namespace, *, primary: bool) -> di
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        args.doc.write_text(performance_doc.render(saved))
+        print(performance_doc.summary_text(saved))
+        return 0
     arguments = list(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
     args.results_dir.mkdir(parents=True, exist_ok=True)
