@@ -700,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         print(performance_doc.summary_text(saved))
         return 0
     arguments = list(sys.argv[1:] if argv is None else argv)
+    # A SIGTERM unwinds like Ctrl-C, so the running layout's cluster is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     args.results_dir.mkdir(parents=True, exist_ok=True)
 

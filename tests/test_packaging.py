@@ -9,6 +9,7 @@ fails here rather than in a user's slim container.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -118,3 +119,22 @@ def test_entry_point_imports_only_what_its_process_runs(entry: str):
     loaded = json.loads(done.stdout)
     leaked = sorted({bad for bad in FORBIDDEN[entry] for mod in loaded if mod == bad or mod.startswith(bad + ".")})
     assert not leaked, f"{entry} imports {leaked}"
+
+
+# make bench and make bench-http install these into virtualenvs of their own (bench/requirements/):
+# onnxruntime-genai brings its own onnxruntime build, guidellm a torch.
+BENCHMARK_ONLY = ("onnxruntime-genai", "onnxruntime_genai", "guidellm", "aiperf")
+
+
+def test_benchmark_only_packages_stay_out_of_every_distribution():
+    importing = re.compile(r"^\s*(?:import|from)\s+(onnxruntime_genai|guidellm|aiperf)\b", re.MULTILINE)
+    for folder in DISTRIBUTIONS:
+        project = _pyproject(folder)["project"]
+        pins = [*project["dependencies"], *(d for extra in project.get("optional-dependencies", {}).values()
+                                            for d in extra)]
+        assert not [p for p in pins if p.lower().startswith(BENCHMARK_ONLY)], f"{folder} depends on a bench tool"
+        for source in (REPO / folder).rglob("*.py"):
+            assert not importing.search(source.read_text()), f"{source.relative_to(REPO)} imports a bench tool"
+    for requirement in ("requirements-dev.txt",):
+        lines = (REPO / requirement).read_text().lower().splitlines()
+        assert not [line for line in lines if line.strip().startswith(BENCHMARK_ONLY)]
