@@ -322,6 +322,11 @@ def _layout_section(layout: dict[str, Any]) -> list[str]:
         "Memory (peak over this layout's run): " + _memory_line(layout["memory"]) + ".",
         "",
     ]
+    steps = layout.get("engine_steps")
+    if steps:
+        lines += [f"Engine, from its /metrics after the gateway levels: {steps['decode_steps']:,} decode steps, "
+                  f"{_fmt(steps['mean_rows_per_decode_step'])} rows per decode step on average, "
+                  f"{_fmt(steps['mean_step_ms'])} ms per step on average.", ""]
     ortgenai = layout.get("ortgenai")
     if ortgenai:
         agreement = ortgenai["token_agreement"]

@@ -63,6 +63,7 @@ import httpx
 import onnxruntime as ort
 import performance_doc
 from embed_reference import run_embed_reference
+from prometheus_client.parser import text_string_to_metric_families
 from reference import GreedyRun, ReferenceSession, greedy
 
 from llmsuite.cluster import wait_serving
@@ -268,6 +269,30 @@ class MemoryWatch:
             self.hwm_kib = _status_kib(self.pid, "VmHWM")  # the process's peak, read before it stops
         self._stop.set()
         self._thread.join(10)
+
+
+def engine_steps(cluster: Cluster, model: str = MODEL_NAME) -> dict[str, Any] | None:
+    """What the inference engine's scheduler did so far, from its /metrics (inference gRPC port
+    + 1000): decode steps, rows per step and step time. A layout that batches only rows of equal
+    length shows it here as few rows per step."""
+    port = cluster.ports["inference"] + 1000
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") == model and sample.name.endswith(("_sum", "_count")):
+                sums[sample.name] = sample.value
+    steps = sums.get("llmsuite_inference_batch_size_count")
+    timed = sums.get("llmsuite_inference_step_duration_seconds_count")
+    if not steps or not timed:
+        return None
+    return {"decode_steps": int(steps), "mean_rows_per_decode_step": round(sums["llmsuite_inference_batch_size_sum"]
+                                                                            / steps, 2),
+            "steps": int(timed),
+            "mean_step_ms": round(sums["llmsuite_inference_step_duration_seconds_sum"] / timed * 1e3, 2)}
 
 
 def llmsuite_bench(cluster: Cluster, options: list[str], json_path: Path, *, model: str = MODEL_NAME
@@ -638,6 +663,7 @@ def run_layout(layout: Layout, args: argparse.Namespace, *, primary: bool) -> di
         services = {name: cluster.service_pid(name) for name in ("inference", "gateway")} if args.profile else {}
         with MemoryWatch(pid, cluster.address("inference")) as memory, profiling(services, out_dir):
             gateway, bench_argv = run_gateway_bench(cluster, args, out_dir)
+        steps = engine_steps(cluster)
         if layout.name == http_layout(args):
             extra["http_hop"] = run_http_hop(cluster, args, out_dir)
         if primary:
@@ -688,6 +714,7 @@ def run_layout(layout: Layout, args: argparse.Namespace, *, primary: bool) -> di
                                               / 2**20, 1),
                    "reported_kv_budget": memory.budget or None},
         "ortgenai": ortgenai,
+        "engine_steps": steps,
     }
     return {**result, **extra}
 

@@ -134,7 +134,8 @@ def test_targets_table_each_layout_onnxruntime_genai_and_the_http_hop_are_writte
     fused.update(layout="gqa", title="fused layout, fp32", model_dir="models/bench-gqa", ortgenai={
         "label": "onnxruntime-genai Generator, static batch of 16", "rows": 16, "runs": 2, "output_tokens": 4096,
         "seconds": 20.0, "output_tokens_per_s": 204.8, "ttft_p50_ms": 900.0, "itl_p50_ms": 60.0,
-        "onnxruntime_genai": "0.18.0", "token_agreement": {"identical": 16, "compared": 16}})
+        "onnxruntime_genai": "0.18.0", "token_agreement": {"identical": 16, "compared": 16}},
+        engine_steps={"decode_steps": 1200, "mean_rows_per_decode_step": 4.5, "steps": 1300, "mean_step_ms": 41.0})
     results["layouts"]["gqa"] = fused
     results["http_layout"] = "gqa"
     results["http_hop"] = {
@@ -150,4 +151,5 @@ def test_targets_table_each_layout_onnxruntime_genai_and_the_http_hop_are_writte
     assert "### fused layout, fp32 (`models/bench-gqa`)" in text and "**204.8 output tokens/s**" in text
     assert "| grpc c=16 | 400.0 | 100.0, 110.0 | 30.0, 31.0 | 0 | 0 |" in text
     assert "Ratio HTTP / gRPC 0.950 (target >= 0.9)." in text
+    assert "1,200 decode steps, 4.5 rows per decode step on average, 41.0 ms per step" in text
     assert "HTTP hop c=16: gRPC 400.0 tok/s, HTTP 380.0 tok/s" in performance_doc.summary_text(results)
