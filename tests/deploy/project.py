@@ -75,7 +75,7 @@ def distributions() -> dict[str, Path]:
     """Distribution name -> its folder, for every pyproject.toml in the tree."""
     found: dict[str, Path] = {}
     for pyproject in REPO.glob("*/**/pyproject.toml"):
-        if {"node_modules", ".venv"} & set(pyproject.parts):
+        if {"node_modules", ".venv", "build"} & set(pyproject.parts):  # build/: make bench's tool venvs
             continue
         found[tomllib.loads(pyproject.read_text())["project"]["name"]] = pyproject.parent
     return found
