@@ -701,9 +701,10 @@ def run_layout(layout: Layout, args: argparse.Namespace, *, primary: bool) -> di
             served = ortgenai.pop("tokens")
             ortgenai["token_agreement"] = {"identical": sum(a == b for a, b in zip(
                 served, references["batch"].runs[0].tokens, strict=True)), "compared": len(served)}
+    shown_dir = str(model_dir.relative_to(REPO)) if model_dir.is_relative_to(REPO) else str(model_dir)
     result = {
-        "layout": layout.name, "title": layout.title, "model_dir": str(model_dir.relative_to(REPO))
-        if model_dir.is_relative_to(REPO) else str(model_dir), "build": shlex.join(build_argv),
+        "layout": layout.name, "title": layout.title, "model_dir": shown_dir,
+        "build": shlex.join([*build_argv[:-1], shown_dir]),
         "llmsuite_bench": shlex.join(bench_argv), "gateway": gateway,
         "references": {k: v.to_dict() for k, v in references.items()},
         "token_agreement": agreement,
