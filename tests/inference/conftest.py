@@ -109,15 +109,16 @@ async def generate_once(engine: InferenceEngine, model: str, token_ids: Sequence
 
 
 def slow_forward(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    """Makes every model forward (prefill or batched decode) take at least `seconds`, so
-    timing-dependent tests are deterministic."""
-    original = OnnxDecoder.run
+    """Makes every model forward (prefill or batched decode, padded or in a slot buffer) take
+    at least `seconds`, so timing-dependent tests are deterministic."""
+    for name in ("run", "run_in_place"):
+        original = getattr(OnnxDecoder, name)
 
-    def run(self: OnnxDecoder, *args: Any) -> Any:
-        time.sleep(seconds)
-        return original(self, *args)
+        def slowed(self: OnnxDecoder, *args: Any, _original: Any = original) -> Any:
+            time.sleep(seconds)
+            return _original(self, *args)
 
-    monkeypatch.setattr(OnnxDecoder, "run", run)
+        monkeypatch.setattr(OnnxDecoder, name, slowed)
 
 
 async def wait_until(condition: Callable[[], bool], within_s: float = 5.0) -> None:

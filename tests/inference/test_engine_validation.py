@@ -87,3 +87,17 @@ def test_the_floors_pass_as_float32_carries_them(engine: Any, helpers: Any) -> N
                    repetition_penalty=floor, seed=1)
     tokens, _ = asyncio.run(helpers.generate_once(engine, "tiny", OK_PROMPT, edge))
     assert len(tokens) <= 4
+
+
+def test_max_model_len_caps_the_served_context(load_engine: Any, helpers: Any, tiny_llama_dir: Path) -> None:
+    """--max-model-len: the model serves 48 of its 512 positions; what passes them is refused."""
+    engine = load_engine({"tiny": tiny_llama_dir}, max_model_len=48)
+    assert engine.model_info("tiny").context_length == 48
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    with pytest.raises(InvalidArgument) as error:
+        asyncio.run(helpers.generate_once(engine, "tiny", list(range(3, 43)), params))
+    assert error.value.reason == "PROMPT_TOO_LONG" and "48" in str(error.value)
+    tokens, _ = asyncio.run(helpers.generate_once(engine, "tiny", list(range(3, 41)), params))
+    assert len(tokens) == 10
+    with pytest.raises(ValueError, match="max_model_len"):
+        load_engine({"tiny": tiny_llama_dir}, max_model_len=1)

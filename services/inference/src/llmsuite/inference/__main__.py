@@ -105,6 +105,9 @@ def build_parser() -> EnvArgumentParser:
                         "memory is bounded by --kv-cache-bytes)")
     e.add_argument("--max-queued", type=int, default=defaults.max_queued,
                    help="requests waiting per model for room in the batch before new ones get RESOURCE_EXHAUSTED")
+    e.add_argument("--max-model-len", type=int, default=defaults.max_model_len, metavar="TOKENS",
+                   help="most tokens (prompt + output) a generation model serves, below its own context "
+                        "(0 = the model's context)")
     e.add_argument("--prefill-chunk-tokens", type=int, default=defaults.prefill_chunk_tokens,
                    help="prompt tokens fed per scheduler step, so running streams keep getting tokens while a "
                         "long prompt is processed")
@@ -150,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         session_idle_timeout_s=args.session_idle_timeout, warmup=args.warmup,
         embed_batch_tokens=args.embed_batch_tokens, embed_max_queued_inputs=args.embed_max_queued_inputs,
-        pooling=pooling_overrides(args.pooling), max_step_failures=args.max_step_failures)
+        pooling=pooling_overrides(args.pooling), max_step_failures=args.max_step_failures,
+        max_model_len=args.max_model_len)
     fault = None if args.test_only_break_on_token_id is None else BreakOnToken(args.test_only_break_on_token_id)
     app = InferenceApp(model_specs(args.model), engine_settings, prepare_decoder=fault)
     try:

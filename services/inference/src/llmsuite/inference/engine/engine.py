@@ -60,7 +60,7 @@ def _model_info(name: str, decoder: OnnxDecoder) -> ModelInfo:
         architecture=config.architecture,
         execution_provider=decoder.placement.execution_provider,
         device=decoder.placement.description,
-        context_length=config.context_length,
+        context_length=decoder.context_length,
         vocab_size=sig.vocab_size,
         num_layers=sig.num_layers,
         num_attention_heads=config.num_attention_heads or sig.num_kv_heads,

@@ -6,6 +6,7 @@ Off unless the hidden `--test-only-break-on-token-id` flag is given (it is left 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
@@ -20,12 +21,16 @@ class BreakOnToken:
         self.broken = False
 
     def __call__(self, decoder: OnnxDecoder) -> None:
-        run = decoder.run
+        decoder.run = self._breaking(decoder.run)  # type: ignore[method-assign]
+        decoder.run_in_place = self._breaking(decoder.run_in_place)  # type: ignore[method-assign]
+
+    def _breaking(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        """`forward` (a decoder's padded or in-place forward), broken from the token on."""
 
         def broken_after_token(input_ids: Any, *args: Any) -> Any:
             if self.broken or bool((input_ids == self.token_id).any()):
                 self.broken = True
                 raise RuntimeError(f"fault injected for tests: the decoder broke on token id {self.token_id}")
-            return run(input_ids, *args)
+            return forward(input_ids, *args)
 
-        decoder.run = broken_after_token  # type: ignore[method-assign, assignment]
+        return broken_after_token

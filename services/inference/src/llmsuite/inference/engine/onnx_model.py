@@ -16,6 +16,7 @@ here exercise it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -163,13 +164,16 @@ class OnnxDecoder:
     """Runs forwards of an Optimum decoder export; call from one thread at a time."""
 
     def __init__(self, session: ort.InferenceSession, placement: Placement, signature: DecoderSignature,
-                 layout: ModelLayout) -> None:
+                 layout: ModelLayout, max_model_len: int = 0) -> None:
         self.session = session
         self.placement = placement
         self.signature = signature
         self.layout = layout
         self.config: ExportConfig = layout.config
         self.directory = layout.tokenizer_directory  # where the tokenizer files it pairs with live
+        # The context served: the model's own, or less (--max-model-len).
+        self.context_length: int = (min(max_model_len, layout.config.context_length) if max_model_len
+                                    else layout.config.context_length)
         kv_itemsize = int(np.dtype(signature.kv_dtype).itemsize)
         per_layer = signature.num_kv_heads * signature.head_dim * kv_itemsize
         # A forecast only (what a row may grow to); held bytes are read from the tensors.
@@ -188,11 +192,7 @@ class OnnxDecoder:
                 f"{layout.model_file}: its config says vocab_size {vocab_size} but the logits have "
                 f"{signature.vocab_size} columns"
             )
-        return cls(session, placement, signature, layout)
-
-    @property
-    def context_length(self) -> int:
-        return self.config.context_length
+        return cls(session, placement, signature, layout, settings.max_model_len)
 
     @property
     def uses_position_ids(self) -> bool:
@@ -252,6 +252,23 @@ class OnnxDecoder:
         logits = outputs[0].numpy().astype(np.float32, copy=False)  # fp16 exports give fp16 logits
         new_cache = KvCache(tuple(outputs[1:]), cache.length + input_ids.shape[1], cache.rows)
         return logits, new_cache
+
+    def run_in_place(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     bind_kv: Callable[[ort.IOBinding], None]) -> np.ndarray:
+        """One forward whose past and present are the same preallocated memory, bound by
+        `bind_kv` (slot_kv.py): GroupQueryAttention then writes each row's new key/value in
+        place and reads each row's own length from attention_mask. Returns logits [rows, new,
+        vocab] on the host; nothing else is allocated for the KV."""
+        sig = self.signature
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(sig.input_ids, input_ids)
+        if sig.attention_mask:
+            binding.bind_cpu_input(sig.attention_mask, attention_mask)
+        binding.bind_output(sig.logits, "cpu")  # first: run_detached's outputs[0]
+        bind_kv(binding)
+        outputs = run_detached(self.session, binding)
+        logits: np.ndarray = outputs[0].numpy().astype(np.float32, copy=False)
+        return logits
 
     def present_to_numpy(self, cache: KvCache) -> list[tuple[np.ndarray, np.ndarray]]:
         """Host copies of a cache's tensors per layer (for tests and debugging; copies from the device)."""

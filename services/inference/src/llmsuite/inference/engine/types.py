@@ -42,6 +42,9 @@ class EngineSettings:
     streams keep receiving tokens while a long prompt is processed. warmup runs forwards
     at load and measures prefill speed for deadline checks.
 
+    max_model_len caps the context a generation model serves (0 = the model's own): prompt
+    plus output never pass it.
+
     A step that fails (a forward raising, an allocation failing) ends only the rows it
     was computing; the engine then checks its model still runs with a one-token forward,
     up to max_step_failures tries, and so many scheduler steps failing in a row outside
@@ -71,13 +74,14 @@ class EngineSettings:
     embed_max_queued_inputs: int = 4096
     pooling: tuple[tuple[str, str], ...] = ()  # (model name, "MODE[:normalize|:no-normalize]")
     max_step_failures: int = 3
+    max_model_len: int = 0
 
     def __post_init__(self) -> None:
         if not _DEVICE_PATTERN.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
             raise ValueError(f"graph_optimization must be one of {GRAPH_OPTIMIZATION_LEVELS}")
-        for name in ("intra_op_threads", "inter_op_threads", "max_queued", "kv_cache_bytes"):
+        for name in ("intra_op_threads", "inter_op_threads", "max_queued", "kv_cache_bytes", "max_model_len"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.max_memory_bytes is not None and self.max_memory_bytes < 0:
@@ -86,6 +90,9 @@ class EngineSettings:
                      "embed_max_queued_inputs", "max_step_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_model_len == 1:
+            raise ValueError("max_model_len must be 0 (the model's context) or at least 2 (a prompt and an output "
+                             "token)")
         if self.session_idle_timeout_s <= 0:
             raise ValueError("session_idle_timeout_s must be > 0")
 
