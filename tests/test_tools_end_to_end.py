@@ -129,6 +129,31 @@ def test_auto_and_none_replies(client) -> None:
     assert none.finish_reason in ("stop", "length") and not none.tool_calls
 
 
+def test_auto_reads_the_calls_a_reply_writes(client) -> None:
+    """A random model does not write calls by itself, so a grammar makes it write text and two
+    calls in the Hermes format: auto mode must find them, streamed as in the unary reply."""
+    call = '"<tool_call>\\n" %json ' + json.dumps({
+        "type": "object", "properties": {"name": {"const": "add"}, "arguments": ADD.parameters},
+        "required": ["name", "arguments"], "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False}}) + ' "\\n</tool_call>"'
+    grammar = f'start: "Let me add. " call "\\n" call\ncall: {call}\n'
+    with client.chat("tiny", tools=TOOLS, seed=4, constraint=Constraint.grammar(grammar), **SAMPLING) as chat:
+        chunks = list(chat.send("Add twice"))
+        reply = chat.last
+    assert reply is not None and reply.finish_reason == "tool_calls"
+    assert reply.text == "Let me add."  # the blank before a call separates it from the text
+    assert [c.name for c in reply.tool_calls] == ["add", "add"]
+    for made in reply.tool_calls:
+        jsonschema.validate(json.loads(made.arguments), PARAMETERS["add"])
+    assert [c for chunk in chunks for c in chunk.tool_calls] == list(reply.tool_calls)
+    assert "".join(chunk.text for chunk in chunks) == reply.text
+    # Text that only looked like the start of a call is held back, then released whole.
+    with client.chat("tiny", tools=TOOLS, constraint=Constraint.regex("Hello <tool_ca"), **SAMPLING) as chat:
+        text_only = chat.send("Hi").wait()
+    assert (text_only.text, text_only.tool_calls) == ("Hello <tool_ca", ())
+    assert text_only.finish_reason in ("grammar", "stop")
+
+
 def refusal(client, reason: str, **chat_options) -> list[str]:
     with pytest.raises(InvalidRequest) as refused:
         with client.chat("tiny", **{**SAMPLING, **chat_options}) as chat:

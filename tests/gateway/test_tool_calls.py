@@ -28,6 +28,7 @@ from llmsuite.gateway.tool_calls import (
 )
 from llmsuite.gateway.v1 import gateway_pb2
 from llmsuite.runtime.errors import FailedPrecondition, InvalidArgument
+from llmsuite.runtime.tokenizer_hash import content_hash_of
 
 DECLARED = ("get_weather", "add")
 WEATHER = ParsedCall("get_weather", '{"city": "Paris"}')
@@ -191,3 +192,19 @@ def test_a_forced_call_always_parses_to_a_declared_function_with_valid_arguments
 def test_a_forced_hermes_call_is_written_as_the_template_writes_it(tokenizer) -> None:
     text = random_output(forced_call_grammar(FORMATS["hermes"], FUNCTIONS[2:]), tokenizer, 0)
     assert text == '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+
+
+def test_marker_tokens_survive_detokenization_when_other_special_tokens_do_not(tiny_tokenizer_dir) -> None:
+    """Mistral's [TOOL_CALLS] is a special token: the reply's text must keep it (and only it)
+    for the parser to see the call. The tiny tokenizer's <|end|> stands in for it."""
+    files = {name: (tiny_tokenizer_dir / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                                         "special_tokens_map.json")}
+    local = LocalTokenizer.from_files(files, content_hash_of(files))
+    assert local.chat_template == CHAT_TEMPLATE
+    (end_id,) = local.special_ids(["<|end|>", "not a token"])
+    ids = local.tokenizer.encode("<s>hi<|end|> there</s>", add_special_tokens=False).ids
+    detok = local.detokenizer([], skip_special_tokens=True, keep_ids={end_id})
+    streamed = "".join(detok.push([token]) for token in ids) + detok.finish()
+    assert streamed == "hi<|end|> there"
+    plain = local.detokenizer([], skip_special_tokens=True)
+    assert "".join(plain.push([token]) for token in ids) + plain.finish() == "hi there"

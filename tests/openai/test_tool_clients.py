@@ -102,6 +102,11 @@ def test_auto_and_none(client):
     for call in choice.message.tool_calls or ():
         check_call(call, PARAMETERS)
     assert (choice.finish_reason == "tool_calls") == bool(choice.message.tool_calls)
+    content, calls, finish = streamed_calls(client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=30, seed=5, stream=True))
+    assert (content or None, finish) == (choice.message.content, choice.finish_reason)
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()]
     none = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="none",
                                           max_tokens=30, temperature=0.0)
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason in ("stop", "length")
