@@ -47,6 +47,15 @@ CASES = [
     (OK_PROMPT, {"seed": -5}, "sampling.seed", "INVALID_FIELD"),
     (OK_PROMPT, {"stop_token_ids": (2, 4096)}, "sampling.stop_token_ids[1]", "TOKEN_ID_OUT_OF_RANGE"),
     (OK_PROMPT, {"max_new_tokens": 511}, "prompt_token_ids", "PROMPT_TOO_LONG"),
+    (OK_PROMPT, {"presence_penalty": 2.01}, "sampling.presence_penalty", "INVALID_FIELD"),
+    (OK_PROMPT, {"frequency_penalty": -2.5}, "sampling.frequency_penalty", "INVALID_FIELD"),
+    (OK_PROMPT, {"frequency_penalty": float("nan")}, "sampling.frequency_penalty", "INVALID_FIELD"),
+    (OK_PROMPT, {"min_p": 1.5}, "sampling.min_p", "INVALID_FIELD"),
+    (OK_PROMPT, {"min_p": -0.1}, "sampling.min_p", "INVALID_FIELD"),
+    (OK_PROMPT, {"min_tokens": 5}, "sampling.min_tokens", "INVALID_FIELD"),
+    (OK_PROMPT, {"logit_bias": ((3, 100.5),)}, "sampling.logit_bias[3]", "INVALID_FIELD"),
+    (OK_PROMPT, {"logit_bias": ((4096, 1.0),)}, "sampling.logit_bias[4096]", "TOKEN_ID_OUT_OF_RANGE"),
+    (OK_PROMPT, {"logit_bias": tuple((i, 1.0) for i in range(1025))}, "sampling.logit_bias", "INVALID_FIELD"),
 ]
 
 
@@ -74,7 +83,8 @@ def test_bad_input_names_the_field(engine: Any, helpers: Any, prompt: list[int],
 
 def test_the_same_values_pass_when_in_range(engine: Any, helpers: Any) -> None:
     edge = replace(OK, temperature=100.0, top_p=1.0, top_k=0, repetition_penalty=10.0, max_new_tokens=4,
-                   top_logprobs=20, seed=2**64 - 1, stop_token_ids=(1023,))
+                   top_logprobs=20, seed=2**64 - 1, stop_token_ids=(1023,), presence_penalty=-2.0,
+                   frequency_penalty=2.0, min_p=1.0, min_tokens=4, logit_bias=tuple((i, 100.0) for i in range(1024)))
     tokens, _ = asyncio.run(helpers.generate_once(engine, "tiny", OK_PROMPT, edge))
     assert len(tokens) <= 4
 

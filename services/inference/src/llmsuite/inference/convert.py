@@ -40,6 +40,11 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, *, field: str = "samplin
         top_logprobs=msg.top_logprobs,
         constraint=constraint_from_proto(msg.constraint, field=f"{field}.constraint")
         if msg.HasField("constraint") else None,
+        presence_penalty=msg.presence_penalty if msg.HasField("presence_penalty") else 0.0,
+        frequency_penalty=msg.frequency_penalty if msg.HasField("frequency_penalty") else 0.0,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+        min_p=msg.min_p if msg.HasField("min_p") else 0.0,
+        min_tokens=msg.min_tokens,
     )
 
 

@@ -15,6 +15,12 @@ Why these limits (docs/errors.md says the same to callers):
   temperature, with the same overflow below 0.01.
 - top_p is in (0, 1]: the sampler always keeps at least the most likely token, so a tiny
   positive top_p is greedy, never an empty set.
+- presence_penalty and frequency_penalty are in [-2, 2], OpenAI's own range: they are
+  subtracted from logits (frequency once per earlier occurrence), so the bound also bounds
+  how far a long output can push a logit.
+- a logit_bias value is in [-100, 100] (OpenAI's range: -100 bans a token, 100 forces it),
+  with at most 1024 entries, so one request cannot make every step copy a huge map.
+- min_p is in [0, 1]: a fraction of the most likely token's probability.
 - every value must be finite: NaN fails every comparison, so it is named explicitly.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 
 from llmsuite.runtime.errors import InvalidArgument
 
@@ -29,6 +36,9 @@ MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 10.0
+MAX_PRESENCE_PENALTY = 2.0  # and frequency_penalty; both are symmetric around 0
+MAX_LOGIT_BIAS = 100.0  # symmetric around 0
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 def _float32(value: float) -> float:
@@ -42,6 +52,8 @@ _MIN_REPETITION_PENALTY_F32 = _float32(MIN_REPETITION_PENALTY)
 
 
 def check_sampling_values(*, temperature: float | None, top_p: float | None, repetition_penalty: float | None,
+                          presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                          min_p: float | None = None, logit_bias: Mapping[int, float] | None = None,
                           field_prefix: str = "sampling.") -> None:
     """Raises InvalidArgument (reason INVALID_FIELD, metadata `minimum`/`maximum`) for the first
     value that cannot give a distribution to sample from. None means unset (the default applies).
@@ -67,3 +79,19 @@ def check_sampling_values(*, temperature: float | None, top_p: float | None, rep
                   f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off), "
                   f"got {repetition_penalty:g}",
                   str(MIN_REPETITION_PENALTY), str(MAX_REPETITION_PENALTY))
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if value is not None and not (math.isfinite(value) and abs(value) <= MAX_PRESENCE_PENALTY):
+            raise bad(name, f"must be in [-{MAX_PRESENCE_PENALTY:g}, {MAX_PRESENCE_PENALTY:g}] (0 = off), "
+                      f"got {value:g}", str(-MAX_PRESENCE_PENALTY), str(MAX_PRESENCE_PENALTY))
+    if min_p is not None and not (math.isfinite(min_p) and 0.0 <= min_p <= 1.0):
+        raise bad("min_p", f"must be in [0, 1] (0 = off), got {min_p:g}", "0", "1")
+    if logit_bias:
+        if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidArgument.for_field(
+                field_prefix + "logit_bias", f"has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES}",
+                reason="INVALID_FIELD", maximum=str(MAX_LOGIT_BIAS_ENTRIES))
+        for token_id, bias in logit_bias.items():
+            if not (math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise bad(f"logit_bias[{token_id}]",
+                          f"must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias:g}",
+                          str(-MAX_LOGIT_BIAS), str(MAX_LOGIT_BIAS))

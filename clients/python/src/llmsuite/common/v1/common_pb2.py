@@ -25,53 +25,57 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmsuite/common/v1/common.proto\x12\x12llmsuite.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\xf1\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x32\n\nconstraint\x18\x0c \x01(\x0b\x32\x1e.llmsuite.common.v1.ConstraintB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xf3\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12@\n\x0bjson_object\x18\x02 \x01(\x0b\x32).llmsuite.common.v1.Constraint.JsonObjectH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x37\n\x06\x63hoice\x18\x05 \x01(\x0b\x32%.llmsuite.common.v1.Constraint.ChoiceH\x00\x1a\x0c\n\nJsonObject\x1a\x19\n\x06\x43hoice\x12\x0f\n\x07options\x18\x01 \x03(\tB\x06\n\x04kind\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8d\x02\n\x07Timings\x12-\n\nqueue_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cprefill_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x18mean_inter_token_latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"s\n\x10PositionLogprobs\x12\x30\n\x06\x63hosen\x18\x01 \x01(\x0b\x32 .llmsuite.common.v1.TokenLogprob\x12-\n\x03top\x18\x02 \x03(\x0b\x32 .llmsuite.common.v1.TokenLogprob\"\x82\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x30\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1c.llmsuite.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xb1\x01\n\nToolChoice\x12\x33\n\x04mode\x18\x01 \x01(\x0e\x32#.llmsuite.common.v1.ToolChoice.ModeH\x00\x12\x17\n\rfunction_name\x18\x02 \x01(\tH\x00\"M\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_AUTO\x10\x01\x12\r\n\tMODE_NONE\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x42\x06\n\x04kind\"&\n\x08\x43harSpan\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"_\n\x08\x45ncoding\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x07offsets\x18\x02 \x03(\x0b\x32\x1c.llmsuite.common.v1.CharSpan\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\".\n\x0bPoolingInfo\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tnormalize\x18\x02 \x01(\x08*\xf3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x04\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x05\x12\x19\n\x15\x46INISH_REASON_GRAMMAR\x10\x06\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x07*f\n\x0eTruncationSide\x12\x1f\n\x1bTRUNCATION_SIDE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRUNCATION_SIDE_RIGHT\x10\x01\x12\x18\n\x14TRUNCATION_SIDE_LEFT\x10\x02*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATION\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmsuite/common/v1/common.proto\x12\x12llmsuite.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\x86\x05\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x14\n\x0cstop_strings\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x32\n\nconstraint\x18\x0c \x01(\x0b\x32\x1e.llmsuite.common.v1.Constraint\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x02H\x05\x88\x01\x01\x12\x45\n\nlogit_bias\x18\x0f \x03(\x0b\x32\x31.llmsuite.common.v1.SamplingParams.LogitBiasEntry\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\x06\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x11 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_min_p\"\xf3\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12@\n\x0bjson_object\x18\x02 \x01(\x0b\x32).llmsuite.common.v1.Constraint.JsonObjectH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x37\n\x06\x63hoice\x18\x05 \x01(\x0b\x32%.llmsuite.common.v1.Constraint.ChoiceH\x00\x1a\x0c\n\nJsonObject\x1a\x19\n\x06\x43hoice\x12\x0f\n\x07options\x18\x01 \x03(\tB\x06\n\x04kind\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8d\x02\n\x07Timings\x12-\n\nqueue_time\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cprefill_time\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x18mean_inter_token_latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"s\n\x10PositionLogprobs\x12\x30\n\x06\x63hosen\x18\x01 \x01(\x0b\x32 .llmsuite.common.v1.TokenLogprob\x12-\n\x03top\x18\x02 \x03(\x0b\x32 .llmsuite.common.v1.TokenLogprob\"\x82\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x30\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1c.llmsuite.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xb1\x01\n\nToolChoice\x12\x33\n\x04mode\x18\x01 \x01(\x0e\x32#.llmsuite.common.v1.ToolChoice.ModeH\x00\x12\x17\n\rfunction_name\x18\x02 \x01(\tH\x00\"M\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_AUTO\x10\x01\x12\r\n\tMODE_NONE\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x42\x06\n\x04kind\"&\n\x08\x43harSpan\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"_\n\x08\x45ncoding\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x07offsets\x18\x02 \x03(\x0b\x32\x1c.llmsuite.common.v1.CharSpan\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\".\n\x0bPoolingInfo\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tnormalize\x18\x02 \x01(\x08*\xf3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x04\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x05\x12\x19\n\x15\x46INISH_REASON_GRAMMAR\x10\x06\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x07*f\n\x0eTruncationSide\x12\x1f\n\x1bTRUNCATION_SIDE_UNSPECIFIED\x10\x00\x12\x19\n\x15TRUNCATION_SIDE_RIGHT\x10\x01\x12\x18\n\x14TRUNCATION_SIDE_LEFT\x10\x02*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATION\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmsuite.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1906
-  _globals['_FINISHREASON']._serialized_end=2149
-  _globals['_TRUNCATIONSIDE']._serialized_start=2151
-  _globals['_TRUNCATIONSIDE']._serialized_end=2253
-  _globals['_MODELKIND']._serialized_start=2255
-  _globals['_MODELKIND']._serialized_end=2347
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2183
+  _globals['_FINISHREASON']._serialized_end=2426
+  _globals['_TRUNCATIONSIDE']._serialized_start=2428
+  _globals['_TRUNCATIONSIDE']._serialized_end=2530
+  _globals['_MODELKIND']._serialized_start=2532
+  _globals['_MODELKIND']._serialized_end=2624
   _globals['_SAMPLINGPARAMS']._serialized_start=88
-  _globals['_SAMPLINGPARAMS']._serialized_end=457
-  _globals['_CONSTRAINT']._serialized_start=460
-  _globals['_CONSTRAINT']._serialized_end=703
-  _globals['_CONSTRAINT_JSONOBJECT']._serialized_start=656
-  _globals['_CONSTRAINT_JSONOBJECT']._serialized_end=668
-  _globals['_CONSTRAINT_CHOICE']._serialized_start=670
-  _globals['_CONSTRAINT_CHOICE']._serialized_end=695
-  _globals['_USAGE']._serialized_start=705
-  _globals['_USAGE']._serialized_end=785
-  _globals['_TIMINGS']._serialized_start=788
-  _globals['_TIMINGS']._serialized_end=1057
-  _globals['_TOKENLOGPROB']._serialized_start=1059
-  _globals['_TOKENLOGPROB']._serialized_end=1108
-  _globals['_POSITIONLOGPROBS']._serialized_start=1110
-  _globals['_POSITIONLOGPROBS']._serialized_end=1225
-  _globals['_CHATMESSAGE']._serialized_start=1228
-  _globals['_CHATMESSAGE']._serialized_end=1358
-  _globals['_TOOL']._serialized_start=1360
-  _globals['_TOOL']._serialized_end=1421
-  _globals['_TOOLCALL']._serialized_start=1423
-  _globals['_TOOLCALL']._serialized_end=1478
-  _globals['_TOOLCHOICE']._serialized_start=1481
-  _globals['_TOOLCHOICE']._serialized_end=1658
-  _globals['_TOOLCHOICE_MODE']._serialized_start=1573
-  _globals['_TOOLCHOICE_MODE']._serialized_end=1650
-  _globals['_CHARSPAN']._serialized_start=1660
-  _globals['_CHARSPAN']._serialized_end=1698
-  _globals['_ENCODING']._serialized_start=1700
-  _globals['_ENCODING']._serialized_end=1795
-  _globals['_TOKENIDS']._serialized_start=1797
-  _globals['_TOKENIDS']._serialized_end=1826
-  _globals['_EMBEDDING']._serialized_start=1828
-  _globals['_EMBEDDING']._serialized_end=1855
-  _globals['_POOLINGINFO']._serialized_start=1857
-  _globals['_POOLINGINFO']._serialized_end=1903
+  _globals['_SAMPLINGPARAMS']._serialized_end=734
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=575
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=623
+  _globals['_CONSTRAINT']._serialized_start=737
+  _globals['_CONSTRAINT']._serialized_end=980
+  _globals['_CONSTRAINT_JSONOBJECT']._serialized_start=933
+  _globals['_CONSTRAINT_JSONOBJECT']._serialized_end=945
+  _globals['_CONSTRAINT_CHOICE']._serialized_start=947
+  _globals['_CONSTRAINT_CHOICE']._serialized_end=972
+  _globals['_USAGE']._serialized_start=982
+  _globals['_USAGE']._serialized_end=1062
+  _globals['_TIMINGS']._serialized_start=1065
+  _globals['_TIMINGS']._serialized_end=1334
+  _globals['_TOKENLOGPROB']._serialized_start=1336
+  _globals['_TOKENLOGPROB']._serialized_end=1385
+  _globals['_POSITIONLOGPROBS']._serialized_start=1387
+  _globals['_POSITIONLOGPROBS']._serialized_end=1502
+  _globals['_CHATMESSAGE']._serialized_start=1505
+  _globals['_CHATMESSAGE']._serialized_end=1635
+  _globals['_TOOL']._serialized_start=1637
+  _globals['_TOOL']._serialized_end=1698
+  _globals['_TOOLCALL']._serialized_start=1700
+  _globals['_TOOLCALL']._serialized_end=1755
+  _globals['_TOOLCHOICE']._serialized_start=1758
+  _globals['_TOOLCHOICE']._serialized_end=1935
+  _globals['_TOOLCHOICE_MODE']._serialized_start=1850
+  _globals['_TOOLCHOICE_MODE']._serialized_end=1927
+  _globals['_CHARSPAN']._serialized_start=1937
+  _globals['_CHARSPAN']._serialized_end=1975
+  _globals['_ENCODING']._serialized_start=1977
+  _globals['_ENCODING']._serialized_end=2072
+  _globals['_TOKENIDS']._serialized_start=2074
+  _globals['_TOKENIDS']._serialized_end=2103
+  _globals['_EMBEDDING']._serialized_start=2105
+  _globals['_EMBEDDING']._serialized_end=2132
+  _globals['_POOLINGINFO']._serialized_start=2134
+  _globals['_POOLINGINFO']._serialized_end=2180
 # @@protoc_insertion_point(module_scope)

@@ -358,7 +358,7 @@ class Scheduler:
             turn = Turn(
                 session=session,
                 params=params,
-                sampler=TokenSampler(params, self._vocab_size, context, grammar),
+                sampler=TokenSampler(params, self._vocab_size, context, grammar, stop_ids),
                 stop_token_ids=stop_ids,
                 prompt_tokens=len(context),  # until admission finds what is cached
                 reserved_tokens=reserved,

@@ -131,6 +131,12 @@ class SamplingParams:
     temperature and filtering) for the chosen token and the top_logprobs most likely ones.
     constraint restricts every step to the tokens its grammar allows (logprobs still
     describe the unconstrained model).
+
+    presence_penalty and frequency_penalty are OpenAI's (0 = off): subtracted from the logit
+    of every token of this turn's output, once (presence) and per occurrence (frequency).
+    logit_bias adds (token id, bias) pairs to the logits. min_p (0 = off) drops tokens less
+    likely than min_p times the most likely one, after temperature. min_tokens masks the
+    stop ids (eos included unless ignore_eos) until that many tokens were generated.
     """
 
     max_new_tokens: int = 16
@@ -144,6 +150,11 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     constraint: Constraint | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    min_tokens: int = 0
 
 
 class FinishReason(enum.Enum):

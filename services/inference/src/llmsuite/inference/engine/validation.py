@@ -46,7 +46,9 @@ def validate_sampling(params: SamplingParams, *, vocab_size: int, context_length
         return InvalidArgument.for_field(f"sampling.{field}", description, reason=reason)
 
     check_sampling_values(temperature=params.temperature, top_p=params.top_p,
-                          repetition_penalty=params.repetition_penalty)
+                          repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+                          frequency_penalty=params.frequency_penalty, min_p=params.min_p,
+                          logit_bias=dict(params.logit_bias))
     if params.top_k < 0:
         raise bad("top_k", f"must be >= 0 (0 = off), got {params.top_k}")
     if not (1 <= params.max_new_tokens <= context_length):
@@ -57,6 +59,8 @@ def validate_sampling(params: SamplingParams, *, vocab_size: int, context_length
         raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {params.top_logprobs}")
     if params.seed is not None and not (0 <= params.seed < _MAX_SEED):
         raise bad("seed", f"must be in [0, 2^64), got {params.seed}")
+    if not (0 <= params.min_tokens <= params.max_new_tokens):
+        raise bad("min_tokens", f"must be in [0, max_new_tokens = {params.max_new_tokens}], got {params.min_tokens}")
     for index, token_id in enumerate(params.stop_token_ids):
         if not (0 <= token_id < vocab_size):
             raise bad(
@@ -64,6 +68,11 @@ def validate_sampling(params: SamplingParams, *, vocab_size: int, context_length
                 f"token id {token_id} is outside the model's vocabulary [0, {vocab_size})",
                 reason="TOKEN_ID_OUT_OF_RANGE",
             )
+    for token_id, _ in params.logit_bias:
+        if not (0 <= token_id < vocab_size):
+            raise bad(f"logit_bias[{token_id}]",
+                      f"token id {token_id} is outside the model's vocabulary [0, {vocab_size})",
+                      reason="TOKEN_ID_OUT_OF_RANGE")
 
 
 def tokens_to_drop(prior_tokens: int, new_tokens: int, max_new_tokens: int, context_length: int, *,
