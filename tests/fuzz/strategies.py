@@ -113,6 +113,10 @@ OVERRIDES: dict[str, Callable[[], st.SearchStrategy[Any]]] = {
         ("/proc/1/root", "/etc", "/", "relative", "/" + "d" * 300, "../../..")), texts(20)),
     "template_variables": structs,
     "top_logprobs": lambda: mostly(st.integers(0, 5), st.integers(0, 2**32 - 1)),
+    "presence_penalty": lambda: floats_in(-2.0, 2.0),
+    "frequency_penalty": lambda: floats_in(-2.0, 2.0),
+    "min_p": lambda: floats_in(0.0, 1.0),
+    "min_tokens": lambda: mostly(st.integers(0, 8), integers(F.TYPE_UINT32)),
 }
 
 
@@ -175,6 +179,16 @@ def messages(descriptor: Descriptor, depth: int = 0, *, only: str | None = None)
 def _assign(message: Message, field: FieldDescriptor, draw: st.DrawFn, depth: int) -> None:
     if field.type == F.TYPE_MESSAGE and field.message_type.full_name == "google.protobuf.Struct":
         getattr(message, field.name).CopyFrom(draw(structs()))
+        return
+    if field.type == F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+        key, value_field = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+        entries = draw(st.dictionaries(field_value(key, depth), field_value(value_field, depth), max_size=6))
+        container = getattr(message, field.name)
+        for entry_key, entry_value in entries.items():
+            if value_field.type == F.TYPE_MESSAGE:
+                container[entry_key].CopyFrom(entry_value)
+            else:
+                container[entry_key] = entry_value
         return
     if field.is_repeated:
         if _overridden(field):
