@@ -110,3 +110,44 @@ def test_files_that_do_not_hash_to_the_paired_hash_are_refused(tiny_tokenizer_di
              if (tiny_tokenizer_dir / name).is_file()}
     with pytest.raises(TokenizerFilesRejected, match="hash"):
         LocalTokenizer.from_files(files, "sha256:" + "0" * 64)
+
+
+def test_logprobs_carry_each_tokens_text_and_exact_bytes(local: LocalTokenizer) -> None:
+    ids = local.tokenizer.encode("héllo ✓ 日本", add_special_tokens=False).ids
+    assert any("\ufffd" in local.decode([i], skip_special_tokens=False) for i in ids), "a character split over ids"
+
+    async def scenario() -> list[Delta | TurnOutcome]:
+        stream = MemoryStream()
+        stream.messages.put_nowait(pb.GenerateResponse(tokens=pb.GeneratedTokens(token_ids=ids, logprobs=[
+            common_pb2.PositionLogprobs(chosen=common_pb2.TokenLogprob(token_id=i, logprob=-1.0),
+                                        top=[common_pb2.TokenLogprob(token_id=2, logprob=-2.0)]) for i in ids])))
+        stream.final(common_pb2.FINISH_REASON_LENGTH, len(ids))
+        detok = local.detokenizer([1], skip_special_tokens=True)
+        return [item async for item in relay_turn(stream, detok, (), started_at=0.0, prompt_tokens=1,  # type: ignore[arg-type]
+                                                  deadline=Deadline(None, None), token_piece=local.token_piece)]
+
+    positions = [p for item in asyncio.run(scenario()) if isinstance(item, Delta) for p in item.logprobs]
+    assert [p.chosen.token_id for p in positions] == ids
+    assert b"".join(p.chosen.token_bytes for p in positions).decode("utf-8") == "héllo ✓ 日本"
+    assert [p.chosen.token for p in positions] == [local.decode([i], skip_special_tokens=False) for i in ids]
+    assert {(p.top[0].token, p.top[0].token_bytes) for p in positions} == {
+        (local.decode([2], skip_special_tokens=False), local.decode([2], skip_special_tokens=False).encode())}
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_string_is_kept_at_the_end_only_when_asked(local: LocalTokenizer, include: bool) -> None:
+    ids = local.tokenizer.encode("one two three four", add_special_tokens=False).ids
+
+    async def scenario() -> list[Delta | TurnOutcome]:
+        stream = MemoryStream()
+        for token_id in ids:
+            stream.tokens(token_id)
+        stream.final(common_pb2.FINISH_REASON_LENGTH, len(ids))
+        detok = local.detokenizer([1], skip_special_tokens=True)
+        return [item async for item in relay_turn(stream, detok, ("three",), started_at=0.0, prompt_tokens=1,  # type: ignore[arg-type]
+                                                  deadline=Deadline(None, None), include_stop_string=include)]
+
+    items = asyncio.run(scenario())
+    assert "".join(i.text for i in items if isinstance(i, Delta)) == ("one two three" if include else "one two ")
+    outcome = items[-1]
+    assert isinstance(outcome, TurnOutcome) and outcome.stopped_by_string

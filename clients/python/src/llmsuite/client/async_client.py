@@ -90,7 +90,7 @@ class AsyncLlmsuiteClient:
 
     async def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         **options: Unpack[GenerateOptions],
     ) -> Completion:
         """See LlmsuiteClient.generate."""
@@ -104,7 +104,7 @@ class AsyncLlmsuiteClient:
 
     def generate_stream(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         **options: Unpack[GenerateOptions],
     ) -> AsyncTextStream:
         """Start a streamed generation; `async for chunk in ...` (not awaited)."""

@@ -53,6 +53,8 @@ def sampling_params(options: Mapping[str, Any]) -> common_pb2.SamplingParams:
         try:
             if field == "constraint":
                 params.constraint.CopyFrom(constraint_proto(value))
+            elif field == "logit_bias":
+                params.logit_bias.update({int(token_id): float(bias) for token_id, bias in value.items()})
             elif field in _REPEATED:
                 getattr(params, field).extend([value] if isinstance(value, str | int) else value)
             else:
@@ -179,8 +181,8 @@ def usage(u: common_pb2.Usage) -> Usage:
 def logprobs(positions: Iterable[common_pb2.PositionLogprobs]) -> tuple[PositionLogprobs, ...]:
     return tuple(
         PositionLogprobs(
-            chosen=TokenLogprob(p.chosen.token_id, p.chosen.logprob),
-            top=tuple(TokenLogprob(t.token_id, t.logprob) for t in p.top),
+            chosen=TokenLogprob(p.chosen.token_id, p.chosen.logprob, p.chosen.token, p.chosen.token_bytes),
+            top=tuple(TokenLogprob(t.token_id, t.logprob, t.token, t.token_bytes) for t in p.top),
         )
         for p in positions
     )
@@ -292,14 +294,17 @@ def text_list(texts: str | Iterable[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
-def generation_request(cls: type[Any], prompt: str, options: GenerateOptions) -> Any:
+def generation_request(cls: type[Any], prompt: str | Sequence[int], options: GenerateOptions) -> Any:
     """A GenerateRequest or GenerateStreamRequest (they share their fields) from
-    generate's keyword options; `request_id` and `timeout_s` belong to the call."""
+    generate's keyword options; `request_id` and `timeout_s` belong to the call. A prompt
+    that is not a string is token ids."""
     unknown = set(options) - GenerateOptions.__optional_keys__
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     sampling = {name: value for name, value in options.items() if name in SAMPLING_OPTIONS}
-    request = cls(model=options.get("model", DEFAULT_MODEL), prompt=prompt, sampling=sampling_params(sampling),
+    text, ids = (prompt, ()) if isinstance(prompt, str) else ("", prompt)
+    request = cls(model=options.get("model", DEFAULT_MODEL), prompt=text, prompt_token_ids=ids,
+                  sampling=sampling_params(sampling),
                   truncate_prompt=options.get("truncate_prompt", False),
                   keep_special_tokens=options.get("keep_special_tokens", False),
                   return_token_ids=options.get("return_token_ids", False))

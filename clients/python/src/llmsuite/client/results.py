@@ -37,8 +37,13 @@ class Timings:
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """One token's log-probability; `token` (its text alone) and `token_bytes` (its exact
+    bytes) come from the gateway's tokenizer."""
+
     token_id: int
     logprob: float
+    token: str = ""
+    token_bytes: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,12 @@ class SamplingOptions(TypedDict, total=False):
     logprobs: bool
     top_logprobs: int | None
     constraint: Constraint | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    logit_bias: Mapping[int, float] | None
+    min_p: float | None
+    min_tokens: int | None
+    include_stop_str_in_output: bool
 
 
 class GenerateOptions(SamplingOptions, total=False):

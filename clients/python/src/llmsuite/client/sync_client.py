@@ -87,7 +87,7 @@ class LlmsuiteClient:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         **options: Unpack[GenerateOptions],
     ) -> Completion:
         """Generate a completion and return it whole. `options` are listed in
@@ -103,7 +103,7 @@ class LlmsuiteClient:
 
     def generate_stream(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         **options: Unpack[GenerateOptions],
     ) -> TextStream:
         """Start a streamed generation (same arguments as `generate`).

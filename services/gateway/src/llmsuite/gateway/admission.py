@@ -87,7 +87,10 @@ class Admission:
         check_sampling_values(
             temperature=sampling.temperature if sampling.HasField("temperature") else None,
             top_p=sampling.top_p if sampling.HasField("top_p") else None,
-            repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else None)
+            repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else None,
+            presence_penalty=sampling.presence_penalty if sampling.HasField("presence_penalty") else None,
+            frequency_penalty=sampling.frequency_penalty if sampling.HasField("frequency_penalty") else None,
+            min_p=sampling.min_p if sampling.HasField("min_p") else None, logit_bias=sampling.logit_bias)
         max_new = sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         if max_new > self.limits.max_new_tokens:
             raise InvalidArgument.for_field("sampling.max_new_tokens",

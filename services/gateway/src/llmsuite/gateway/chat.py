@@ -156,7 +156,9 @@ class ChatSession:
             detok = model.tokenizer.detokenizer(context_ids, skip_special_tokens=True,
                                                 keep_ids=tools.keep_ids() if tools is not None else ())
             async for item in relay_turn(self._stream, detok, stops, started_at=started_at,
-                                         prompt_tokens=len(sent), deadline=deadline):
+                                         prompt_tokens=len(sent), deadline=deadline,
+                                         token_piece=model.tokenizer.token_piece,
+                                         include_stop_string=sampling.include_stop_str_in_output):
                 if isinstance(item, Delta):
                     used += len(item.token_ids)
                     text, made = tools.feed(item.text) if tools is not None else (item.text, [])

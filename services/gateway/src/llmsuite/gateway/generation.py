@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from llmsuite.common.v1 import common_pb2
@@ -112,13 +112,26 @@ class _ReadAhead:
         self._task.cancel()
 
 
+# A token id's text and bytes (LocalTokenizer.token_piece), written into relayed logprobs.
+TokenPiece = Callable[[int], tuple[str, bytes]]
+
+
+def describe_logprobs(positions: list[common_pb2.PositionLogprobs], token_piece: TokenPiece) -> None:
+    """Fills each entry's `token` and `token_bytes`: the replica sends ids only."""
+    for position in positions:
+        for entry in (position.chosen, *position.top):
+            entry.token, entry.token_bytes = token_piece(entry.token_id)
+
+
 async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, stop_strings: tuple[str, ...], *,
-                     started_at: float, prompt_tokens: int, deadline: Deadline
-                     ) -> AsyncIterator[Delta | TurnOutcome]:
+                     started_at: float, prompt_tokens: int, deadline: Deadline, token_piece: TokenPiece | None = None,
+                     include_stop_string: bool = False) -> AsyncIterator[Delta | TurnOutcome]:
     """Relays one upstream turn (until its final message) as text deltas, then
     one TurnOutcome. On a stop string it sends Cancel upstream and waits for
-    the turn's final message so usage and timings stay exact."""
-    matcher = StopStringMatcher(stop_strings) if stop_strings else None
+    the turn's final message so usage and timings stay exact; the text ends
+    before it, or with it when `include_stop_string`. With `token_piece`,
+    logprobs carry each token's text and bytes."""
+    matcher = StopStringMatcher(stop_strings, include_matched=include_stop_string) if stop_strings else None
     generated: list[int] = []
     first_text_at: float | None = None
     matched: str | None = None
@@ -157,6 +170,8 @@ async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, sto
                     logprobs.extend(item.tokens.logprobs)
             if not ids:
                 continue
+            if token_piece is not None and logprobs:
+                describe_logprobs(logprobs, token_piece)
             generated.extend(ids)
             text = detok.push(ids)
             if matcher is not None:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from llmsuite.runtime.detokenizer import IncrementalDetokenizer
 from llmsuite.runtime.tokenizer_hash import content_hash_of
@@ -31,6 +32,21 @@ class TokenizerFilesRejected(Exception):
     """The files the tokenizer service sent cannot be used (wrong hash, unloadable)."""
 
 
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte (GPT-2's scheme, which `tokenizers`'
+    ByteLevel keeps): printable Latin-1 bytes stand for themselves, the other bytes for
+    the characters from U+0100 up, in byte order. Returned inverted: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {byte: chr(byte) for byte in printable}
+    others = (byte for byte in range(256) if byte not in chars)
+    chars.update((byte, chr(256 + n)) for n, byte in enumerate(others))
+    return {char: byte for byte, char in chars.items()}
+
+
 @dataclass(frozen=True)
 class LocalTokenizer:
     """One tokenizer version, identified by its content hash."""
@@ -41,6 +57,7 @@ class LocalTokenizer:
     # gateway reads which tool-call format the model writes from it. Rendering stays
     # the tokenizer service's.
     chat_template: str | None = None
+    _pieces: dict[int, tuple[str, bytes]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_files(cls, files: dict[str, bytes], expected_hash: str) -> LocalTokenizer:
@@ -59,6 +76,31 @@ class LocalTokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token alone, as OpenAI's logprobs show it: its text (decoded alone,
+        special tokens kept, U+FFFD for part of a character) and its exact bytes. The bytes
+        come from the vocabulary entry where the tokenizer says how (byte-level BPE's byte
+        alphabet, SentencePiece's `<0xNN>` byte fallback), else from the text."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            piece = (text, self._raw_bytes(token_id, text))
+            self._pieces[token_id] = piece  # at most one entry per vocabulary id
+        return piece
+
+    def _raw_bytes(self, token_id: int, text: str) -> bytes:
+        entry = self.tokenizer.id_to_token(token_id)
+        if entry is None:
+            return text.encode("utf-8")
+        if isinstance(self.tokenizer.decoder, decoders.ByteLevel):
+            alphabet = _byte_level_alphabet()
+            if all(char in alphabet for char in entry):
+                return bytes(alphabet[char] for char in entry)
+        fallback = _BYTE_FALLBACK.match(entry)
+        if fallback is not None:
+            return bytes([int(fallback.group(1), 16)])
+        return text.encode("utf-8")
 
     def detokenizer(self, prefix_ids: Sequence[int], *, skip_special_tokens: bool,
                     keep_ids: Collection[int] = ()) -> IncrementalDetokenizer:

@@ -57,27 +57,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if not req.model:
             raise InvalidArgument.for_field("model", "required", reason="MISSING_FIELD")
         prompt = req.prompt  # each read of a string field makes a new str: read the prompt once
-        if not prompt:
+        given_ids = list(req.prompt_token_ids)
+        if prompt and given_ids:
+            raise InvalidArgument.for_field("prompt_token_ids", "set prompt or prompt_token_ids, not both",
+                                            reason="INVALID_FIELD")
+        if not prompt and not given_ids:
             raise InvalidArgument.for_field("prompt", "required", reason="EMPTY_PROMPT")
         self.limits.check_request_chars("prompt", [prompt])
         max_new, stops = self.admission.check_sampling(req.sampling)
         model = self.catalogue.lookup(req.model)
         require_kind(model, GENERATION)
         deadline = Deadline.split(context.time_remaining(), self.limits.deadline_margin_s)
-        candidates = self.catalogue.replicas_for(model, prompt_key(prompt, self.limits.affinity_key_chars))
+        if given_ids:  # the affinity key of the text they stand for, as a text prompt's would be
+            prompt_text = model.tokenizer.decode(given_ids[:self.limits.affinity_key_chars], skip_special_tokens=True)
+        else:
+            prompt_text = prompt
+        candidates = self.catalogue.replicas_for(model, prompt_key(prompt_text, self.limits.affinity_key_chars))
         # Open the replica's stream while the prompt is being encoded.
         dialed = self.up.dial(candidates[0], time_limit_s=deadline.upstream_timeout_s) if candidates else None
         try:
-            add_special = req.add_special_tokens if req.HasField("add_special_tokens") else None
-            # One id past the cap is enough to refuse: a prompt of a million tokens never
-            # travels back as ids (nor becomes a million Python ints) only to be refused here.
-            encoded = await self.encode(model, [prompt], add_special_tokens=add_special,
-                                        time_limit_s=context.time_remaining(),
-                                        max_tokens=self.limits.max_prompt_tokens + 1)
-            encoding = encoded.encodings[0]
-            if encoding.truncated:
-                raise self.admission.prompt_too_long(f"more than {self.limits.max_prompt_tokens}")
-            prompt_ids = list(encoding.token_ids)
+            if given_ids:
+                if len(given_ids) > self.limits.max_prompt_tokens:
+                    raise self.admission.prompt_too_long(str(len(given_ids)))
+                prompt_ids = given_ids
+            else:
+                prompt_ids = await self._encode_prompt(model, req, prompt, context)
             charge = await self.admission.admit(len(prompt_ids), max_new)
         except BaseException:
             if dialed is not None:
@@ -93,7 +97,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             used = len(prompt_ids)
             try:
                 async for item in relay_turn(stream, detok, stops, started_at=started_at,
-                                             prompt_tokens=len(prompt_ids), deadline=deadline):
+                                             prompt_tokens=len(prompt_ids), deadline=deadline,
+                                             token_piece=model.tokenizer.token_piece,
+                                             include_stop_string=req.sampling.include_stop_str_in_output):
                     if isinstance(item, Delta):
                         used += len(item.token_ids)
                     yield item
@@ -102,6 +108,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 stream.cancel()  # no-op when finished; frees the replica's slot when the caller went away
         finally:
             charge.settle(used)
+
+    async def _encode_prompt(self, model: ServedModel, req: pb.GenerateRequest | pb.GenerateStreamRequest,
+                             prompt: str, context: grpc.aio.ServicerContext) -> list[int]:
+        add_special = req.add_special_tokens if req.HasField("add_special_tokens") else None
+        # One id past the cap is enough to refuse: a prompt of a million tokens never
+        # travels back as ids (nor becomes a million Python ints) only to be refused here.
+        encoded = await self.encode(model, [prompt], add_special_tokens=add_special,
+                                    time_limit_s=context.time_remaining(),
+                                    max_tokens=self.limits.max_prompt_tokens + 1)
+        encoding = encoded.encodings[0]
+        if encoding.truncated:
+            raise self.admission.prompt_too_long(f"more than {self.limits.max_prompt_tokens}")
+        return list(encoding.token_ids)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         response = pb.GenerateResponse(request_id=current_request_id() or "")

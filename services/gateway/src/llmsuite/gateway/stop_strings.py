@@ -10,7 +10,8 @@ moment any stop string has appeared, so a longer stop string that started
 earlier but would only complete later never gets the chance. When several
 complete at the same character (`"b"` and `"ab"` on text `"ab"`), the
 longest one, which starts earliest, wins. The output is the text before the
-winning stop string; the stop string itself is never emitted.
+winning stop string; the stop string itself is emitted only when the caller
+asked for it (`include_matched`, vLLM's include_stop_str_in_output).
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ class StopStringMatcher:
     `flush` releases the held-back tail when the stream ends without a stop.
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], *, include_matched: bool = False) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must not be empty")
+        self._include_matched = include_matched
         self._stops = _effective_stops(stop)
         # Every proper prefix of a live stop string: a suffix of the text in this
         # set may still grow into a stop string and must be held back.
@@ -106,7 +108,8 @@ class StopStringMatcher:
             start, matched = hit
             self._pending = ""
             self._matched = matched
-            return StopScan(text[:start], stopped=True, matched=matched)
+            end = start + len(matched) if self._include_matched else start
+            return StopScan(text[:end], stopped=True, matched=matched)
         keep = self._partial_suffix_len(text)
         self._pending = text[len(text) - keep:] if keep else ""
         return StopScan(text[:len(text) - keep])

@@ -1,9 +1,10 @@
 """The Starlette application: OpenAI's HTTP routes onto the gateway's gRPC API.
 
-Each request is parsed and checked here, then becomes one gateway call made
-with the caller's own API key (`Generate` / `GenerateStream` for
-/v1/completions, a one-turn stateless `Chat` for /v1/chat/completions: a plain
-generation that holds no inference session), so
+Each request is parsed and checked here, then becomes one gateway call per
+choice (`n`, batched prompts: see choices.py), made with the caller's own API
+key (`Generate` / `GenerateStream` for /v1/completions, a one-turn stateless
+`Chat` for /v1/chat/completions: a plain generation that holds no inference
+session), so
 authentication, rate limits, validation and metrics stay the gateway's. A
 caller that disconnects cancels its gateway call, and with it the generation.
 """
@@ -32,11 +33,26 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmsuite.client import AsyncLlmsuiteClient, ChatMessage, Completion, Constraint, LlmsuiteError, TextChunk
+from llmsuite.client import (
+    AsyncChatReply,
+    AsyncChatSession,
+    AsyncLlmsuiteClient,
+    AsyncTextStream,
+    ChatMessage,
+    Completion,
+    Constraint,
+    LlmsuiteError,
+)
 from llmsuite.gateway.openai import errors, responses, tools
+from llmsuite.gateway.openai.choices import StreamedChoice, all_of, choice_seeds, close_all, merged
 from llmsuite.gateway.openai.embeddings import embeddings
 from llmsuite.gateway.openai.errors import ApiError
-from llmsuite.gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
+from llmsuite.gateway.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseFormat,
+    generation_options,
+)
 from llmsuite.runtime.errors import InvalidArgument
 
 log = logging.getLogger("llmsuite.openai")
@@ -167,12 +183,7 @@ class OpenAiApi:
 
     def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int | None,
                   logprobs: bool, top_logprobs: int | None) -> dict[str, Any]:
-        return dict(
-            max_new_tokens=max_new_tokens or self.settings.default_max_tokens, temperature=req.temperature,
-            top_p=req.top_p, seed=req.seed, stop=req.stop, top_k=req.top_k,
-            repetition_penalty=req.repetition_penalty, ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-            top_logprobs=top_logprobs or None,
-        )
+        return generation_options(req, max_new_tokens or self.settings.default_max_tokens, logprobs, top_logprobs)
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -206,86 +217,109 @@ class OpenAiApi:
         client = self.client_for(request)
         logprobs = req.logprobs is not None
         sampling = self._sampling(req, req.max_tokens, logprobs, req.logprobs)
+        n = req.n or 1
+        seeds = choice_seeds(sampling.pop("seed"), n)
+        prompts = [prompt for prompt in req.prompt for _ in range(n)]
+        echo = [prompt if isinstance(prompt, str) else "" for prompt in prompts] if req.echo else []
         builder = responses.ResponseBuilder(chat=False, request_id=rid, created=int(time.time()), model=req.model,
-                                            logprobs=logprobs, include_usage=req.include_usage)
-        renames = request.state.renames = {"top_logprobs": "logprobs"}
+                                            logprobs=logprobs, include_usage=req.include_usage, echo=echo)
+        renames = request.state.renames = {"top_logprobs": "logprobs", "keep_special_tokens": "skip_special_tokens"}
         options = dict(model=req.model, request_id=rid, timeout_s=self.settings.request_timeout_s, **sampling)
+        if n > 1:
+            await until_disconnected(request, all_of([self._warm_prefix(client, prompt, options)
+                                                      for prompt in req.prompt]))
         if not req.stream:
-            completion = await until_disconnected(request, client.generate(req.prompt, **options))
-            return JSONResponse(builder.completion(completion), headers={REQUEST_ID_HEADER: rid})
-        stream = client.generate_stream(req.prompt, **options)
+            completions = await until_disconnected(request, all_of([
+                client.generate(prompt, **options, seed=seeds[index % n]) for index, prompt in enumerate(prompts)]))
+            return JSONResponse(builder.completions(completions, len(req.prompt)), headers={REQUEST_ID_HEADER: rid})
+        streams = [client.generate_stream(prompt, **options, seed=seeds[index % n])
+                   for index, prompt in enumerate(prompts)]
+        return await self._stream(request, builder, [_streamed(index, stream) for index, stream in enumerate(streams)],
+                                  renames, prompts=len(req.prompt))
 
-        async def completed() -> Completion:
-            assert stream.completion is not None
-            return stream.completion
-
-        async def close() -> None:
-            stream.close()
-
-        return await self._stream(request, builder, aiter(stream), completed, close, renames)
+    async def _warm_prefix(self, client: AsyncLlmsuiteClient, prompt: str | list[int],
+                           options: Mapping[str, Any]) -> None:
+        """One greedy token of `prompt`: its KV stays in the replica's prefix cache for the n
+        choices that follow (see choices.py)."""
+        await client.generate(prompt, model=options["model"], max_new_tokens=1, temperature=0.0,
+                              request_id=options["request_id"], timeout_s=options["timeout_s"])
 
     async def chat_completions(self, request: Request) -> Response:
         rid = request.state.request_id
         req = await self._body(request, ChatCompletionRequest)
         client = self.client_for(request)
         sampling = self._sampling(req, req.max_new_tokens, bool(req.logprobs), req.top_logprobs)
+        sampling.pop("keep_special_tokens")  # chat replies never show special tokens (schemas refuses asking)
         sampling["constraint"] = _constraint(req.response_format)
         builder = responses.ResponseBuilder(chat=True, request_id=rid, created=int(time.time()), model=req.model,
                                             logprobs=bool(req.logprobs), include_usage=req.include_usage)
         renames = request.state.renames = {"prompt": "messages", "max_tokens": req.max_tokens_param,
                                            **_RESPONSE_FORMAT_RENAMES, **tools.renames(len(req.tools or ()))}
         # A stateless request carries the whole conversation: the history opens the
-        # Chat stream and the last message asks for the one reply. `stateless`: the reply is a
-        # plain generation, not an inference session counted against --max-sessions; a
-        # conversation sent again still reuses its KV through the replica's prefix cache.
+        # Chat stream and the last message asks for the one reply (one stream per choice).
+        # `stateless`: each reply is a plain generation, not an inference session counted
+        # against --max-sessions; a conversation sent again still reuses its KV through the
+        # replica's prefix cache.
         *history, last = req.messages
-        session = client.chat(req.model, [ChatMessage(m.template_role, m.content, m.name or "",
-                                                      tools.sdk_tool_calls(m.tool_calls), m.tool_call_id or "")
-                                          for m in history],
-                              tools=tools.sdk_tools(req.tools), tool_choice=tools.sdk_tool_choice(req.tool_choice),
-                              stateless=True, request_id=rid, timeout_s=self.settings.request_timeout_s, **sampling)
-        reply = session.send(last.content, role=last.template_role, name=last.name or "",
-                             tool_calls=tools.sdk_tool_calls(last.tool_calls), tool_call_id=last.tool_call_id or "")
+        history_messages = [ChatMessage(m.template_role, m.content, m.name or "", tools.sdk_tool_calls(m.tool_calls),
+                                        m.tool_call_id or "") for m in history]
+        chat_options: dict[str, Any] = dict(
+            tools=tools.sdk_tools(req.tools), tool_choice=tools.sdk_tool_choice(req.tool_choice), stateless=True,
+            request_id=rid, timeout_s=self.settings.request_timeout_s)
+        last_message: dict[str, Any] = dict(role=last.template_role, name=last.name or "",
+                                            tool_calls=tools.sdk_tool_calls(last.tool_calls),
+                                            tool_call_id=last.tool_call_id or "")
+        n = req.n or 1
+        seeds = choice_seeds(sampling.pop("seed"), n)
+        opened = []
+        if n > 1:
+            # One greedy token of the conversation first, so its KV is cached for the n choices (choices.py).
+            warm = client.chat(req.model, history_messages, **chat_options, max_new_tokens=1, temperature=0.0)
+            try:
+                await until_disconnected(request, warm.send(last.content, **last_message).wait())
+            finally:
+                await warm.close()
+        for index in range(n):
+            session = client.chat(req.model, history_messages, **chat_options, seed=seeds[index], **sampling)
+            opened.append((session, session.send(last.content, **last_message)))
         if not req.stream:
             try:
-                completion = await until_disconnected(request, reply.wait())
+                completions = await until_disconnected(request, all_of([reply.wait() for _, reply in opened]))
             finally:
-                await session.close()
-            return JSONResponse(builder.completion(completion), headers={REQUEST_ID_HEADER: rid})
+                for session, _ in opened:
+                    await session.close()
+            return JSONResponse(builder.completions(completions), headers={REQUEST_ID_HEADER: rid})
+        return await self._stream(request, builder, [_chat_streamed(index, session, reply)
+                                                     for index, (session, reply) in enumerate(opened)], renames)
 
-        async def completed() -> Completion:
-            assert reply.completion is not None
-            return reply.completion
-
-        return await self._stream(request, builder, aiter(reply), completed, session.close, renames)
-
-    async def _stream(self, request: Request, builder: responses.ResponseBuilder, chunks: AsyncIterator[TextChunk],
-                      completed: Callable[[], Awaitable[Completion]], close: Callable[[], Awaitable[None]],
-                      renames: Mapping[str, str]) -> Response:
-        """Server-sent events: the role chunk (chat), one chunk per delta, the
-        finish chunk, the usage chunk when asked for, then `[DONE]`.
+    async def _stream(self, request: Request, builder: responses.ResponseBuilder, choices: list[StreamedChoice],
+                      renames: Mapping[str, str], prompts: int = 1) -> Response:
+        """Server-sent events: the role chunks (chat) or echoed prompts (completions), one chunk
+        per delta of any choice, a finish chunk per choice, the usage chunk when asked for, then
+        `[DONE]`.
 
         The first delta is awaited before the response starts, so a request
         the gateway refuses still gets its HTTP status; a failure after that
         becomes an `error` event and the stream ends without `[DONE]`."""
+        chunks = merged(choices)
         try:
             first = await until_disconnected(request, anext(chunks, None))
         except BaseException:
-            await close()
+            await chunks.aclose()
+            await close_all(choices)
             raise
 
         async def events() -> AsyncIterator[str]:
             try:
-                opening = builder.first_chunk()
-                if opening is not None:
+                for opening in builder.first_chunks(len(choices)):
                     yield _json(opening)
-                chunk = first
-                while chunk is not None:
-                    data = builder.text_chunk(chunk)
+                item = first
+                while item is not None:
+                    data = builder.text_chunk(item[1], item[0])
                     if data is not None:
                         yield _json(data)
-                    chunk = await anext(chunks, None)
-                for data in builder.final_chunks(await completed()):
+                    item = await anext(chunks, None)
+                for data in builder.final_chunks([choice.completion() for choice in choices], prompts):
                     yield _json(data)
                 yield "[DONE]"
             except LlmsuiteError as exc:
@@ -293,12 +327,32 @@ class OpenAiApi:
             except ApiError as exc:
                 yield _json(exc.body())
             finally:
-                # Also reached when the caller disconnects (the task is cancelled): cancels the gateway call.
-                await close()
+                # Also reached when the caller disconnects (the task is cancelled): cancels the gateway calls.
+                await chunks.aclose()
+                await close_all(choices)
 
         # On SIGTERM a stream may finish within the grace period; then it is cut (and its generation cancelled).
         return EventSourceResponse(events(), headers={REQUEST_ID_HEADER: request.state.request_id}, sep="\n",
                                    ping=self.settings.sse_ping_s, shutdown_grace_period=self.settings.shutdown_grace_s)
+
+
+def _streamed(index: int, stream: AsyncTextStream) -> StreamedChoice:
+    async def close() -> None:
+        stream.close()
+
+    def completion() -> Completion:
+        assert stream.completion is not None
+        return stream.completion
+
+    return StreamedChoice(index, aiter(stream), completion, close)
+
+
+def _chat_streamed(index: int, session: AsyncChatSession, reply: AsyncChatReply) -> StreamedChoice:
+    def completion() -> Completion:
+        assert reply.completion is not None
+        return reply.completion
+
+    return StreamedChoice(index, aiter(reply), completion, session.close)
 
 
 # The gateway's names for what response_format became, as the caller sent it.

@@ -2,9 +2,9 @@
 
 Strict on purpose: a wrong type (`"temperature": "hot"`, `"stream": 1`) or a
 field nobody here knows is a 400 naming it, never silently coerced or
-ignored. Fields that OpenAI defines but llmsuite cannot honour (tools,
-penalties, `n > 1`) are declared so that their neutral value passes and
-anything else is refused by name (`unsupported_fields`). Value ranges the
+ignored. Fields that OpenAI defines but llmsuite cannot honour (`best_of`,
+`suffix`) are declared so that their neutral value passes and anything else
+is refused by name (`unsupported_fields`). Value ranges the
 gateway checks (stop strings, caps) are left to it. Temperature, top_p and
 repetition_penalty are checked here too, with the gateway's own function
 (`llmsuite.runtime.sampling_limits`): JSON numbers are float64 and the protos
@@ -19,6 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmsuite.gateway.openai.tools import ToolCallParam, ToolChoiceParam, ToolParam, parse_tool_choice
 from llmsuite.runtime.sampling_limits import check_sampling_values
+
+# Choices one request may ask for: n times the number of prompts (each is one generation).
+MAX_CHOICES = 64
+_MAX_TOKEN_ID = 2**32 - 1
+
+
+def _is_token_id(key: str) -> bool:
+    return key.isascii() and key.isdigit() and int(key) <= _MAX_TOKEN_ID
 
 
 class _Strict(BaseModel):
@@ -40,15 +48,20 @@ class _Sampling(_Strict):
     top_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     user: str | None = None  # an end-user id for the caller's own bookkeeping; accepted and not used
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # llmsuite extensions, named as vLLM names them (send them with the openai client's extra_body).
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both mean off
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    min_p: float | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
 
     @field_validator("stop", mode="plain")
     @classmethod
@@ -62,18 +75,26 @@ class _Sampling(_Strict):
     def check_sampling_values(self) -> None:
         """Raises llmsuite.runtime's InvalidArgument naming the parameter as sent (`temperature`)."""
         check_sampling_values(temperature=self.temperature, top_p=self.top_p,
-                              repetition_penalty=self.repetition_penalty, field_prefix="")
+                              repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, min_p=self.min_p,
+                              logit_bias=self.token_biases(), field_prefix="")
+
+    def token_biases(self) -> dict[int, float] | None:
+        """logit_bias with its keys (JSON object keys, so strings) as token ids; keys that
+        are not ids are refused by `unsupported_fields`."""
+        if not self.logit_bias:
+            return None
+        return {int(key): bias for key, bias in self.logit_bias.items() if _is_token_id(key)}
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """(field, why) for every OpenAI field set to something llmsuite cannot do."""
         refused = []
-        if self.n not in (None, 1):
-            refused.append(("n", "only n=1 is supported: one choice per request"))
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                refused.append((name, f"{name} is not supported (use repetition_penalty)"))
-        if self.logit_bias:
-            refused.append(("logit_bias", "logit_bias is not supported"))
+        for key in self.logit_bias or {}:
+            if not _is_token_id(key):
+                refused.append(("logit_bias", f"key {key!r} is not a token id (a decimal integer)"))
+        for index, token_id in enumerate(self.stop_token_ids or ()):
+            if token_id < 0:
+                refused.append((f"stop_token_ids[{index}]", "token ids are >= 0"))
         if self.stream_options is not None and not self.stream:
             refused.append(("stream_options", "stream_options is only allowed when stream is true"))
         return refused
@@ -86,7 +107,9 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str  # also a one-item list, unwrapped by the validator
+    # A string, a list of strings, a list of token ids, or a list of token-id lists: normalized
+    # by the validator to a list of prompts, each a string or a list of ids, one per choice group.
+    prompt: list[str | list[int]]
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool | None = None
     best_of: int | None = None
@@ -94,20 +117,29 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="plain")
     @classmethod
-    def _prompt(cls, value: Any) -> str:
-        # One text prompt per request: token-id prompts need a tokenizer the
-        # adapter does not have, and a batch would be several choices.
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-            value = value[0]
-        if not isinstance(value, str):
-            raise ValueError("must be one string (or a list holding exactly one string); token-id and "
-                             "batched prompts are not supported")
-        return value
+    def _prompt(cls, value: Any) -> list[str | list[int]]:
+        def is_ids(item: Any) -> bool:
+            return (isinstance(item, list) and bool(item)
+                    and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= _MAX_TOKEN_ID for i in item))
+
+        if isinstance(value, str):
+            return [value]
+        if is_ids(value):
+            return [value]
+        if isinstance(value, list) and value and all(isinstance(item, str) or is_ids(item) for item in value):
+            return list(value)
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists "
+                         "(none empty, ids >= 0)")
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         refused = super().unsupported_fields()
-        if self.echo:
-            refused.append(("echo", "echo is not supported"))
+        if len(self.prompt) * (self.n or 1) > MAX_CHOICES:
+            refused.append(("n" if self.n not in (None, 1) else "prompt",
+                            f"{len(self.prompt)} prompts x n={self.n or 1} asks for more than {MAX_CHOICES} choices"))
+        if self.echo and any(not isinstance(prompt, str) for prompt in self.prompt):
+            refused.append(("echo", "echo of a token-id prompt is not supported: the adapter has no tokenizer"))
+        if self.echo and self.logprobs is not None:
+            refused.append(("echo", "echo with logprobs needs the prompt's logprobs, which llmsuite does not compute"))
         if self.best_of not in (None, 1):
             refused.append(("best_of", "only best_of=1 is supported"))
         if self.suffix:
@@ -205,3 +237,18 @@ class ChatCompletionRequest(_Sampling):
     def max_tokens_param(self) -> str:
         """The name the caller used for the token cap (error messages say it back)."""
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+
+def generation_options(req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int | None, logprobs: bool,
+                       top_logprobs: int | None) -> dict[str, Any]:
+    """The SDK's generation options (gateway SamplingParams and request flags) for one request,
+    from the HTTP fields; None leaves the gateway's default."""
+    return dict(
+        max_new_tokens=max_new_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
+        top_k=None if req.top_k == -1 else req.top_k, repetition_penalty=req.repetition_penalty,
+        ignore_eos=bool(req.ignore_eos), logprobs=logprobs, top_logprobs=top_logprobs or None,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        logit_bias=req.token_biases(), min_p=req.min_p, min_tokens=req.min_tokens,
+        stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
+        keep_special_tokens=req.skip_special_tokens is False,
+    )
