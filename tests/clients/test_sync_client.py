@@ -57,14 +57,19 @@ def test_generate_returns_completion_with_summary(client, gateway):
 def test_generate_takes_every_option_generate_options_lists_and_refuses_others(client, gateway):
     options = dict(model="tiny", max_new_tokens=2, temperature=0.5, top_k=3, top_p=0.9, repetition_penalty=1.1,
                    seed=1, stop=["zz"], stop_token_ids=[7], ignore_eos=False, logprobs=False, top_logprobs=None,
-                   constraint=None, add_special_tokens=False, truncate_prompt=True, keep_special_tokens=True,
-                   return_token_ids=True, request_id="rid-options", timeout_s=10.0)
+                   constraint=None, presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={5: 1.5}, min_p=0.1,
+                   min_tokens=1, include_stop_str_in_output=True, add_special_tokens=False, truncate_prompt=True,
+                   keep_special_tokens=True, return_token_ids=True, request_id="rid-options", timeout_s=10.0)
     assert set(options) == GenerateOptions.__optional_keys__  # the test covers every option there is
     client.generate("alpha beta", **options)
     call = gateway.app.last("Generate")
     sent = call.request
     assert (sent.sampling.max_new_tokens, sent.sampling.top_k, list(sent.sampling.stop_strings)) == (2, 3, ["zz"])
     assert list(sent.sampling.stop_token_ids) == [7] and sent.sampling.temperature == pytest.approx(0.5)
+    assert (sent.sampling.presence_penalty, sent.sampling.frequency_penalty, dict(sent.sampling.logit_bias)) == (
+        0.5, -0.5, {5: 1.5})
+    assert sent.sampling.min_p == pytest.approx(0.1) and sent.sampling.min_tokens == 1
+    assert sent.sampling.include_stop_str_in_output
     assert sent.HasField("add_special_tokens") and not sent.add_special_tokens
     assert sent.truncate_prompt and sent.keep_special_tokens and sent.return_token_ids
     assert call.metadata["x-request-id"] == "rid-options"

@@ -163,3 +163,47 @@ def test_token_id_prompts_complete_like_their_text(client, cluster):
     assert streamed_texts(client.completions.create(model=MODEL, prompt=ids, max_tokens=6, stream=True,
                                                     **GREEDY)) == {0: by_text.choices[0].text,
                                                                    1: by_text.choices[1].text}
+
+
+def test_continue_final_message_continues_the_assistants_text(client, cluster):
+    """The reply continues the open message: it is what a completion of the template's
+    rendering, cut right after that message, gives."""
+    import grpc
+
+    from llmsuite.common.v1 import common_pb2
+    from llmsuite.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+    messages = [{"role": "user", "content": "Start a story"}, {"role": "assistant", "content": "Once upon"}]
+    with grpc.insecure_channel(cluster.tokenizer.address) as channel:
+        rendered = tokenizer_pb2_grpc.TokenizerServiceStub(channel).ApplyChatTemplate(
+            tokenizer_pb2.ApplyChatTemplateRequest(
+                model=MODEL, messages=[common_pb2.ChatMessage(**m) for m in messages], tokenize=True,
+                continue_final_message=True), timeout=30)
+    assert rendered.text.endswith("Once upon")
+    expected = client.completions.create(model=MODEL, prompt=list(rendered.token_ids), max_tokens=8,
+                                         **GREEDY).choices[0].text
+    request = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0.0,
+                   extra_body={"ignore_eos": True, "continue_final_message": True, "add_generation_prompt": False})
+    assert client.chat.completions.create(**request).choices[0].message.content == expected
+    assert streamed_texts(client.chat.completions.create(**request, stream=True), chat=True) == {0: expected}
+    with pytest.raises(openai.BadRequestError) as both:
+        client.chat.completions.create(**{**request, "extra_body": {"continue_final_message": True}})
+    assert both.value.param == "continue_final_message"
+
+
+def test_chat_template_kwargs_reach_the_template(client):
+    request = dict(model=MODEL, messages=CONVERSATION, max_tokens=4, temperature=0.0)
+    plain = client.chat.completions.create(**request).choices[0].message.content
+    unused = client.chat.completions.create(**request, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert unused.choices[0].message.content == plain  # a variable the template does not read changes nothing
+    # The template's own variables cannot be overridden: the refusal proves the kwargs got there.
+    with pytest.raises(openai.BadRequestError) as reserved:
+        client.chat.completions.create(**request, extra_body={"chat_template_kwargs": {"messages": []}})
+    assert reserved.value.param == "chat_template_kwargs"
+
+
+def test_chat_skip_special_tokens_false(client):
+    eos = SPECIAL_TOKENS.index(EOS_TOKEN)
+    request = dict(model=MODEL, messages=CONVERSATION, max_tokens=2, temperature=0.0, logit_bias={str(eos): 100},
+                   extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert client.chat.completions.create(**request).choices[0].message.content == EOS_TOKEN * 2

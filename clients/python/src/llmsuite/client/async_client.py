@@ -122,6 +122,10 @@ class AsyncLlmsuiteClient:
         stateless: bool = False,
         tools: Sequence[Tool] = (),
         tool_choice: ToolChoice | str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        keep_special_tokens: bool = False,
         request_id: str | None = None,
         timeout_s: float | None = None,
         **sampling: Unpack[SamplingOptions],
@@ -133,7 +137,9 @@ class AsyncLlmsuiteClient:
         conv.sampling_params(sampling)
         options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s, deadline=False)
         return AsyncChatSession(self._gateway, model, history, dict(sampling), options, stateless=stateless,
-                     tool_options=conv.chat_tool_options(tools, tool_choice))
+                     tool_options=conv.chat_tool_options(tools, tool_choice),
+                     rendering=conv.chat_rendering(chat_template_kwargs, add_generation_prompt,
+                                                   continue_final_message, keep_special_tokens))
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         with rpc_errors():
@@ -255,10 +261,12 @@ class AsyncChatSession:
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, model: str, history: list[ChatMessage],
                  sampling: dict[str, Any], call_options: dict[str, Any], *, stateless: bool = False,
-                 tool_options: conv.ChatToolOptions | None = None) -> None:
+                 tool_options: conv.ChatToolOptions | None = None,
+                 rendering: Mapping[str, Any] | None = None) -> None:
         self.model = model
         self.stateless = stateless
         self._tools = tool_options or conv.ChatToolOptions()
+        self._rendering = dict(rendering or {})  # ChatStart fields: template kwargs, prompt flags
         self.messages: list[ChatMessage] = history
         self.last: Completion | None = None
         self.request_id: str | None = None
@@ -298,7 +306,7 @@ class AsyncChatSession:
             start = gateway_pb2.ChatStart(
                 model=self.model, messages=conv.message_protos([*self.messages, reply.message]),
                 sampling=conv.sampling_params(self._sampling | reply.sampling),
-                stateless=self.stateless,
+                stateless=self.stateless, **self._rendering,
             )
             self._tools.start(start, reply.tool_choice)
             request = gateway_pb2.ChatRequest(start=start)

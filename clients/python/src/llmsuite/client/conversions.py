@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from llmsuite.client.errors import FieldViolation, InvalidRequest
 from llmsuite.client.results import (
@@ -312,3 +312,18 @@ def generation_request(cls: type[Any], prompt: str | Sequence[int], options: Gen
     if add_special_tokens is not None:
         request.add_special_tokens = add_special_tokens
     return request
+
+
+def chat_rendering(template_kwargs: Mapping[str, Any] | None, add_generation_prompt: bool | None,
+                   continue_final_message: bool, keep_special_tokens: bool) -> dict[str, Any]:
+    """ChatStart's fields for how the conversation is rendered and the replies decoded; unset
+    ones are left out so the gateway's defaults apply."""
+    fields: dict[str, Any] = {"continue_final_message": continue_final_message,
+                              "keep_special_tokens": keep_special_tokens}
+    if add_generation_prompt is not None:
+        fields["add_generation_prompt"] = add_generation_prompt
+    if template_kwargs is not None:
+        kwargs = struct_pb2.Struct()
+        kwargs.update(dict(template_kwargs))
+        fields["chat_template_kwargs"] = kwargs
+    return fields

@@ -124,6 +124,10 @@ class LlmsuiteClient:
         stateless: bool = False,
         tools: Sequence[Tool] = (),
         tool_choice: ToolChoice | str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        keep_special_tokens: bool = False,
         request_id: str | None = None,
         timeout_s: float | None = None,
         **sampling: Unpack[SamplingOptions],
@@ -141,6 +145,10 @@ class LlmsuiteClient:
         deadline of the whole session. `stateless`: each reply is a plain
         generation from the whole conversation, with no inference session held
         between replies (for one-turn callers; see ChatStart.stateless).
+        `chat_template_kwargs` are extra template variables,
+        `add_generation_prompt` (default true) and `continue_final_message`
+        say how the conversation ends, `keep_special_tokens` keeps them in
+        the replies' text (see ChatStart).
         """
         history = conv.chat_messages(messages)
         if system is not None:
@@ -148,7 +156,9 @@ class LlmsuiteClient:
         conv.sampling_params(sampling)  # reject bad options now, not at the first send
         options = self.settings.call_options(request_id=request_id, timeout_s=timeout_s, deadline=False)
         return ChatSession(self._gateway, model, history, dict(sampling), options, stateless=stateless,
-                     tool_options=conv.chat_tool_options(tools, tool_choice))
+                     tool_options=conv.chat_tool_options(tools, tool_choice),
+                     rendering=conv.chat_rendering(chat_template_kwargs, add_generation_prompt,
+                                                   continue_final_message, keep_special_tokens))
 
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         with rpc_errors():
@@ -281,10 +291,12 @@ class ChatSession:
 
     def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, model: str, history: list[ChatMessage],
                  sampling: dict[str, Any], call_options: dict[str, Any], *, stateless: bool = False,
-                 tool_options: conv.ChatToolOptions | None = None) -> None:
+                 tool_options: conv.ChatToolOptions | None = None,
+                 rendering: Mapping[str, Any] | None = None) -> None:
         self.model = model
         self.stateless = stateless
         self._tools = tool_options or conv.ChatToolOptions()
+        self._rendering = dict(rendering or {})  # ChatStart fields: template kwargs, prompt flags
         self.messages: list[ChatMessage] = history
         self.last: Completion | None = None
         self.request_id: str | None = None
@@ -313,7 +325,7 @@ class ChatSession:
             start = gateway_pb2.ChatStart(
                 model=self.model, messages=conv.message_protos([*self.messages, message]),
                 sampling=conv.sampling_params(self._sampling | sampling),
-                stateless=self.stateless,
+                stateless=self.stateless, **self._rendering,
             )
             self._tools.start(start, tool_choice)
             self._requests.put(gateway_pb2.ChatRequest(start=start))

@@ -77,6 +77,7 @@ class ChatSession:
         self._sampling = start.sampling
         self._stateless = start.stateless
         self._tools = ChatTools.from_start(start, start.model, model.tokenizer, self._limits.tool_call_parsers)
+        self._start = start  # how every turn's template is rendered and its text decoded
         new_messages, sampling = list(start.messages), start.sampling
         choice = None
         turn = 0
@@ -124,8 +125,8 @@ class ChatSession:
             sampling = tools.constrained(sampling, choice_field)
         deadline = Deadline.split(self._context.time_remaining(), self._limits.deadline_margin_s)
         rendered = await self._up.apply_chat_template(conv.chat_template_request(
-            model.name, self._messages, self._tools.tools if self._tools is not None else ()),
-                                                      time_limit_s=self._context.time_remaining())
+            model.name, self._messages, self._tools.tools if self._tools is not None else (), self._start),
+            time_limit_s=self._context.time_remaining())
         self._catalogue.check_pairing(model, rendered.content_hash)
         full_ids = list(rendered.token_ids)
         if self._stream is not None and self._stream_hash != model.content_hash:
@@ -153,7 +154,7 @@ class ChatSession:
                 sent = new_ids
             used = len(sent)
             context_ids = full_ids
-            detok = model.tokenizer.detokenizer(context_ids, skip_special_tokens=True,
+            detok = model.tokenizer.detokenizer(context_ids, skip_special_tokens=not self._start.keep_special_tokens,
                                                 keep_ids=tools.keep_ids() if tools is not None else ())
             async for item in relay_turn(self._stream, detok, stops, started_at=started_at,
                                          prompt_tokens=len(sent), deadline=deadline,

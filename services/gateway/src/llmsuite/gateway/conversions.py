@@ -40,10 +40,20 @@ def count_tokens_request(model: str, texts: Sequence[str], *,
 
 
 def chat_template_request(model: str, messages: Sequence[common_pb2.ChatMessage],
-                          tools: Sequence[common_pb2.Tool] = ()) -> tokenizer_pb2.ApplyChatTemplateRequest:
-    """The whole conversation, rendered for the next assistant reply and tokenized."""
-    return tokenizer_pb2.ApplyChatTemplateRequest(model=model, messages=messages, add_generation_prompt=True,
-                                                  tokenize=True, tools=tools)
+                          tools: Sequence[common_pb2.Tool] = (), start: pb.ChatStart | None = None
+                          ) -> tokenizer_pb2.ApplyChatTemplateRequest:
+    """The whole conversation, rendered for the next assistant reply (or, with the start's
+    continue_final_message, continuing the last message) and tokenized, with the start's
+    chat_template_kwargs as template variables."""
+    request = tokenizer_pb2.ApplyChatTemplateRequest(model=model, messages=messages, add_generation_prompt=True,
+                                                     tokenize=True, tools=tools)
+    if start is not None:
+        if start.HasField("add_generation_prompt"):
+            request.add_generation_prompt = start.add_generation_prompt
+        request.continue_final_message = start.continue_final_message
+        if start.HasField("chat_template_kwargs"):
+            request.template_variables.CopyFrom(start.chat_template_kwargs)
+    return request
 
 
 def assistant_message(text: str, tool_calls: Sequence[common_pb2.ToolCall] = ()) -> common_pb2.ChatMessage:

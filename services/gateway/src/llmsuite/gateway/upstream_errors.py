@@ -55,7 +55,9 @@ log = logging.getLogger("llmsuite.gateway.upstreams")
 
 # Upstream request field paths -> the gateway request's own.
 FIELD_RENAMES = (("start.sampling.", "sampling."), ("turn.sampling.", "sampling."), ("sampling.", "sampling."),
-                 ("prompt_token_ids", "prompt"), ("texts[0]", "prompt"), ("start.model", "model"))
+                 ("prompt_token_ids", "prompt"), ("texts[0]", "prompt"), ("start.model", "model"),
+                 ("template_variables", "start.chat_template_kwargs"),
+                 ("continue_final_message", "start.continue_final_message"))
 # Codes that describe the request, not the upstream's health.
 _CALLERS_OWN: dict[grpc.StatusCode, type[LlmsuiteError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,

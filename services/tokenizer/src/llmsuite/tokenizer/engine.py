@@ -427,6 +427,7 @@ class LoadedTokenizer:
         tokenize: bool,
         template_override: str | None = None,
         extra_context: Mapping[str, Any] | None = None,
+        continue_final: str | None = None,
     ) -> RenderedChat:
         """Renders `messages` in this process; with `tokenize`, also encodes the text
         without adding special tokens, since the template places them itself (as
@@ -438,7 +439,7 @@ class LoadedTokenizer:
         template = ChatTemplate.compile(job.source, from_request=job.from_request)
         text = template.render_context(job.context, max_output_chars=job.max_output_chars,
                                        from_request=job.from_request)
-        return self.finish_chat(text, tokenize=tokenize)
+        return self.finish_chat(text, tokenize=tokenize, continue_final=continue_final)
 
     def prepare_chat(
         self,
@@ -472,7 +473,11 @@ class LoadedTokenizer:
         context = render_context(messages, add_generation_prompt, self._template_tokens, extra_context or {})
         return ChatJob(source=source, context=context, from_request=from_request, max_output_chars=limit)
 
-    def finish_chat(self, text: str, *, tokenize: bool) -> RenderedChat:
+    def finish_chat(self, text: str, *, tokenize: bool, continue_final: str | None = None) -> RenderedChat:
+        """With `continue_final` (the last message's content), the text is cut right after
+        its last occurrence, leaving that message open for the model to continue."""
+        if continue_final is not None:
+            text = open_final_message(text, continue_final)
         limit = self.limits.max_input_chars
         if len(text) > limit:
             raise InvalidArgument.for_field(
@@ -497,6 +502,18 @@ class LoadedTokenizer:
                 metadata={"model": self.name},
             )
         return self.chat_template, False
+
+
+def open_final_message(text: str, final_content: str) -> str:
+    """`text` cut right after the last occurrence of the final message's content (stripped,
+    as Hugging Face's continue_final_message does), so the model continues that message."""
+    content = final_content.strip()
+    end = text.rfind(content) if content else -1
+    if end < 0:
+        raise InvalidArgument.for_field(
+            "continue_final_message", "the chat template's rendering does not contain the last message's content, "
+            "so it cannot be left open", reason="INVALID_FIELD")
+    return text[:end + len(content)]
 
 
 class TokenizerRegistry:

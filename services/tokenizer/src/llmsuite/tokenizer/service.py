@@ -105,11 +105,17 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 "chat_template", "this server renders only the model's own template; request-supplied templates "
                 "are off (the operator can allow them with --allow-request-templates)",
                 reason="UNSUPPORTED_PARAMETER")
+        if request.continue_final_message and request.add_generation_prompt:
+            raise InvalidArgument.for_field("continue_final_message", "leaves the last message open; it cannot be "
+                                            "combined with add_generation_prompt", reason="INVALID_FIELD")
+        messages = convert.chat_messages(request.messages)
+        continue_final = messages[-1].content if request.continue_final_message and messages else None
         job = await self._work.run(lambda: tok.prepare_chat(
-            convert.chat_messages(request.messages), add_generation_prompt=request.add_generation_prompt,
+            messages, add_generation_prompt=request.add_generation_prompt,
             template_override=request.chat_template or None, extra_context=convert.template_variables(request)))
         text = await self._templates.render(job, time_remaining_s=context.time_remaining())
-        rendered = await self._work.run(lambda: tok.finish_chat(text, tokenize=request.tokenize))
+        rendered = await self._work.run(lambda: tok.finish_chat(text, tokenize=request.tokenize,
+                                                                continue_final=continue_final))
         if rendered.ids is not None:
             self._metrics.encoded(tok.name, [len(rendered.ids)])
         return tokenizer_pb2.ApplyChatTemplateResponse(text=rendered.text, token_ids=rendered.ids or (),

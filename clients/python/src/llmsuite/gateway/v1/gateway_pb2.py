@@ -22,56 +22,57 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from llmsuite.common.v1 import common_pb2 as llmsuite_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmsuite/gateway/v1/gateway.proto\x12\x13llmsuite.gateway.v1\x1a\x1fllmsuite/common/v1/common.proto\"\x88\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0ftruncate_prompt\x18\x05 \x01(\x08\x12\x1b\n\x13keep_special_tokens\x18\x06 \x01(\x08\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\rB\x15\n\x13_add_special_tokens\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x36\n\x08logprobs\x18\x04 \x03(\x0b\x32$.llmsuite.common.v1.PositionLogprobs\x12\x37\n\x07summary\x18\x05 \x01(\x0b\x32&.llmsuite.gateway.v1.GenerationSummary\"\x8e\x02\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0ftruncate_prompt\x18\x05 \x01(\x08\x12\x1b\n\x13keep_special_tokens\x18\x06 \x01(\x08\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\rB\x15\n\x13_add_special_tokens\"\xb7\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\x04\x12/\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1e.llmsuite.gateway.v1.TextDeltaH\x00\x12\x37\n\x05\x66inal\x18\x04 \x01(\x0b\x32&.llmsuite.gateway.v1.GenerationSummaryH\x00\x42\x06\n\x04kind\"\x96\x01\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x36\n\x08logprobs\x18\x03 \x03(\x0b\x32$.llmsuite.common.v1.PositionLogprobs\x12\x30\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1c.llmsuite.common.v1.ToolCall\"\xff\x01\n\x11GenerationSummary\x12\x37\n\rfinish_reason\x18\x01 \x01(\x0e\x32 .llmsuite.common.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.llmsuite.common.v1.Usage\x12,\n\x07timings\x18\x03 \x01(\x0b\x32\x1b.llmsuite.common.v1.Timings\x12\x1b\n\x13matched_stop_string\x18\x04 \x01(\t\x12\"\n\x15matched_stop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_matched_stop_token_id\"\xa8\x01\n\x0b\x43hatRequest\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.llmsuite.gateway.v1.ChatStartH\x00\x12-\n\x04turn\x18\x02 \x01(\x0b\x32\x1d.llmsuite.gateway.v1.ChatTurnH\x00\x12\x31\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1f.llmsuite.gateway.v1.ChatCancelH\x00\x42\x06\n\x04kind\"\xf4\x01\n\tChatStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.llmsuite.common.v1.ChatMessage\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x11\n\tstateless\x18\x04 \x01(\x08\x12\'\n\x05tools\x18\x05 \x03(\x0b\x32\x18.llmsuite.common.v1.Tool\x12\x33\n\x0btool_choice\x18\x06 \x01(\x0b\x32\x1e.llmsuite.common.v1.ToolChoice\"\xa8\x01\n\x08\x43hatTurn\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.llmsuite.common.v1.ChatMessage\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x33\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x1e.llmsuite.common.v1.ToolChoice\"\x1c\n\nChatCancel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xbb\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\x04\x12\x0c\n\x04turn\x18\x03 \x01(\r\x12/\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x1e.llmsuite.gateway.v1.TextDeltaH\x00\x12\x37\n\x05\x66inal\x18\x05 \x01(\x0b\x32&.llmsuite.gateway.v1.GenerationSummaryH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.llmsuite.gateway.v1.ModelSummary\"\x85\x02\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12+\n\x04kind\x18\t \x01(\x0e\x32\x1d.llmsuite.common.v1.ModelKind\x12\x1c\n\x14\x65mbedding_dimensions\x18\n \x01(\r\"\x7f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\x0ereturn_offsets\x18\x04 \x01(\x08\x42\x15\n\x13_add_special_tokens\"C\n\x10TokenizeResponse\x12/\n\tencodings\x18\x01 \x03(\x0b\x32\x1c.llmsuite.common.v1.Encoding\"j\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"4\n\x13\x43ountTokensResponse\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\r\x12\r\n\x05total\x18\x02 \x01(\x04\"\xbb\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12/\n\ttoken_ids\x18\x03 \x03(\x0b\x32\x1c.llmsuite.common.v1.TokenIds\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"\x8f\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\nembeddings\x18\x02 \x03(\x0b\x32\x1d.llmsuite.common.v1.Embedding\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x19.llmsuite.common.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t2\x91\x05\n\x0eGatewayService\x12W\n\x08Generate\x12$.llmsuite.gateway.v1.GenerateRequest\x1a%.llmsuite.gateway.v1.GenerateResponse\x12k\n\x0eGenerateStream\x12*.llmsuite.gateway.v1.GenerateStreamRequest\x1a+.llmsuite.gateway.v1.GenerateStreamResponse0\x01\x12O\n\x04\x43hat\x12 .llmsuite.gateway.v1.ChatRequest\x1a!.llmsuite.gateway.v1.ChatResponse(\x01\x30\x01\x12]\n\nListModels\x12&.llmsuite.gateway.v1.ListModelsRequest\x1a\'.llmsuite.gateway.v1.ListModelsResponse\x12W\n\x08Tokenize\x12$.llmsuite.gateway.v1.TokenizeRequest\x1a%.llmsuite.gateway.v1.TokenizeResponse\x12`\n\x0b\x43ountTokens\x12\'.llmsuite.gateway.v1.CountTokensRequest\x1a(.llmsuite.gateway.v1.CountTokensResponse\x12N\n\x05\x45mbed\x12!.llmsuite.gateway.v1.EmbedRequest\x1a\".llmsuite.gateway.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmsuite/gateway/v1/gateway.proto\x12\x13llmsuite.gateway.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fllmsuite/common/v1/common.proto\"\x88\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0ftruncate_prompt\x18\x05 \x01(\x08\x12\x1b\n\x13keep_special_tokens\x18\x06 \x01(\x08\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\rB\x15\n\x13_add_special_tokens\"\xb8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x36\n\x08logprobs\x18\x04 \x03(\x0b\x32$.llmsuite.common.v1.PositionLogprobs\x12\x37\n\x07summary\x18\x05 \x01(\x0b\x32&.llmsuite.gateway.v1.GenerationSummary\"\x8e\x02\n\x15GenerateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0ftruncate_prompt\x18\x05 \x01(\x08\x12\x1b\n\x13keep_special_tokens\x18\x06 \x01(\x08\x12\x18\n\x10return_token_ids\x18\x07 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\rB\x15\n\x13_add_special_tokens\"\xb7\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\x04\x12/\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1e.llmsuite.gateway.v1.TextDeltaH\x00\x12\x37\n\x05\x66inal\x18\x04 \x01(\x0b\x32&.llmsuite.gateway.v1.GenerationSummaryH\x00\x42\x06\n\x04kind\"\x96\x01\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x36\n\x08logprobs\x18\x03 \x03(\x0b\x32$.llmsuite.common.v1.PositionLogprobs\x12\x30\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1c.llmsuite.common.v1.ToolCall\"\xff\x01\n\x11GenerationSummary\x12\x37\n\rfinish_reason\x18\x01 \x01(\x0e\x32 .llmsuite.common.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.llmsuite.common.v1.Usage\x12,\n\x07timings\x18\x03 \x01(\x0b\x32\x1b.llmsuite.common.v1.Timings\x12\x1b\n\x13matched_stop_string\x18\x04 \x01(\t\x12\"\n\x15matched_stop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x18\n\x16_matched_stop_token_id\"\xa8\x01\n\x0b\x43hatRequest\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.llmsuite.gateway.v1.ChatStartH\x00\x12-\n\x04turn\x18\x02 \x01(\x0b\x32\x1d.llmsuite.gateway.v1.ChatTurnH\x00\x12\x31\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1f.llmsuite.gateway.v1.ChatCancelH\x00\x42\x06\n\x04kind\"\xa6\x03\n\tChatStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.llmsuite.common.v1.ChatMessage\x12\x34\n\x08sampling\x18\x03 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x11\n\tstateless\x18\x04 \x01(\x08\x12\'\n\x05tools\x18\x05 \x03(\x0b\x32\x18.llmsuite.common.v1.Tool\x12\x33\n\x0btool_choice\x18\x06 \x01(\x0b\x32\x1e.llmsuite.common.v1.ToolChoice\x12\x35\n\x14\x63hat_template_kwargs\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x0c \x01(\x08\x12\x1b\n\x13keep_special_tokens\x18\r \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\xa8\x01\n\x08\x43hatTurn\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.llmsuite.common.v1.ChatMessage\x12\x34\n\x08sampling\x18\x02 \x01(\x0b\x32\".llmsuite.common.v1.SamplingParams\x12\x33\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x1e.llmsuite.common.v1.ToolChoice\"\x1c\n\nChatCancel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xbb\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\x04\x12\x0c\n\x04turn\x18\x03 \x01(\r\x12/\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x1e.llmsuite.gateway.v1.TextDeltaH\x00\x12\x37\n\x05\x66inal\x18\x05 \x01(\x0b\x32&.llmsuite.gateway.v1.GenerationSummaryH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.llmsuite.gateway.v1.ModelSummary\"\x85\x02\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12+\n\x04kind\x18\t \x01(\x0e\x32\x1d.llmsuite.common.v1.ModelKind\x12\x1c\n\x14\x65mbedding_dimensions\x18\n \x01(\r\"\x7f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\x0ereturn_offsets\x18\x04 \x01(\x08\x42\x15\n\x13_add_special_tokens\"C\n\x10TokenizeResponse\x12/\n\tencodings\x18\x01 \x03(\x0b\x32\x1c.llmsuite.common.v1.Encoding\"j\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"4\n\x13\x43ountTokensResponse\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\r\x12\r\n\x05total\x18\x02 \x01(\x04\"\xbb\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12/\n\ttoken_ids\x18\x03 \x03(\x0b\x32\x1c.llmsuite.common.v1.TokenIds\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"\x8f\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\nembeddings\x18\x02 \x03(\x0b\x32\x1d.llmsuite.common.v1.Embedding\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x19.llmsuite.common.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t2\x91\x05\n\x0eGatewayService\x12W\n\x08Generate\x12$.llmsuite.gateway.v1.GenerateRequest\x1a%.llmsuite.gateway.v1.GenerateResponse\x12k\n\x0eGenerateStream\x12*.llmsuite.gateway.v1.GenerateStreamRequest\x1a+.llmsuite.gateway.v1.GenerateStreamResponse0\x01\x12O\n\x04\x43hat\x12 .llmsuite.gateway.v1.ChatRequest\x1a!.llmsuite.gateway.v1.ChatResponse(\x01\x30\x01\x12]\n\nListModels\x12&.llmsuite.gateway.v1.ListModelsRequest\x1a\'.llmsuite.gateway.v1.ListModelsResponse\x12W\n\x08Tokenize\x12$.llmsuite.gateway.v1.TokenizeRequest\x1a%.llmsuite.gateway.v1.TokenizeResponse\x12`\n\x0b\x43ountTokens\x12\'.llmsuite.gateway.v1.CountTokensRequest\x1a(.llmsuite.gateway.v1.CountTokensResponse\x12N\n\x05\x45mbed\x12!.llmsuite.gateway.v1.EmbedRequest\x1a\".llmsuite.gateway.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmsuite.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=92
-  _globals['_GENERATEREQUEST']._serialized_end=356
-  _globals['_GENERATERESPONSE']._serialized_start=359
-  _globals['_GENERATERESPONSE']._serialized_end=543
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=546
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=816
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=819
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1002
-  _globals['_TEXTDELTA']._serialized_start=1005
-  _globals['_TEXTDELTA']._serialized_end=1155
-  _globals['_GENERATIONSUMMARY']._serialized_start=1158
-  _globals['_GENERATIONSUMMARY']._serialized_end=1413
-  _globals['_CHATREQUEST']._serialized_start=1416
-  _globals['_CHATREQUEST']._serialized_end=1584
-  _globals['_CHATSTART']._serialized_start=1587
-  _globals['_CHATSTART']._serialized_end=1831
-  _globals['_CHATTURN']._serialized_start=1834
-  _globals['_CHATTURN']._serialized_end=2002
-  _globals['_CHATCANCEL']._serialized_start=2004
-  _globals['_CHATCANCEL']._serialized_end=2032
-  _globals['_CHATRESPONSE']._serialized_start=2035
-  _globals['_CHATRESPONSE']._serialized_end=2222
-  _globals['_LISTMODELSREQUEST']._serialized_start=2224
-  _globals['_LISTMODELSREQUEST']._serialized_end=2243
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2245
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2316
-  _globals['_MODELSUMMARY']._serialized_start=2319
-  _globals['_MODELSUMMARY']._serialized_end=2580
-  _globals['_TOKENIZEREQUEST']._serialized_start=2582
-  _globals['_TOKENIZEREQUEST']._serialized_end=2709
-  _globals['_TOKENIZERESPONSE']._serialized_start=2711
-  _globals['_TOKENIZERESPONSE']._serialized_end=2778
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=2780
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=2886
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2888
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2940
-  _globals['_EMBEDREQUEST']._serialized_start=2943
-  _globals['_EMBEDREQUEST']._serialized_end=3130
-  _globals['_EMBEDRESPONSE']._serialized_start=3133
-  _globals['_EMBEDRESPONSE']._serialized_end=3276
-  _globals['_GATEWAYSERVICE']._serialized_start=3279
-  _globals['_GATEWAYSERVICE']._serialized_end=3936
+  _globals['_GENERATEREQUEST']._serialized_start=122
+  _globals['_GENERATEREQUEST']._serialized_end=386
+  _globals['_GENERATERESPONSE']._serialized_start=389
+  _globals['_GENERATERESPONSE']._serialized_end=573
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=576
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=846
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=849
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1032
+  _globals['_TEXTDELTA']._serialized_start=1035
+  _globals['_TEXTDELTA']._serialized_end=1185
+  _globals['_GENERATIONSUMMARY']._serialized_start=1188
+  _globals['_GENERATIONSUMMARY']._serialized_end=1443
+  _globals['_CHATREQUEST']._serialized_start=1446
+  _globals['_CHATREQUEST']._serialized_end=1614
+  _globals['_CHATSTART']._serialized_start=1617
+  _globals['_CHATSTART']._serialized_end=2039
+  _globals['_CHATTURN']._serialized_start=2042
+  _globals['_CHATTURN']._serialized_end=2210
+  _globals['_CHATCANCEL']._serialized_start=2212
+  _globals['_CHATCANCEL']._serialized_end=2240
+  _globals['_CHATRESPONSE']._serialized_start=2243
+  _globals['_CHATRESPONSE']._serialized_end=2430
+  _globals['_LISTMODELSREQUEST']._serialized_start=2432
+  _globals['_LISTMODELSREQUEST']._serialized_end=2451
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2453
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2524
+  _globals['_MODELSUMMARY']._serialized_start=2527
+  _globals['_MODELSUMMARY']._serialized_end=2788
+  _globals['_TOKENIZEREQUEST']._serialized_start=2790
+  _globals['_TOKENIZEREQUEST']._serialized_end=2917
+  _globals['_TOKENIZERESPONSE']._serialized_start=2919
+  _globals['_TOKENIZERESPONSE']._serialized_end=2986
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=2988
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=3094
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=3096
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=3148
+  _globals['_EMBEDREQUEST']._serialized_start=3151
+  _globals['_EMBEDREQUEST']._serialized_end=3338
+  _globals['_EMBEDRESPONSE']._serialized_start=3341
+  _globals['_EMBEDRESPONSE']._serialized_end=3484
+  _globals['_GATEWAYSERVICE']._serialized_start=3487
+  _globals['_GATEWAYSERVICE']._serialized_end=4144
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from llmsuite.common.v1 import common_pb2 as llmsuite_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%llmsuite/tokenizer/v1/tokenizer.proto\x12\x15llmsuite.tokenizer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fllmsuite/common/v1/common.proto\"R\n\nTruncation\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12\x30\n\x04side\x18\x02 \x01(\x0e\x32\".llmsuite.common.v1.TruncationSide\"\xb4\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\x0ereturn_offsets\x18\x04 \x01(\x08\x12\x35\n\ntruncation\x18\x05 \x01(\x0b\x32!.llmsuite.tokenizer.v1.TruncationB\x15\n\x13_add_special_tokens\"W\n\x0e\x45ncodeResponse\x12/\n\tencodings\x18\x01 \x03(\x0b\x32\x1c.llmsuite.common.v1.Encoding\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"o\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\tsequences\x18\x02 \x03(\x0b\x32\x1f.llmsuite.tokenizer.v1.TokenIds\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"5\n\x0e\x44\x65\x63odeResponse\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"j\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"J\n\x13\x43ountTokensResponse\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\r\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"\x82\x02\n\x18\x41pplyChatTemplateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.llmsuite.common.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x12\x10\n\x08tokenize\x18\x04 \x01(\x08\x12\x15\n\rchat_template\x18\x05 \x01(\t\x12\x33\n\x12template_variables\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x05tools\x18\x07 \x03(\x0b\x32\x18.llmsuite.common.v1.Tool\"R\n\x19\x41pplyChatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"m\n\x11\x44\x65\x63odeStreamStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\x12\x18\n\x10prefix_token_ids\x18\x04 \x03(\r\"\x8e\x01\n\x13\x44\x65\x63odeStreamRequest\x12\x39\n\x05start\x18\x01 \x01(\x0b\x32(.llmsuite.tokenizer.v1.DecodeStreamStartH\x00\x12\x34\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1f.llmsuite.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"y\n\x14\x44\x65\x63odeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\x04\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0f\x63onsumed_tokens\x18\x04 \x01(\x04\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"\x13\n\x11ListModelsRequest\"J\n\x12ListModelsResponse\x12\x34\n\x06models\x18\x01 \x03(\x0b\x32$.llmsuite.tokenizer.v1.TokenizerInfo\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"J\n\x14GetModelInfoResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.llmsuite.tokenizer.v1.TokenizerInfo\"1\n\rReloadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdirectory\x18\x02 \x01(\t\"c\n\x0eReloadResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.llmsuite.tokenizer.v1.TokenizerInfo\x12\x1d\n\x15previous_content_hash\x18\x02 \x01(\t\"E\n\x18GetTokenizerFilesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12known_content_hash\x18\x02 \x01(\t\".\n\rTokenizerFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"f\n\x19GetTokenizerFilesResponse\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x33\n\x05\x66iles\x18\x02 \x03(\x0b\x32$.llmsuite.tokenizer.v1.TokenizerFile\"+\n\x0cSpecialToken\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\"\x90\x02\n\rSpecialTokens\x12\x30\n\x03\x62os\x18\x01 \x01(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\x12\x30\n\x03\x65os\x18\x02 \x01(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\x12\x30\n\x03pad\x18\x03 \x01(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\x12\x30\n\x03unk\x18\x04 \x01(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\x12\x37\n\nadditional\x18\x05 \x03(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\"\xfc\x01\n\rTokenizerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12<\n\x0especial_tokens\x18\x03 \x01(\x0b\x32$.llmsuite.tokenizer.v1.SpecialTokens\x12\x18\n\x10model_max_length\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x14\n\x0c\x63ontent_hash\x18\x06 \x01(\t\x12\x11\n\tdirectory\x18\x07 \x01(\t\x12-\n\tloaded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa6\x07\n\x10TokenizerService\x12U\n\x06\x45ncode\x12$.llmsuite.tokenizer.v1.EncodeRequest\x1a%.llmsuite.tokenizer.v1.EncodeResponse\x12U\n\x06\x44\x65\x63ode\x12$.llmsuite.tokenizer.v1.DecodeRequest\x1a%.llmsuite.tokenizer.v1.DecodeResponse\x12\x64\n\x0b\x43ountTokens\x12).llmsuite.tokenizer.v1.CountTokensRequest\x1a*.llmsuite.tokenizer.v1.CountTokensResponse\x12v\n\x11\x41pplyChatTemplate\x12/.llmsuite.tokenizer.v1.ApplyChatTemplateRequest\x1a\x30.llmsuite.tokenizer.v1.ApplyChatTemplateResponse\x12k\n\x0c\x44\x65\x63odeStream\x12*.llmsuite.tokenizer.v1.DecodeStreamRequest\x1a+.llmsuite.tokenizer.v1.DecodeStreamResponse(\x01\x30\x01\x12\x61\n\nListModels\x12(.llmsuite.tokenizer.v1.ListModelsRequest\x1a).llmsuite.tokenizer.v1.ListModelsResponse\x12g\n\x0cGetModelInfo\x12*.llmsuite.tokenizer.v1.GetModelInfoRequest\x1a+.llmsuite.tokenizer.v1.GetModelInfoResponse\x12U\n\x06Reload\x12$.llmsuite.tokenizer.v1.ReloadRequest\x1a%.llmsuite.tokenizer.v1.ReloadResponse\x12v\n\x11GetTokenizerFiles\x12/.llmsuite.tokenizer.v1.GetTokenizerFilesRequest\x1a\x30.llmsuite.tokenizer.v1.GetTokenizerFilesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%llmsuite/tokenizer/v1/tokenizer.proto\x12\x15llmsuite.tokenizer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fllmsuite/common/v1/common.proto\"R\n\nTruncation\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12\x30\n\x04side\x18\x02 \x01(\x0e\x32\".llmsuite.common.v1.TruncationSide\"\xb4\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\x0ereturn_offsets\x18\x04 \x01(\x08\x12\x35\n\ntruncation\x18\x05 \x01(\x0b\x32!.llmsuite.tokenizer.v1.TruncationB\x15\n\x13_add_special_tokens\"W\n\x0e\x45ncodeResponse\x12/\n\tencodings\x18\x01 \x03(\x0b\x32\x1c.llmsuite.common.v1.Encoding\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"o\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\tsequences\x18\x02 \x03(\x0b\x32\x1f.llmsuite.tokenizer.v1.TokenIds\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"5\n\x0e\x44\x65\x63odeResponse\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\"j\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"J\n\x13\x43ountTokensResponse\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\r\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"\xa2\x02\n\x18\x41pplyChatTemplateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.llmsuite.common.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x12\x10\n\x08tokenize\x18\x04 \x01(\x08\x12\x15\n\rchat_template\x18\x05 \x01(\t\x12\x33\n\x12template_variables\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x05tools\x18\x07 \x03(\x0b\x32\x18.llmsuite.common.v1.Tool\x12\x1e\n\x16\x63ontinue_final_message\x18\n \x01(\x08\"R\n\x19\x41pplyChatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"m\n\x11\x44\x65\x63odeStreamStart\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\x12\x18\n\x10prefix_token_ids\x18\x04 \x03(\r\"\x8e\x01\n\x13\x44\x65\x63odeStreamRequest\x12\x39\n\x05start\x18\x01 \x01(\x0b\x32(.llmsuite.tokenizer.v1.DecodeStreamStartH\x00\x12\x34\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1f.llmsuite.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"y\n\x14\x44\x65\x63odeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fsequence_number\x18\x02 \x01(\x04\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0f\x63onsumed_tokens\x18\x04 \x01(\x04\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"\x13\n\x11ListModelsRequest\"J\n\x12ListModelsResponse\x12\x34\n\x06models\x18\x01 \x03(\x0b\x32$.llmsuite.tokenizer.v1.TokenizerInfo\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"J\n\x14GetModelInfoResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.llmsuite.tokenizer.v1.TokenizerInfo\"1\n\rReloadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdirectory\x18\x02 \x01(\t\"c\n\x0eReloadResponse\x12\x32\n\x04info\x18\x01 \x01(\x0b\x32$.llmsuite.tokenizer.v1.TokenizerInfo\x12\x1d\n\x15previous_content_hash\x18\x02 \x01(\t\"E\n\x18GetTokenizerFilesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12known_content_hash\x18\x02 \x01(\t\".\n\rTokenizerFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"f\n\x19GetTokenizerFilesResponse\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x33\n\x05\x66iles\x18\x02 \x03(\x0b\x32$.llmsuite.tokenizer.v1.TokenizerFile\"+\n\x0cSpecialToken\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\"\x90\x02\n\rSpecialTokens\x12\x30\n\x03\x62os\x18\x01 \x01(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\x12\x30\n\x03\x65os\x18\x02 \x01(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\x12\x30\n\x03pad\x18\x03 \x01(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\x12\x30\n\x03unk\x18\x04 \x01(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\x12\x37\n\nadditional\x18\x05 \x03(\x0b\x32#.llmsuite.tokenizer.v1.SpecialToken\"\xfc\x01\n\rTokenizerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12<\n\x0especial_tokens\x18\x03 \x01(\x0b\x32$.llmsuite.tokenizer.v1.SpecialTokens\x12\x18\n\x10model_max_length\x18\x04 \x01(\r\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x12\x14\n\x0c\x63ontent_hash\x18\x06 \x01(\t\x12\x11\n\tdirectory\x18\x07 \x01(\t\x12-\n\tloaded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xa6\x07\n\x10TokenizerService\x12U\n\x06\x45ncode\x12$.llmsuite.tokenizer.v1.EncodeRequest\x1a%.llmsuite.tokenizer.v1.EncodeResponse\x12U\n\x06\x44\x65\x63ode\x12$.llmsuite.tokenizer.v1.DecodeRequest\x1a%.llmsuite.tokenizer.v1.DecodeResponse\x12\x64\n\x0b\x43ountTokens\x12).llmsuite.tokenizer.v1.CountTokensRequest\x1a*.llmsuite.tokenizer.v1.CountTokensResponse\x12v\n\x11\x41pplyChatTemplate\x12/.llmsuite.tokenizer.v1.ApplyChatTemplateRequest\x1a\x30.llmsuite.tokenizer.v1.ApplyChatTemplateResponse\x12k\n\x0c\x44\x65\x63odeStream\x12*.llmsuite.tokenizer.v1.DecodeStreamRequest\x1a+.llmsuite.tokenizer.v1.DecodeStreamResponse(\x01\x30\x01\x12\x61\n\nListModels\x12(.llmsuite.tokenizer.v1.ListModelsRequest\x1a).llmsuite.tokenizer.v1.ListModelsResponse\x12g\n\x0cGetModelInfo\x12*.llmsuite.tokenizer.v1.GetModelInfoRequest\x1a+.llmsuite.tokenizer.v1.GetModelInfoResponse\x12U\n\x06Reload\x12$.llmsuite.tokenizer.v1.ReloadRequest\x1a%.llmsuite.tokenizer.v1.ReloadResponse\x12v\n\x11GetTokenizerFiles\x12/.llmsuite.tokenizer.v1.GetTokenizerFilesRequest\x1a\x30.llmsuite.tokenizer.v1.GetTokenizerFilesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,39 +51,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COUNTTOKENSRESPONSE']._serialized_start=823
   _globals['_COUNTTOKENSRESPONSE']._serialized_end=897
   _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=900
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=1158
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=1160
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1242
-  _globals['_DECODESTREAMSTART']._serialized_start=1244
-  _globals['_DECODESTREAMSTART']._serialized_end=1353
-  _globals['_DECODESTREAMREQUEST']._serialized_start=1356
-  _globals['_DECODESTREAMREQUEST']._serialized_end=1498
-  _globals['_DECODESTREAMRESPONSE']._serialized_start=1500
-  _globals['_DECODESTREAMRESPONSE']._serialized_end=1621
-  _globals['_LISTMODELSREQUEST']._serialized_start=1623
-  _globals['_LISTMODELSREQUEST']._serialized_end=1642
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1644
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1718
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1720
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1756
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1758
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1832
-  _globals['_RELOADREQUEST']._serialized_start=1834
-  _globals['_RELOADREQUEST']._serialized_end=1883
-  _globals['_RELOADRESPONSE']._serialized_start=1885
-  _globals['_RELOADRESPONSE']._serialized_end=1984
-  _globals['_GETTOKENIZERFILESREQUEST']._serialized_start=1986
-  _globals['_GETTOKENIZERFILESREQUEST']._serialized_end=2055
-  _globals['_TOKENIZERFILE']._serialized_start=2057
-  _globals['_TOKENIZERFILE']._serialized_end=2103
-  _globals['_GETTOKENIZERFILESRESPONSE']._serialized_start=2105
-  _globals['_GETTOKENIZERFILESRESPONSE']._serialized_end=2207
-  _globals['_SPECIALTOKEN']._serialized_start=2209
-  _globals['_SPECIALTOKEN']._serialized_end=2252
-  _globals['_SPECIALTOKENS']._serialized_start=2255
-  _globals['_SPECIALTOKENS']._serialized_end=2527
-  _globals['_TOKENIZERINFO']._serialized_start=2530
-  _globals['_TOKENIZERINFO']._serialized_end=2782
-  _globals['_TOKENIZERSERVICE']._serialized_start=2785
-  _globals['_TOKENIZERSERVICE']._serialized_end=3719
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=1190
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=1192
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1274
+  _globals['_DECODESTREAMSTART']._serialized_start=1276
+  _globals['_DECODESTREAMSTART']._serialized_end=1385
+  _globals['_DECODESTREAMREQUEST']._serialized_start=1388
+  _globals['_DECODESTREAMREQUEST']._serialized_end=1530
+  _globals['_DECODESTREAMRESPONSE']._serialized_start=1532
+  _globals['_DECODESTREAMRESPONSE']._serialized_end=1653
+  _globals['_LISTMODELSREQUEST']._serialized_start=1655
+  _globals['_LISTMODELSREQUEST']._serialized_end=1674
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1676
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1750
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1752
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1788
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1790
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1864
+  _globals['_RELOADREQUEST']._serialized_start=1866
+  _globals['_RELOADREQUEST']._serialized_end=1915
+  _globals['_RELOADRESPONSE']._serialized_start=1917
+  _globals['_RELOADRESPONSE']._serialized_end=2016
+  _globals['_GETTOKENIZERFILESREQUEST']._serialized_start=2018
+  _globals['_GETTOKENIZERFILESREQUEST']._serialized_end=2087
+  _globals['_TOKENIZERFILE']._serialized_start=2089
+  _globals['_TOKENIZERFILE']._serialized_end=2135
+  _globals['_GETTOKENIZERFILESRESPONSE']._serialized_start=2137
+  _globals['_GETTOKENIZERFILESRESPONSE']._serialized_end=2239
+  _globals['_SPECIALTOKEN']._serialized_start=2241
+  _globals['_SPECIALTOKEN']._serialized_end=2284
+  _globals['_SPECIALTOKENS']._serialized_start=2287
+  _globals['_SPECIALTOKENS']._serialized_end=2559
+  _globals['_TOKENIZERINFO']._serialized_start=2562
+  _globals['_TOKENIZERINFO']._serialized_end=2814
+  _globals['_TOKENIZERSERVICE']._serialized_start=2817
+  _globals['_TOKENIZERSERVICE']._serialized_end=3751
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,7 @@ from llmsuite.gateway.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     ResponseFormat,
+    chat_rendering,
     generation_options,
 )
 from llmsuite.runtime.errors import InvalidArgument
@@ -249,7 +250,7 @@ class OpenAiApi:
         req = await self._body(request, ChatCompletionRequest)
         client = self.client_for(request)
         sampling = self._sampling(req, req.max_new_tokens, bool(req.logprobs), req.top_logprobs)
-        sampling.pop("keep_special_tokens")  # chat replies never show special tokens (schemas refuses asking)
+        rendering = chat_rendering(req, keep_special_tokens=sampling.pop("keep_special_tokens"))
         sampling["constraint"] = _constraint(req.response_format)
         builder = responses.ResponseBuilder(chat=True, request_id=rid, created=int(time.time()), model=req.model,
                                             logprobs=bool(req.logprobs), include_usage=req.include_usage)
@@ -265,7 +266,7 @@ class OpenAiApi:
                                         m.tool_call_id or "") for m in history]
         chat_options: dict[str, Any] = dict(
             tools=tools.sdk_tools(req.tools), tool_choice=tools.sdk_tool_choice(req.tool_choice), stateless=True,
-            request_id=rid, timeout_s=self.settings.request_timeout_s)
+            request_id=rid, timeout_s=self.settings.request_timeout_s, **rendering)
         last_message: dict[str, Any] = dict(role=last.template_role, name=last.name or "",
                                             tool_calls=tools.sdk_tool_calls(last.tool_calls),
                                             tool_call_id=last.tool_call_id or "")

@@ -204,6 +204,10 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: ToolChoiceParam | None = None
     # Accepted; a forced call (required, named) is one call, `auto` replies may hold several.
     parallel_tool_calls: bool | None = None
+    # vLLM's chat extensions (extra_body): how the chat template renders the conversation.
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
 
@@ -222,6 +226,8 @@ class ChatCompletionRequest(_Sampling):
         elif response_format is not None and response_format.json_schema is not None \
                 and response_format.json_schema.schema_ is None:
             refused.append(("response_format.json_schema.schema", "the schema is required"))
+        if self.continue_final_message and self.add_generation_prompt is not False:
+            refused.append(("continue_final_message", "continuing the last message needs add_generation_prompt: false"))
         if self.top_logprobs and not self.logprobs:
             refused.append(("top_logprobs", "top_logprobs requires logprobs: true"))
         if (self.max_tokens is not None and self.max_completion_tokens is not None
@@ -252,3 +258,9 @@ def generation_options(req: CompletionRequest | ChatCompletionRequest, max_new_t
         stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
         keep_special_tokens=req.skip_special_tokens is False,
     )
+
+
+def chat_rendering(req: ChatCompletionRequest, keep_special_tokens: bool) -> dict[str, Any]:
+    """The SDK chat() options for how the conversation is rendered and the reply decoded."""
+    return dict(chat_template_kwargs=req.chat_template_kwargs, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=bool(req.continue_final_message), keep_special_tokens=keep_special_tokens)
