@@ -38,6 +38,10 @@ EXIT_CANNOT_SERVE = 70
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 WATCHERS = [([1, 40, 41, 42, 43], dict(GREEDY, max_new_tokens=120)),
             ([7, 8, 9], dict(temperature=0.9, top_p=0.9, seed=11, ignore_eos=True, max_new_tokens=120))]
+# Watchers that run long: their first 480 tokens (seeded, so the same in any batch) hold no
+# poison id. WATCHERS' greedy one samples KERNEL_ERROR_ID as its 226th token: where the failing
+# request arrived that late (a busy machine), its batch rightly ended with MODEL_ERROR first.
+LONG_WATCHERS = [([1, 50, 51, 52, 53], GREEDY), WATCHERS[1]]
 
 
 def graft_faults(model_file: Path) -> None:
@@ -126,12 +130,13 @@ def reason_of(error: grpc.RpcError | None) -> tuple[Any, str | None]:
 class Watchers:
     """Streams running in threads; started() returns once each has received a token."""
 
-    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, **changes: Any) -> None:
+    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub,
+                 watchers: list[tuple[list[int], dict[str, Any]]] = WATCHERS, **changes: Any) -> None:
         self._stub = stub
-        self._pool = ThreadPoolExecutor(len(WATCHERS))
-        self._firsts = [threading.Event() for _ in WATCHERS]
+        self._pool = ThreadPoolExecutor(len(watchers))
+        self._firsts = [threading.Event() for _ in watchers]
         self._futures = [self._pool.submit(generate, stub, prompt, {**sampling, **changes}, first)
-                         for (prompt, sampling), first in zip(WATCHERS, self._firsts, strict=True)]
+                         for (prompt, sampling), first in zip(watchers, self._firsts, strict=True)]
 
     def started(self) -> None:
         for first in self._firsts:
@@ -207,13 +212,14 @@ def test_a_model_that_cannot_run_fails_every_request_turns_not_serving_and_exits
             health_pb2.HealthCheckRequest(service="model:tiny"), timeout=120)
         assert next(health).status == health_pb2.HealthCheckResponse.SERVING
         # Far more tokens than the few steps the failing request takes to arrive (context 512).
-        watchers = Watchers(stub, max_new_tokens=480)
+        watchers = Watchers(stub, LONG_WATCHERS, max_new_tokens=480)
         watchers.started()
 
         tokens, error = generate(stub, [5, 6, BREAK_ID], dict(GREEDY, max_new_tokens=4))
         assert tokens == [] and reason_of(error) == (grpc.StatusCode.UNAVAILABLE, "ENGINE_FAILED")
         assert error_details(error)["retry_after_s"] > 0
         for watched, watcher_error in watchers.results():
+            assert not POISONS & set(watched), f"a watcher fed a poison id of its own: {watched}"
             assert reason_of(watcher_error) == (grpc.StatusCode.UNAVAILABLE, "ENGINE_FAILED"), watched
         assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses_until_not_serving(health)
 
