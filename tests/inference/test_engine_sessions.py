@@ -132,8 +132,10 @@ def test_max_sessions_caps_retained_sessions_only(load_engine: Any, tiny_llama_d
 
 def test_kv_budget_evicts_least_recently_used_cache_entries(load_engine: Any, tiny_llama_dir: Path,
                                                             helpers: Any) -> None:
-    engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=100 * 1024)  # 100 tokens of tiny KV (1 KiB each)
-    prompts = [list(range(10, 60)), list(range(60, 110))]  # 50 tokens + 4 generated: two entries exceed 100
+    # Tiny KV is 1 KiB a token. A 54-token row reserves 108 KiB (its KV and a step's copy of it):
+    # beside the first conversation's 53-token entry, that passes 150 KiB, so the entry goes.
+    engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=150 * 1024)
+    prompts = [list(range(10, 60)), list(range(60, 110))]  # 50 tokens + 4 generated
 
     async def scenario() -> None:
         older = engine.open_session("tiny", multi_turn=True)
@@ -141,7 +143,7 @@ def test_kv_budget_evicts_least_recently_used_cache_entries(load_engine: Any, ti
         await helpers.run_turn(older, prompts[0], greedy(4))
         await helpers.run_turn(newer, prompts[1], greedy(4))
         stats = engine.stats("tiny")
-        assert stats.cached_tokens <= 100 and stats.kv_reserved_bytes <= 100 * 1024
+        assert stats.cached_tokens <= 100 and stats.kv_reserved_bytes <= 150 * 1024
         assert older.cached_tokens == 0 and newer.cached_tokens == 53
         assert stats.prefix_cache_evictions == 1
 

@@ -30,10 +30,11 @@ MIB = 1024**2
 # Tiny Llama KV is 1 KiB per token: 8 MiB holds about 8,000 tokens, a fraction of what the
 # workload below produces, so the prefix cache evicts all the time.
 BUDGET = 8 * MIB
-# ONNX Runtime's arena (a step holds the batch's past and present at once), the interpreter
-# and the logits on top of the KV: the run grows by 34 MiB in all (57 MiB with an arena per
-# session). Before every output was detached from its IOBinding (ort_memory.py), each cached
-# entry kept a whole batch's past alive and the same run grew by about 171 MiB.
+# ONNX Runtime's arena (its high-water mark and fragmentation), the interpreter and the logits
+# on top of the KV budget, which holds a step's copy of the running rows' KV too: before that
+# copy was reserved the run grew by 34 MiB in all (57 MiB with an arena per session). Before
+# every output was detached from its IOBinding (ort_memory.py), each cached entry kept a whole
+# batch's past alive and the same run grew by about 171 MiB.
 MARGIN = 80 * MIB
 
 

@@ -9,10 +9,12 @@ Three numbers come from here:
     which the MemoryGuard keeps to by refusing new requests before it is reached;
   * the resident set size, read from /proc/self/statm.
 
-Why a forward needs headroom beyond the KV budget: an Optimum export returns the whole
-present (past + the new column) as new tensors, so during a decode step the batch's KV
-exists twice. Inside a limit of its own the KV may therefore take only half of what the
-weights and the reserve leave (docs/design.md, "Memory").
+A step's copies are inside the KV budget: an Optimum export returns the whole present
+(past + the new column) as new tensors, so during a decode step the batch's KV exists twice,
+and admission reserves that copy (padded_executor.py). Inside a limit of its own the KV
+budget still takes only half of what the weights and the reserve leave: the other half is
+margin for what no budget sees, ONNX Runtime's arena keeping its high-water mark and
+fragmenting (docs/design.md, "Memory").
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ MIB = 1024**2
 # bench presets at 64 concurrent streams (docs/reliability.md), with room to spare.
 WORKING_MEMORY_RESERVE_BYTES = 512 * MIB
 # The KV's share of what is left after the weights and the reserve.
-KV_SHARE_OF_OWN_LIMIT = 0.5  # a limit set for this process: the other half covers a forward's copy
+KV_SHARE_OF_OWN_LIMIT = 0.5  # a limit set for this process: the other half is margin (see above)
 KV_SHARE_OF_SHARED_HOST = 0.25  # no limit: the host's memory is shared with other services
 KV_SHARE_OF_FREE_GPU_MEMORY = 0.5
 FALLBACK_GPU_KV_BYTES = 2 * 1024**3

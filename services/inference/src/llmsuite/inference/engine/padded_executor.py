@@ -31,6 +31,13 @@ from llmsuite.inference.engine.executor import (
 from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
 
+# Nothing is written in place, so a step can hold the running rows' KV twice: a decode
+# forward returns the whole present (past + one column) while the past is still alive, and a
+# join or a compaction writes the batch anew while the old one lives (as does a prefill
+# chunk for its row). Admission reserves both, so that what the process holds at the peak
+# of a step stays within --kv-cache-bytes (docs/design.md, "Memory").
+STEP_COPIES = 2
+
 
 class PaddedExecutor(Generic[RowKey]):
     """`KvExecutor` for the padded layout; see the module docstring."""
@@ -48,11 +55,15 @@ class PaddedExecutor(Generic[RowKey]):
         self._batches: list[DecodeBatch[RowKey]] = []  # decoding
 
     def reservation_bytes(self, reserved_tokens: Sequence[int]) -> int:
+        """The rows' KV at its longest, padded as their batch pads it, times STEP_COPIES: what
+        they hold between steps and the copy a step writes."""
         if not reserved_tokens:
             return 0
         if self._padded:  # one batch: every row is as long as the longest
-            return len(reserved_tokens) * max(reserved_tokens) * self._bytes_per_token
-        return sum(reserved_tokens) * self._bytes_per_token
+            held = len(reserved_tokens) * max(reserved_tokens) * self._bytes_per_token
+        else:
+            held = sum(reserved_tokens) * self._bytes_per_token
+        return STEP_COPIES * held
 
     # ---- forwards -------------------------------------------------------------------
 

@@ -117,7 +117,6 @@ class Scheduler:
         self._failed_rows: list[tuple[Turn, LlmsuiteError]] = []
         self._sampling_pool = (ThreadPoolExecutor(sampling_threads, thread_name_prefix=f"sampling-{name}")
                                if sampling_threads > 1 else None)
-        self._bytes_per_token = decoder.kv_bytes_per_token
         self._memory_guard = memory_guard
         self._kv_in_host_memory = decoder.placement.device_type == "cpu"
         self._vocab_size = decoder.signature.vocab_size
@@ -378,7 +377,7 @@ class Scheduler:
         """--max-memory: refuses (RESOURCE_EXHAUSTED, MEMORY_PRESSURE) before the process outgrows it."""
         if self._memory_guard is not None:
             kv_here = self._kv_in_host_memory  # KV in device memory does not grow the process
-            self._memory_guard.admit(self.name, reserved_tokens * self._bytes_per_token if kv_here else 0,
+            self._memory_guard.admit(self.name, self._executor.reservation_bytes([reserved_tokens]) if kv_here else 0,
                                      self._budget.growth_to_come(self._rows_kv()) if kv_here else 0)
 
     def _retry_after_s(self) -> float:

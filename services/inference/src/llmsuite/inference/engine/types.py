@@ -262,7 +262,7 @@ class EngineStats:
     cached_tokens: int  # KV tokens held right now (true lengths, no padding): running rows + prefix cache
     kv_bytes: int  # KV bytes held right now, padding included
     kv_budget_bytes: int  # what kv_cache_bytes resolved to
-    kv_reserved_bytes: int  # what admitted rows reserve (padded to their batch) + the prefix cache
+    kv_reserved_bytes: int  # what admitted rows reserve in their layout (a step's copy included) + the prefix cache
     prefix_cache_entries: int
     total_requests: int  # turns accepted
     completed: int
