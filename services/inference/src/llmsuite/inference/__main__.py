@@ -86,7 +86,8 @@ def build_parser() -> EnvArgumentParser:
                    default=defaults.graph_optimization, help="ONNX Runtime graph optimization level")
     e.add_argument("--kv-cache-bytes", type=byte_size, default="auto", metavar="SIZE",
                    help="KV-cache budget per model (e.g. 4GiB), counted as the bytes of the KV tensors really "
-                        "held: running requests reserve the KV they can grow to, the prefix cache keeps the rest "
+                        "held: running requests reserve the KV they can grow to (and the copy a step writes of it), "
+                        "the prefix cache keeps the rest "
                         "until room is needed; requests wait for room in the queue. auto = half of what the "
                         "process's own limit (cgroup memory.max, RLIMIT_AS or --max-memory) leaves after the "
                         "weights and a 512 MiB working reserve, or a quarter of what the host's memory leaves "
