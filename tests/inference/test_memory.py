@@ -20,6 +20,7 @@ from typing import Any
 import onnxruntime as ort
 import pytest
 
+from llmsuite.builder.variants import build_variant
 from llmsuite.inference.engine import InferenceEngine, SamplingParams
 from llmsuite.inference.engine.memory import MemoryGuard, MemoryLimits, automatic_kv_budget, resident_bytes
 from llmsuite.inference.engine.onnx_model import tensor_nbytes
@@ -81,7 +82,7 @@ async def run_all(engine: InferenceEngine, requests: list[tuple[list[int], int]]
     return generated
 
 
-def measure_workload(model_dir: Path) -> dict[str, Any]:
+def measure_workload(model_dir: Path, max_model_len: int = 0) -> dict[str, Any]:
     """Runs the workload on a fresh engine; what the test asserts, as JSON-able values.
 
     Called in a child interpreter (see the test below), so the resident size it starts
@@ -108,7 +109,8 @@ def measure_workload(model_dir: Path) -> dict[str, Any]:
                 mismatches.append(f"step {stats.steps}: {live} bytes of KV alive, {stats.kv_bytes} reported")
 
     before = resident_bytes()
-    settings = EngineSettings(device="cpu", intra_op_threads=1, kv_cache_bytes=BUDGET, max_running=16)
+    settings = EngineSettings(device="cpu", intra_op_threads=1, kv_cache_bytes=BUDGET, max_running=16,
+                              max_model_len=max_model_len)
     engine = InferenceEngine.load({"tiny": model_dir}, settings, step_observer=compare_after_step)
     try:
         requests = workload(engine.model_info("tiny").vocab_size, count=200, seed=7)
@@ -126,9 +128,21 @@ def measure_workload(model_dir: Path) -> dict[str, Any]:
         asyncio.run(engine.close())
 
 
-def test_memory_stays_within_the_kv_budget_and_every_live_kv_tensor_is_counted(tiny_llama_dir: Path) -> None:
-    child = subprocess.run([sys.executable, __file__, str(tiny_llama_dir)], capture_output=True, text=True,
-                           timeout=600, check=False)
+@pytest.fixture(scope="module")
+def tiny_gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-gqa") / "gqa"
+    build_variant(out, layout="gqa")
+    return out
+
+
+# The fused layout's slot buffer is preallocated: 16 slots of 336 tokens (the workload's longest
+# request) take 5.25 MiB of the budget at load, and the prefix cache gets the rest.
+@pytest.mark.parametrize("layout", ["optimum", "gqa-slots"])
+def test_memory_stays_within_the_kv_budget_and_every_live_kv_tensor_is_counted(
+        layout: str, tiny_llama_dir: Path, tiny_gqa_dir: Path) -> None:
+    model, max_model_len = (tiny_llama_dir, 0) if layout == "optimum" else (tiny_gqa_dir, 336)
+    child = subprocess.run([sys.executable, __file__, str(model), str(max_model_len)], capture_output=True,
+                           text=True, timeout=600, check=False)
     assert child.returncode == 0, f"the workload failed (exit {child.returncode}):\n{child.stderr[-4000:]}"
     result = json.loads(child.stdout.strip().splitlines()[-1])
     assert result["generated"] == result["expected_tokens"] and result["completed"] == result["requests"]
@@ -201,4 +215,4 @@ def test_the_automatic_budget_follows_the_tightest_limit_after_weights_and_reser
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure_workload(Path(sys.argv[1]))))
+    print(json.dumps(measure_workload(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)))

@@ -107,8 +107,14 @@ def build_parser() -> EnvArgumentParser:
     e.add_argument("--max-queued", type=int, default=defaults.max_queued,
                    help="requests waiting per model for room in the batch before new ones get RESOURCE_EXHAUSTED")
     e.add_argument("--max-model-len", type=int, default=defaults.max_model_len, metavar="TOKENS",
-                   help="most tokens (prompt + output) a generation model serves, below its own context "
+                   help="most tokens (prompt + output) a generation model serves, below its own context to "
+                        "reserve less KV per request: a slot of the fused layout's KV buffer holds this many "
                         "(0 = the model's context)")
+    e.add_argument("--slot-kv", action=argparse.BooleanOptionalAction, default=defaults.slot_kv,
+                   help="serve fused (GroupQueryAttention) exports whose genai_config.json shares past and present "
+                        "from one preallocated KV buffer, a slot of --max-model-len tokens per running request, "
+                        "so requests of any lengths decode in one forward; --no-slot-kv batches them through the "
+                        "padded path (equal lengths only)")
     e.add_argument("--prefill-chunk-tokens", type=int, default=defaults.prefill_chunk_tokens,
                    help="prompt tokens fed per scheduler step, so running streams keep getting tokens while a "
                         "long prompt is processed")
@@ -155,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         session_idle_timeout_s=args.session_idle_timeout, warmup=args.warmup,
         embed_batch_tokens=args.embed_batch_tokens, embed_max_queued_inputs=args.embed_max_queued_inputs,
         pooling=pooling_overrides(args.pooling), max_step_failures=args.max_step_failures,
-        max_model_len=args.max_model_len)
+        max_model_len=args.max_model_len, slot_kv=args.slot_kv)
     fault = None if args.test_only_break_on_token_id is None else BreakOnToken(args.test_only_break_on_token_id)
     app = InferenceApp(model_specs(args.model), engine_settings, prepare_decoder=fault)
     try:

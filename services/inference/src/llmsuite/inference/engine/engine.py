@@ -19,6 +19,7 @@ from llmsuite.inference.engine.constraints import ConstraintCompiler
 from llmsuite.inference.engine.device import gpu_free_bytes, intra_op_threads
 from llmsuite.inference.engine.embedding import EmbeddingQueue, EmbeddingResult, load_embedding_model
 from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.executor import KvExecutor
 from llmsuite.inference.engine.kv_ops import KvOps
 from llmsuite.inference.engine.layouts import DetectedModel, detect_model
 from llmsuite.inference.engine.memory import (
@@ -31,6 +32,8 @@ from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.inference.engine.padded_executor import PaddedExecutor
 from llmsuite.inference.engine.prefill_estimate import PrefillEstimate
 from llmsuite.inference.engine.scheduler import Scheduler, StepObserver
+from llmsuite.inference.engine.slot_executor import SlotExecutor
+from llmsuite.inference.engine.slot_kv import serves_in_slots, slot_buffer_for
 from llmsuite.inference.engine.turn import SessionState, Turn, TurnFailed
 from llmsuite.inference.engine.types import (
     EngineSettings,
@@ -256,8 +259,21 @@ class InferenceEngine:
                     prepare_decoder(decoder)
                 on_failed = (None if on_model_failed is None
                              else lambda cause, model=name: on_model_failed(model, cause))
-                executor: PaddedExecutor[Turn] = PaddedExecutor(decoder, kv_ops)
-                scheduler = Scheduler(name, decoder, settings, executor=executor, kv_budget_bytes=budget,
+                executor: KvExecutor[Turn]
+                model_settings = settings
+                if serves_in_slots(decoder, settings):
+                    try:
+                        buffer = slot_buffer_for(decoder, settings, budget, intra_op_threads(settings))
+                    except ModelLoadError as exc:
+                        raise ModelLoadError(f"model {name!r}: {exc}") from exc
+                    executor = SlotExecutor(decoder, buffer)
+                    # A row needs a free slot: no more rows run than there are slots.
+                    model_settings = replace(settings, max_running=buffer.slots)
+                    logger.info("model %s: KV in %d slots of %d tokens (%.1f MiB preallocated on %s)", name,
+                                buffer.slots, buffer.max_length, buffer.nbytes / 2**20, decoder.placement.description)
+                else:
+                    executor = PaddedExecutor(decoder, kv_ops)
+                scheduler = Scheduler(name, decoder, model_settings, executor=executor, kv_budget_bytes=budget,
                                       prefill_estimate=estimate, step_observer=step_observer,
                                       sampling_threads=intra_op_threads(settings), on_failed=on_failed,
                                       memory_guard=guard)

@@ -84,6 +84,11 @@ class KvReleaseFailed(Exception):
 class KvExecutor(Protocol[RowKey]):
     """Runs a plan's forwards on one KV layout and keeps every running row's KV."""
 
+    @property
+    def mixes_prompt_lengths(self) -> bool:
+        """Whether fresh prompts of different lengths may share one prefill forward."""
+        ...
+
     def reservation_bytes(self, reserved_tokens: Sequence[int]) -> int:
         """What rows that may grow to `reserved_tokens` each can need at most in this layout,
         a step's working copies included: what admission holds the budget to."""

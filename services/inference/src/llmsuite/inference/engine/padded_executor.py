@@ -54,6 +54,10 @@ class PaddedExecutor(Generic[RowKey]):
         self._groups: list[DecodeBatch[RowKey]] = []  # fresh prompts prefilled together, not decoding yet
         self._batches: list[DecodeBatch[RowKey]] = []  # decoding
 
+    @property
+    def mixes_prompt_lengths(self) -> bool:
+        return self._padded  # left-padded, where positions cannot shift
+
     def reservation_bytes(self, reserved_tokens: Sequence[int]) -> int:
         """The rows' KV at its longest, padded as their batch pads it, times STEP_COPIES: what
         they hold between steps and the copy a step writes."""

@@ -106,7 +106,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(decoder.config.eos_token_ids)
         self._executor = executor
         self._budget = KvBudget(kv_budget_bytes, settings.session_idle_timeout_s)
-        self._planner = StepPlanner(settings, self._budget, executor, padded=decoder.left_padding)
+        self._planner = StepPlanner(settings, self._budget, executor, padded=executor.mixes_prompt_lengths)
         self._observer = step_observer
         self._on_failed = on_failed
         self._failure: str | None = None  # set once the engine gave up: every call is refused

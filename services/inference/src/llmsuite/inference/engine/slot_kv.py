@@ -60,6 +60,14 @@ class SlotPlan:
         return cls(slots=slots, max_length=max_length, buffer_bytes=slots * slot_bytes)
 
 
+def serves_in_slots(decoder: OnnxDecoder, settings: EngineSettings) -> bool:
+    """Whether `decoder` runs from a slot buffer: a GroupQueryAttention export whose
+    genai_config.json shares past and present (the flag says the graph was built to be fed
+    one max-length buffer; exports that say no keep the padded path), unless --no-slot-kv."""
+    layout = decoder.layout
+    return settings.slot_kv and layout.past_present_share_buffer and layout.attention == "GroupQueryAttention"
+
+
 def slot_buffer_for(decoder: OnnxDecoder, settings: EngineSettings, budget_bytes: int,
                     intra_op_threads: int = 1) -> SlotKvBuffer:
     """The slot buffer `budget_bytes` buys for `decoder` (see SlotPlan); ModelLoadError when
@@ -133,9 +141,10 @@ class SlotKvBuffer:
             ort.OrtValue.ortvalue_from_shape_and_type(self._shape, self.dtype, placement.device_type,
                                                       placement.device_id)
             for _ in range(2 * sig.num_layers))
-        self._head_bytes = max_length * self.head_dim * self.dtype.itemsize
+        self._head_bytes: int = max_length * self.head_dim * self.dtype.itemsize
         self._slot_bytes = self.kv_heads * self._head_bytes
-        self.nbytes = slots * self._slot_bytes * len(self.tensors)
+        self.slot_bytes: int = self._slot_bytes * len(self.tensors)  # one slot, every layer's key and value
+        self.nbytes: int = slots * self.slot_bytes
         self.lengths = [0] * slots  # tokens of past each slot holds
         self._free = list(range(slots))  # a heap: the lowest free slot is taken first
         self._owned: set[int] = set()

@@ -43,7 +43,12 @@ class EngineSettings:
     at load and measures prefill speed for deadline checks.
 
     max_model_len caps the context a generation model serves (0 = the model's own): prompt
-    plus output never pass it.
+    plus output never pass it, and it is the length a KV slot reserves. slot_kv serves
+    fused exports whose past and present share one buffer (genai_config.json's
+    past_present_share_buffer) from a preallocated slot buffer (engine/slot_kv.py): as many
+    slots of max_model_len tokens as kv_cache_bytes holds, at most max_running, the rest of
+    the budget left to the prefix cache; off, they batch through the padded path, equal
+    lengths only.
 
     A step that fails (a forward raising, an allocation failing) ends only the rows it
     was computing; the engine then checks its model still runs with a one-token forward,
@@ -75,6 +80,7 @@ class EngineSettings:
     pooling: tuple[tuple[str, str], ...] = ()  # (model name, "MODE[:normalize|:no-normalize]")
     max_step_failures: int = 3
     max_model_len: int = 0
+    slot_kv: bool = True
 
     def __post_init__(self) -> None:
         if not _DEVICE_PATTERN.match(self.device):

@@ -1,0 +1,152 @@
+"""The engine serving the fused layout from its slot buffer: rows of different lengths decode in
+one forward, admission is by free slots within the KV budget, and the buffer is what kv_bytes
+counts. Tokens are checked against a plain onnxruntime loop; nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from layout_support import reference_greedy
+
+from llmsuite.builder.variants import build_variant
+from llmsuite.inference.engine import ModelLoadError, SamplingParams
+from llmsuite.inference.engine.types import StepReport
+from llmsuite.runtime.errors import InvalidArgument, ResourceExhausted
+
+# The builder's tiny preset: 2 layers x (key, value) x 2 KV heads x 32 dims x 4 bytes.
+BYTES_PER_TOKEN = 1024
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("slot-engine") / "gqa"
+    build_variant(out, layout="gqa")
+    return out
+
+
+class Steps:
+    """A step observer recording every step's decode rows and forwards (worker thread)."""
+
+    def __init__(self) -> None:
+        self.reports: list[StepReport] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, report: StepReport) -> None:
+        with self._lock:
+            self.reports.append(report)
+
+    def decodes(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return [(r.decode_rows, r.decode_forwards) for r in self.reports if r.decode_forwards]
+
+
+def _prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
+    rng = np.random.default_rng(5)
+    return [[int(t) for t in rng.integers(3, vocab, size=n)] for n in lengths]
+
+
+@pytest.mark.parametrize("slot_kv", [True, False], ids=["slots", "padded"])
+def test_rows_of_different_lengths_decode_in_one_forward(load_engine: Any, helpers: Any, gqa_dir: Path,
+                                                         slot_kv: bool) -> None:
+    steps = Steps()
+    engine = load_engine({"gqa": gqa_dir}, step_observer=steps, slot_kv=slot_kv, max_running=8)
+    prompts = _prompts(engine.model_info("gqa").vocab_size, [3, 8, 13, 21, 5, 34])
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+
+    async def all_at_once() -> list[list[int]]:
+        return [tokens for tokens, _ in await asyncio.gather(
+            *(helpers.generate_once(engine, "gqa", prompt, params) for prompt in prompts))]
+
+    assert asyncio.run(all_at_once()) == [reference_greedy(gqa_dir / "model.onnx", p, 10) for p in prompts]
+    decodes = steps.decodes()
+    if slot_kv:  # every step decodes every row in one forward, whatever their lengths
+        assert all(forwards == 1 for _, forwards in decodes)
+        assert max(rows for rows, _ in decodes) == len(prompts)
+    else:  # equal lengths only: one forward per length
+        assert max(forwards for _, forwards in decodes) > 1
+
+
+def test_the_slot_buffer_is_the_kv_held_and_sized_from_the_budget(load_engine: Any, helpers: Any,
+                                                                  gqa_dir: Path) -> None:
+    slot_bytes = 64 * BYTES_PER_TOKEN
+    engine = load_engine({"gqa": gqa_dir}, kv_cache_bytes=3 * slot_bytes + slot_bytes // 2, max_model_len=64,
+                         max_running=8)
+    assert engine.model_info("gqa").context_length == 64
+    idle = engine.stats("gqa")
+    assert idle.kv_bytes == 3 * slot_bytes  # three slots, preallocated: held before any request
+    assert idle.kv_budget_bytes == 3 * slot_bytes + slot_bytes // 2
+    params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    prompt = list(range(10, 30))
+    tokens, _ = asyncio.run(helpers.generate_once(engine, "gqa", prompt, params))
+    assert tokens == reference_greedy(gqa_dir / "model.onnx", prompt, 4)
+    after = engine.stats("gqa")
+    assert after.prefix_cache_entries == 1  # the finished turn's 23 tokens, copied out of its slot
+    assert after.kv_bytes == 3 * slot_bytes + 23 * BYTES_PER_TOKEN
+    assert after.kv_bytes <= after.kv_budget_bytes
+
+
+def test_a_request_waits_for_a_free_slot(load_engine: Any, helpers: Any, gqa_dir: Path) -> None:
+    """Two slots, four requests: two run, two wait in the queue and run as slots free up."""
+    engine = load_engine({"gqa": gqa_dir}, kv_cache_bytes=2 * 64 * BYTES_PER_TOKEN, max_model_len=64,
+                         max_running=8)
+    prompts = _prompts(engine.model_info("gqa").vocab_size, [4, 9, 6, 12])
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    most_running = 0
+
+    async def scenario() -> list[list[int]]:
+        nonlocal most_running
+        runs = [asyncio.ensure_future(helpers.generate_once(engine, "gqa", p, params)) for p in prompts]
+        while not all(run.done() for run in runs):
+            most_running = max(most_running, engine.stats("gqa").running)
+            await asyncio.sleep(0.005)
+        return [run.result()[0] for run in runs]
+
+    assert asyncio.run(scenario()) == [reference_greedy(gqa_dir / "model.onnx", p, 12) for p in prompts]
+    assert most_running <= 2
+
+
+def test_admission_refuses_what_never_fits_and_what_finds_no_room(load_engine: Any, helpers: Any,
+                                                                  gqa_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    engine = load_engine({"gqa": gqa_dir}, kv_cache_bytes=64 * BYTES_PER_TOKEN, max_model_len=64,
+                         max_running=4, max_queued=1)
+    too_long = SamplingParams(temperature=0.0, max_new_tokens=50, ignore_eos=True)
+    with pytest.raises(InvalidArgument) as never:
+        asyncio.run(helpers.generate_once(engine, "gqa", list(range(3, 23)), too_long))
+    assert "64" in str(never.value)
+
+    # One slot and a queue of one: the first request decodes, the second waits, the third is refused.
+    helpers.slow_forward(monkeypatch, 0.01)
+    long = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+
+    async def scenario() -> None:
+        sessions = [engine.open_session("gqa", multi_turn=False) for _ in range(3)]
+        streams = [s.generate([5 + i, 6, 7], long) for i, s in enumerate(sessions)]
+        first = asyncio.ensure_future(streams[0].__anext__())
+        await helpers.wait_until(lambda: engine.stats("gqa").running == 1)
+        second = asyncio.ensure_future(streams[1].__anext__())
+        await helpers.wait_until(lambda: engine.stats("gqa").queued == 1)
+        with pytest.raises(ResourceExhausted) as busy:
+            await streams[2].__anext__()
+        assert busy.value.reason == "ENGINE_OVERLOADED" and busy.value.retry_after_s > 0
+        for task in (first, second):
+            task.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        for stream in streams[:2]:  # closing a stream cancels its turn
+            await stream.aclose()
+        await helpers.wait_until(lambda: engine.stats("gqa").running + engine.stats("gqa").queued == 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_budget_without_room_for_one_slot_fails_at_load(load_engine: Any, gqa_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"cannot hold one slot of 512 tokens.*--max-model-len"):
+        load_engine({"gqa": gqa_dir}, kv_cache_bytes=100 * BYTES_PER_TOKEN)
+    engine = load_engine({"gqa": gqa_dir}, kv_cache_bytes=100 * BYTES_PER_TOKEN, max_model_len=100)
+    assert engine.stats("gqa").kv_bytes == 100 * BYTES_PER_TOKEN
