@@ -16,6 +16,7 @@ from layout_support import reference_greedy
 
 from llmsuite.builder.variants import build_variant
 from llmsuite.inference.engine import ModelLoadError, SamplingParams
+from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.inference.engine.types import StepReport
 from llmsuite.runtime.errors import InvalidArgument, ResourceExhausted
 
@@ -53,15 +54,27 @@ def _prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
 
 @pytest.mark.parametrize("slot_kv", [True, False], ids=["slots", "padded"])
 def test_rows_of_different_lengths_decode_in_one_forward(load_engine: Any, helpers: Any, gqa_dir: Path,
-                                                         slot_kv: bool) -> None:
+                                                         monkeypatch: pytest.MonkeyPatch, slot_kv: bool) -> None:
     steps = Steps()
     engine = load_engine({"gqa": gqa_dir}, step_observer=steps, slot_kv=slot_kv, max_running=8)
     prompts = _prompts(engine.model_info("gqa").vocab_size, [3, 8, 13, 21, 5, 34])
     params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    # The first forward waits until every request is queued, so all six decode together after it.
+    everyone_queued = threading.Event()
+    for name in ("run", "run_in_place"):
+        original = getattr(OnnxDecoder, name)
+
+        def gated(self: OnnxDecoder, *args: Any, _original: Any = original) -> Any:
+            everyone_queued.wait(timeout=60)
+            return _original(self, *args)
+
+        monkeypatch.setattr(OnnxDecoder, name, gated)
 
     async def all_at_once() -> list[list[int]]:
-        return [tokens for tokens, _ in await asyncio.gather(
-            *(helpers.generate_once(engine, "gqa", prompt, params) for prompt in prompts))]
+        runs = [asyncio.ensure_future(helpers.generate_once(engine, "gqa", prompt, params)) for prompt in prompts]
+        await helpers.wait_until(lambda: engine.stats("gqa").total_requests == len(prompts), within_s=60)
+        everyone_queued.set()
+        return [tokens for tokens, _ in await asyncio.gather(*runs)]
 
     assert asyncio.run(all_at_once()) == [reference_greedy(gqa_dir / "model.onnx", p, 10) for p in prompts]
     decodes = steps.decodes()
