@@ -1,18 +1,21 @@
 """`make bench-http`: the serving benchmarks people already run against vLLM, pointed at `llmsuite-openai`.
 
-    python bench/ecosystem.py                          # guidellm, then aiperf, on the fused bench preset
-    python bench/ecosystem.py --tools aiperf --layout optimum
+    python bench/ecosystem.py                          # guidellm on tiny, then aiperf on the fused bench preset
+    python bench/ecosystem.py --tools aiperf --aiperf-model optimum
 
-Starts the local cluster (bench/run.py's Cluster: tokenizer, inference, gateway and the
-OpenAI-compatible adapter on free ports) on one build of the bench preset, then runs each tool
-with its documented defaults, from its own virtual environment under --tools-dir (`make
-bench-http` installs them from bench/requirements/), so neither touches the services' packages:
+For each tool, starts the local cluster (bench/run.py's Cluster: tokenizer, inference, gateway
+and the OpenAI-compatible adapter on free ports) on a model, then runs the tool with its
+documented defaults, from its own virtual environment under --tools-dir (`make bench-http`
+installs them from bench/requirements/), so neither touches the services' packages:
 
 * guidellm: its README's first benchmark, a sweep (synchronous, throughput, then rates between)
   of 30 s per strategy over synthetic 256-token prompts and 128-token outputs, streamed chat
-  completions;
+  completions. On the tiny preset (what `make run` serves) by default: on 2 CPU cores a bench
+  preset request outlasts a 30 s window, and guidellm 0.8.1 then stops with "Cannot compile
+  GenerativeMetrics" on a strategy that completed no request;
 * aiperf: `aiperf profile` with nothing but the model, the URL and the tokenizer: 10 chat
-  completions at concurrency 1 over synthetic prompts of about 550 tokens.
+  completions at concurrency 1 over synthetic prompts of about 550 tokens. On the fused bench
+  preset by default: 550 tokens do not fit the tiny preset's 512-token context.
 
 Both are handed the model's own tokenizer folder (they would otherwise fetch one from a hub).
 guidellm's throughput strategy opens 512 streams at once; the inference service queues 64
@@ -36,13 +39,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from run import LAYOUTS, MODEL_NAME, REPO, Cluster, _default_device, _usable_cores, ensure_built
+from run import BIN, LAYOUTS, REPO, Cluster, _default_device, _usable_cores, ensure_built
 
 TOOLS = ("guidellm", "aiperf")
+MODELS = ("tiny", *LAYOUTS)  # the tiny preset, or a build of the bench preset
 
 
-def guidellm_argv(tool_bin: Path, url: str, tokenizer: Path, out_dir: Path) -> list[str]:
-    """Its README's first run; its default outputs (benchmarks.json and .csv) go to the working directory."""
+def guidellm_argv(tool_bin: Path, url: str, tokenizer: Path, out_dir: Path, model: str) -> list[str]:
+    """Its README's first run (it finds the model in /v1/models); its default outputs (benchmarks.json
+    and .csv) go to the working directory."""
     return [str(tool_bin / "guidellm"), "run",
             "--backend", f"kind=openai_http,target={url}",
             "--profile", "kind=sweep",
@@ -52,8 +57,8 @@ def guidellm_argv(tool_bin: Path, url: str, tokenizer: Path, out_dir: Path) -> l
             "--disable-progress"]
 
 
-def aiperf_argv(tool_bin: Path, url: str, tokenizer: Path, out_dir: Path) -> list[str]:
-    return [str(tool_bin / "aiperf"), "profile", "--model", MODEL_NAME, "--url", url, "--tokenizer", str(tokenizer),
+def aiperf_argv(tool_bin: Path, url: str, tokenizer: Path, out_dir: Path, model: str) -> list[str]:
+    return [str(tool_bin / "aiperf"), "profile", "--model", model, "--url", url, "--tokenizer", str(tokenizer),
             "--artifact-dir", str(out_dir), "--ui", "none"]
 
 
@@ -89,26 +94,47 @@ READERS = {"guidellm": guidellm_errors, "aiperf": aiperf_errors}
 ARGVS = {"guidellm": guidellm_argv, "aiperf": aiperf_argv}
 
 
-def run_tool(tool: str, args: argparse.Namespace, url: str, tokenizer: Path) -> dict[str, Any]:
+def model_dir(args: argparse.Namespace, model: str) -> Path:
+    """The folder serving `model` (built here if absent)."""
+    if model == "tiny":
+        folder = args.models_dir / "tiny"
+        if not (folder / "model.onnx").is_file():
+            subprocess.run([str(BIN / "llmsuite-build-model"), "--preset", "tiny", "--out", str(folder)], check=True)
+        return folder
+    folder = args.models_dir / LAYOUTS[model].folder
+    ensure_built(LAYOUTS[model], folder)
+    return folder
+
+
+def run_tool(tool: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One cluster on the tool's model, the tool with its defaults against its adapter, the errors counted."""
+    model = getattr(args, f"{tool}_model")
+    folder = model_dir(args, model)
     out_dir = args.results_dir / tool
     out_dir.mkdir(parents=True, exist_ok=True)
-    argv = ARGVS[tool](args.tools_dir / tool / "bin", url, tokenizer, out_dir)
-    print("$ " + shlex.join(argv), file=sys.stderr, flush=True)
-    with (out_dir / "output.log").open("wb") as log:
-        # Both write their result files into out_dir (guidellm's defaults go to the working directory).
-        done = subprocess.run(argv, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, check=False)
+    with Cluster(folder, args.device, args.threads, out_dir / "cluster.log", model_name=model,
+                 env={"LLMSUITE_MAX_QUEUED": str(args.max_queued)}) as cluster:
+        url = cluster.wait_http()
+        argv = ARGVS[tool](args.tools_dir / tool / "bin", url, folder, out_dir, model)
+        print("$ " + shlex.join(argv), file=sys.stderr, flush=True)
+        with (out_dir / "output.log").open("wb") as log:
+            # Both write their result files into out_dir (guidellm's defaults go to the working directory).
+            done = subprocess.run(argv, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, check=False)
     try:
         succeeded, errors = READERS[tool](out_dir)
     except (OSError, KeyError, ValueError) as exc:
         succeeded, errors = 0, [f"no readable results ({exc}); see {out_dir / 'output.log'}"]
-    return {"tool": tool, "command": shlex.join(argv), "exit_code": done.returncode, "succeeded": succeeded,
-            "errored": len(errors), "error_messages": dict(Counter(errors).most_common(5))}
+    return {"tool": tool, "model": model, "command": shlex.join(argv), "exit_code": done.returncode,
+            "succeeded": succeeded, "errored": len(errors), "error_messages": dict(Counter(errors).most_common(5))}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {', '.join(TOOLS)}")
-    parser.add_argument("--layout", choices=list(LAYOUTS), default="gqa", help="build of the bench preset to serve")
+    parser.add_argument("--guidellm-model", choices=MODELS, default="tiny",
+                        help="what guidellm's cluster serves: tiny, or a build of the bench preset")
+    parser.add_argument("--aiperf-model", choices=MODELS, default="gqa",
+                        help="what aiperf's cluster serves (its default prompts need more than tiny's 512 tokens)")
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--tools-dir", type=Path, default=REPO / "build" / "bench-tools",
                         help="one virtualenv per tool (make bench-http makes them)")
@@ -126,22 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"not installed under {args.tools_dir}: {', '.join(missing)} (make bench-http installs them)")
 
-    layout = LAYOUTS[args.layout]
-    model_dir = args.models_dir / layout.folder
-    ensure_built(layout, model_dir)
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    summaries = []
-    with Cluster(model_dir, args.device, args.threads, args.results_dir / "cluster.log",
-                 env={"LLMSUITE_MAX_QUEUED": str(args.max_queued)}) as cluster:
-        url = cluster.wait_http()
-        for tool in tools:
-            summaries.append(run_tool(tool, args, url, model_dir))
+    summaries = [run_tool(tool, args) for tool in tools]
     (args.results_dir / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
     failed = False
     for s in summaries:
         verdict = "ok" if s["exit_code"] == 0 and s["errored"] == 0 and s["succeeded"] > 0 else "FAILED"
         failed |= verdict != "ok"
-        print(f"{s['tool']}: {s['succeeded']} requests succeeded, {s['errored']} errored, exit code "
+        print(f"{s['tool']} ({s['model']}): {s['succeeded']} requests succeeded, {s['errored']} errored, exit code "
               f"{s['exit_code']}: {verdict}")
         for message, count in s["error_messages"].items():
             print(f"  {count} x {message[:400]}")

@@ -127,9 +127,9 @@ def test_bench_http_counts_every_errored_request_of_both_tools(tmp_path, ecosyst
 
 
 def test_bench_http_hands_each_tool_the_local_tokenizer(tmp_path, ecosystem):
-    guidellm = ecosystem.guidellm_argv(tmp_path, "http://127.0.0.1:1", tmp_path / "model", tmp_path)
+    guidellm = ecosystem.guidellm_argv(tmp_path, "http://127.0.0.1:1", tmp_path / "model", tmp_path, "tiny")
     assert f"kind=huggingface_auto,model={tmp_path / 'model'}" in guidellm
     assert "kind=openai_http,target=http://127.0.0.1:1" in guidellm
-    aiperf = ecosystem.aiperf_argv(tmp_path, "http://127.0.0.1:1", tmp_path / "model", tmp_path)
+    aiperf = ecosystem.aiperf_argv(tmp_path, "http://127.0.0.1:1", tmp_path / "model", tmp_path, "gqa")
     assert aiperf[aiperf.index("--tokenizer") + 1] == str(tmp_path / "model")
-    assert aiperf[aiperf.index("--model") + 1] == "bench"
+    assert aiperf[aiperf.index("--model") + 1] == "gqa"
