@@ -467,13 +467,17 @@ _READING = [
     "carry that noise; the structural findings below do not depend on it.",
     "- **Fused fp32 at c=16 (issue 16, missed) is bound by how the engine batches GroupQueryAttention.** "
     "GroupQueryAttention reads its KV right-padded, so without the in-place slot buffer the padded path "
-    "batches only rows of equal length (docs/design.md, \"Model layouts\"). After the first burst a closed "
-    "loop's 16 clients drift out of step, every length becomes its own small forward, and a decode step costs "
-    "about what 16 single-row forwards cost: the gateway made 31, 34 and 38 tok/s at c=1, 16 and 64 (the "
-    "Optimum layout, which pads across lengths, 7, 32 and 61 in the same run), with an inter-token p50 of "
-    "387 ms at c=16 against 19 ms at c=1. The in-process loops (77 tok/s) and onnxruntime-genai's static "
-    "batch (82 tok/s) run all 16 rows in one forward per step. The slot executor (issue 16 §2) removes this "
-    "bound; the three fused-layout targets should be measured again once it serves the layout.",
+    "batches only rows of equal length, one forward per length (docs/design.md, \"Model layouts\"). After "
+    "the first burst a closed loop's 16 clients drift out of step, so a decode step runs several small "
+    "forwards where the in-process loops run one: the gateway made 31, 34 and 38 tok/s at c=1, 16 and 64 "
+    "(the Optimum layout, which pads across lengths, 7, 32 and 61 in the same run), with an inter-token p50 "
+    "of 387 ms at c=16 against 19 ms at c=1, while the in-process loops (77 tok/s) and onnxruntime-genai's "
+    "static batch (82 tok/s) run all 16 rows in one forward per step. A shorter check on the same busy "
+    "machine (`--layouts gqa --concurrency 16 --requests 32 --output-tokens 64`, the engine's /metrics) "
+    "counted 11.1 rows per decode step on average but 294 ms per step, against a 130 ms decode-step p50 for "
+    "the in-process 16-row forward. The slot executor (issue 16 §2: its buffer landed, the scheduler does "
+    "not use it yet) removes this bound; the fused-layout targets should be measured again once it serves "
+    "the layout (`make bench BENCH_ARGS='--layouts optimum,gqa'`).",
     "- **int4 at c=1 (met)**: 3.9x the Optimum fp32 single sequence and 1.16x the in-process loop on the same "
     "int4 file (above 1 only because that loop ran during a load spike); the gateway's greedy tokens equal the "
     "loop's (2/2 single, 16/16 batched), as the equivalence tests require.",
