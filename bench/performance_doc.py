@@ -475,9 +475,11 @@ _READING = [
     "static batch (82 tok/s) run all 16 rows in one forward per step. A shorter check on the same busy "
     "machine (`--layouts gqa --concurrency 16 --requests 32 --output-tokens 64`, the engine's /metrics) "
     "counted 11.1 rows per decode step on average but 294 ms per step, against a 130 ms decode-step p50 for "
-    "the in-process 16-row forward. The slot executor (issue 16 §2: its buffer landed, the scheduler does "
-    "not use it yet) removes this bound; the fused-layout targets should be measured again once it serves "
-    "the layout (`make bench BENCH_ARGS='--layouts optimum,gqa'`).",
+    "the in-process 16-row forward. The slot executor (issue 16 §2) landed just after that run: a check "
+    "with it (`--layouts gqa --concurrency 1,16 --requests 4,32 --output-tokens 64 --no-ortgenai`, same busy "
+    "machine) made 72.6 tok/s at c=16 against 127 for the faster in-process batch (0.57, where the check "
+    "before it gave 0.47), 108 ms per engine step, greedy tokens identical (16/16). The fused-layout targets "
+    "need a full rerun on a quiet machine (`make bench BENCH_ARGS='--layouts optimum,gqa'`).",
     "- **int4 at c=1 (met)**: 3.9x the Optimum fp32 single sequence and 1.16x the in-process loop on the same "
     "int4 file (above 1 only because that loop ran during a load spike); the gateway's greedy tokens equal the "
     "loop's (2/2 single, 16/16 batched), as the equivalence tests require.",
