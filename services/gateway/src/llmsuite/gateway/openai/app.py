@@ -128,8 +128,15 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+# JSON escapes every control character below U+0020 but leaves NEL, LINE SEPARATOR and
+# PARAGRAPH SEPARATOR raw, and str.splitlines() breaks lines at them: httpx's aiter_lines (so
+# guidellm and other httpx clients) would cut an SSE event carrying one in two. Written as
+# \uXXXX escapes they mean the same JSON, and every event stays one line.
+_SPLITLINES_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def _json(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_SPLITLINES_BREAKS)
 
 
 class OpenAiApi:
