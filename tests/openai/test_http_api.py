@@ -11,6 +11,7 @@ import socket
 
 import httpx
 import pytest
+from metrics_scrape import Scrape
 
 from llmsuite.client import LlmsuiteClient
 
@@ -347,6 +348,8 @@ def _raw_request(base_url: str, api_key: str, path: str, body: dict) -> socket.s
 def test_disconnecting_mid_stream_cancels_the_generation_upstream(cluster, path):
     body = {**LONG, "stream": True, **({"messages": CHAT["messages"]} if "chat" in path else {"prompt": "Hi"})}
     before = cluster.inference_stats().cancelled_total
+    with httpx.Client(base_url=cluster.base_url) as http:
+        disconnects = _metrics(http).get("llmsuite_openai_sse_disconnects_total", route=f"/v1{path}")
     sock = _raw_request(cluster.base_url, cluster.api_key, path, body)
     received = b""
     while received.count(b"data: ") < 2:  # headers and the first events: the generation is running
@@ -357,6 +360,68 @@ def test_disconnecting_mid_stream_cancels_the_generation_upstream(cluster, path)
     sock.close()
     assert cluster.wait_until(lambda: cluster.inference_stats().cancelled_total == before + 1)
     assert cluster.wait_until(lambda: cluster.inference_stats().running == 0)
+    name = "llmsuite_openai_sse_disconnects_total"
+    with httpx.Client(base_url=cluster.base_url) as http:
+        assert cluster.wait_until(lambda: _metrics(http).get(name, route=f"/v1{path}") == disconnects + 1)
+
+
+def _metrics(http: httpx.Client) -> Scrape:
+    response = http.get("/metrics".join(str(http.base_url).rsplit("/v1", 1)))
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return Scrape(response.text)
+
+
+IGNORED = {"user": "u-1", "store": False, "metadata": {"k": "v"}, "service_tier": "auto", "priority": 3,
+           "prediction": {"type": "content", "content": "x"}, "prompt_cache_key": "k", "safety_identifier": "s"}
+
+
+@pytest.mark.parametrize("path, body, extra", [
+    ("/completions", COMPLETION, {}),
+    ("/chat/completions", CHAT, {"parallel_tool_calls": True, "modalities": ["text"]}),
+])
+def test_fields_that_do_not_change_the_answer_are_accepted_ignored_and_counted(http, path, body, extra):
+    sent = {**IGNORED, **extra, "stream": True, "stream_options": {"include_obfuscation": True}}
+    before = _metrics(http)
+    plain = http.post(path, json=body)
+    ignoring = http.post(path, json={**body, **sent})
+    assert plain.status_code == ignoring.status_code == 200, ignoring.text
+    after = _metrics(http)
+    counted = {*IGNORED, *extra, "stream_options.include_obfuscation"}
+    for field in counted:
+        name = "llmsuite_openai_ignored_fields_total"
+        assert after.get(name, field=field) == before.get(name, field=field) + 1, field
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/completions", with_(COMPLETION, prompt_logprobs=1), "prompt_logprobs"),
+    ("/chat/completions", with_(CHAT, modalities=["text", "audio"]), "modalities"),
+    ("/chat/completions", with_(CHAT, audio={"voice": "alloy", "format": "mp3"}), "audio"),
+    ("/chat/completions", with_(CHAT, reasoning_effort="high"), "reasoning_effort"),
+    ("/chat/completions", with_(CHAT, web_search_options={}), "web_search_options"),
+])
+def test_fields_that_would_change_the_answer_are_refused_by_name(http, path, body, param):
+    assert_openai_error(http.post(path, json=body), 400, param=param, code="unsupported_parameter")
+
+
+def test_metrics_count_requests_by_route_and_status_and_time_to_first_byte(http):
+    before = _metrics(http)
+    assert http.post("/chat/completions", json={**CHAT, "stream": True}).status_code == 200
+    assert http.post("/completions", json=COMPLETION).status_code == 200
+    assert http.post("/completions", json=with_(COMPLETION, temperature="hot")).status_code == 400
+    assert http.get("/models/no-such-model").status_code == 404
+    assert http.get("/no/such/route").status_code == 404
+    after = _metrics(http)
+
+    def grew(route: str, status: str) -> float:
+        name = "llmsuite_openai_requests_total"
+        return after.get(name, route=route, status=status) - before.get(name, route=route, status=status)
+
+    assert grew("/v1/chat/completions", "200") == 1 and grew("/v1/completions", "200") == 1
+    assert grew("/v1/completions", "400") == 1 and grew("/v1/models/{model}", "404") == 1
+    assert grew("other", "404") == 1  # raw paths never become labels
+    ttfb = "llmsuite_openai_time_to_first_byte_seconds_count"
+    assert after.get(ttfb, route="/v1/chat/completions") == before.get(ttfb, route="/v1/chat/completions") + 1
+    assert after.get("process_resident_memory_bytes") > 0
 
 
 def test_chat_completions_open_no_inference_session_and_grpc_chat_does_unless_stateless(cluster):

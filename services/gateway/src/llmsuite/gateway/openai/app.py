@@ -47,6 +47,7 @@ from llmsuite.gateway.openai import errors, responses, tools
 from llmsuite.gateway.openai.choices import StreamedChoice, all_of, choice_seeds, close_all, merged
 from llmsuite.gateway.openai.embeddings import embeddings
 from llmsuite.gateway.openai.errors import ApiError
+from llmsuite.gateway.openai.metrics import ApiMetrics, RequestMetrics
 from llmsuite.gateway.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -142,8 +143,9 @@ def _json(obj: Any) -> str:
 class OpenAiApi:
     """The routes and the one gateway client they share."""
 
-    def __init__(self, settings: ApiSettings) -> None:
+    def __init__(self, settings: ApiSettings, metrics: ApiMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.created = int(time.time())
         self._client: AsyncLlmsuiteClient | None = None
 
@@ -179,6 +181,7 @@ class OpenAiApi:
         refused = parsed.unsupported_fields()  # type: ignore[attr-defined]
         if refused:
             raise errors.unsupported(refused)
+        self.metrics.fields_ignored(parsed.ignored_fields())  # type: ignore[attr-defined]
         try:
             parsed.check_sampling_values()  # type: ignore[attr-defined]
         except InvalidArgument as exc:
@@ -318,6 +321,7 @@ class OpenAiApi:
             raise
 
         async def events() -> AsyncIterator[str]:
+            ended = False  # the last event went out: what follows is not a disconnect
             try:
                 for opening in builder.first_chunks(len(choices)):
                     yield _json(opening)
@@ -330,11 +334,16 @@ class OpenAiApi:
                 for data in builder.final_chunks([choice.completion() for choice in choices], prompts):
                     yield _json(data)
                 yield "[DONE]"
+                ended = True
             except LlmsuiteError as exc:
                 yield _json(errors.from_gateway(exc, renames).body())
+                ended = True
             except ApiError as exc:
                 yield _json(exc.body())
+                ended = True
             finally:
+                if not ended:
+                    self.metrics.stream_disconnected(request.url.path)
                 # Also reached when the caller disconnects (the task is cancelled): cancels the gateway calls.
                 await chunks.aclose()
                 await close_all(choices)
@@ -428,8 +437,13 @@ class TrailingSlashTolerant:
         await self.app(scope, receive, send)
 
 
+_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions",
+           "/v1/embeddings")
+
+
 def build_app(settings: ApiSettings) -> Starlette:
-    api = OpenAiApi(settings)
+    metrics = ApiMetrics(_ROUTES)
+    api = OpenAiApi(settings, metrics)
     routes = [
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", _with_request_id(api.list_models), methods=["GET"]),
@@ -437,8 +451,10 @@ def build_app(settings: ApiSettings) -> Starlette:
         Route("/v1/completions", _with_request_id(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", _with_request_id(api.chat_completions), methods=["POST"]),
         Route("/v1/embeddings", _with_request_id(functools.partial(embeddings, api)), methods=["POST"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=api.lifespan, middleware=[Middleware(TrailingSlashTolerant)],
+    app = Starlette(routes=routes, lifespan=api.lifespan,
+                    middleware=[Middleware(RequestMetrics, metrics=metrics), Middleware(TrailingSlashTolerant)],
                     exception_handlers={
                         ApiError: _api_error,
                         HTTPException: _http_error,

@@ -13,7 +13,7 @@ import base64
 import re
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from starlette.requests import Request
@@ -37,7 +37,8 @@ class EmbeddingRequest(_Strict):
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
-    user: str | None = None  # the caller's own bookkeeping; accepted and not used
+    IGNORED_FIELDS: ClassVar[tuple[str, ...]] = ("user",)
+    user: Any = None  # the caller's own bookkeeping
     # llmsuite extension (extra_body): cut inputs over the model's maximum length instead of a 400.
     truncate: bool | None = None
 

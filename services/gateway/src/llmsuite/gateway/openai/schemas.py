@@ -1,10 +1,13 @@
 """The request bodies the HTTP API accepts, as strict pydantic models.
 
 Strict on purpose: a wrong type (`"temperature": "hot"`, `"stream": 1`) or a
-field nobody here knows is a 400 naming it, never silently coerced or
-ignored. Fields that OpenAI defines but llmsuite cannot honour (`best_of`,
-`suffix`) are declared so that their neutral value passes and anything else
-is refused by name (`unsupported_fields`). Value ranges the
+field nobody here knows is a 400 naming it, never silently coerced. The
+policy for fields (docs/openai.md, Unknown fields): a field is honoured; or
+it is known not to change what is generated (`store`, `metadata`, ...) and is
+accepted, ignored and counted (`IGNORED_FIELDS`); or it would change the
+answer and llmsuite cannot honour it, and is declared so that its neutral
+value passes and anything else is refused by name (`unsupported_fields`: `best_of`, `suffix`, ...); a
+field on none of these lists may change the answer, so it is refused too. Value ranges the
 gateway checks (stop strings, caps) are left to it. Temperature, top_p and
 repetition_penalty are checked here too, with the gateway's own function
 (`llmsuite.runtime.sampling_limits`): JSON numbers are float64 and the protos
@@ -13,7 +16,7 @@ hold float32, so 1e-50 would reach the gateway as 0 (greedy) and 1e39 as inf.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,10 +34,20 @@ def _is_token_id(key: str) -> bool:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # Fields accepted and ignored: they do not change what is generated (counted in
+    # llmsuite_openai_ignored_fields_total). Each is declared on the model, typed Any.
+    IGNORED_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def ignored_fields(self) -> list[str]:
+        """The ignored fields this request sent."""
+        return [name for name in self.IGNORED_FIELDS if name in self.model_fields_set]
 
 
 class StreamOptions(_Strict):
+    IGNORED_FIELDS: ClassVar[tuple[str, ...]] = ("include_obfuscation",)
+
     include_usage: bool | None = None
+    include_obfuscation: Any = None  # random padding against side channels: nothing to hide on this API
 
 
 class _Sampling(_Strict):
@@ -49,7 +62,6 @@ class _Sampling(_Strict):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
-    user: str | None = None  # an end-user id for the caller's own bookkeeping; accepted and not used
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -62,6 +74,22 @@ class _Sampling(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+
+    # Accepted and ignored (see IGNORED_FIELDS): the caller's bookkeeping, OpenAI's storage and
+    # routing hints, vLLM's scheduling priority; `prediction` (predicted outputs) only speeds
+    # OpenAI up, the answer is the same.
+    IGNORED_FIELDS: ClassVar[tuple[str, ...]] = (
+        "user", "store", "metadata", "service_tier", "priority", "prediction", "prompt_cache_key", "safety_identifier")
+    user: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    priority: Any = None
+    prediction: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    # Would change the answer and are not supported: refused unless null (see unsupported_fields).
+    prompt_logprobs: Any = None
 
     @field_validator("stop", mode="plain")
     @classmethod
@@ -97,7 +125,15 @@ class _Sampling(_Strict):
                 refused.append((f"stop_token_ids[{index}]", "token ids are >= 0"))
         if self.stream_options is not None and not self.stream:
             refused.append(("stream_options", "stream_options is only allowed when stream is true"))
+        if self.prompt_logprobs is not None:
+            refused.append(("prompt_logprobs", "prompt_logprobs is not supported"))
         return refused
+
+    def ignored_fields(self) -> list[str]:
+        ignored = super().ignored_fields()
+        if self.stream_options is not None:
+            ignored += [f"stream_options.{name}" for name in self.stream_options.ignored_fields()]
+        return ignored
 
     @property
     def include_usage(self) -> bool:
@@ -210,6 +246,15 @@ class ChatCompletionRequest(_Sampling):
     continue_final_message: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
+    # Chat only. Ignored: parallel_tool_calls (see above), and ["text"] modalities is what is
+    # generated anyway. Refused unless null: audio output, reasoning and
+    # verbosity controls, web search.
+    IGNORED_FIELDS: ClassVar[tuple[str, ...]] = (*_Sampling.IGNORED_FIELDS, "parallel_tool_calls", "modalities")
+    modalities: list[str] | None = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
     _tool_choice = field_validator("tool_choice", mode="plain")(parse_tool_choice)
 
@@ -228,6 +273,11 @@ class ChatCompletionRequest(_Sampling):
             refused.append(("response_format.json_schema.schema", "the schema is required"))
         if self.continue_final_message and self.add_generation_prompt is not False:
             refused.append(("continue_final_message", "continuing the last message needs add_generation_prompt: false"))
+        if self.modalities is not None and set(self.modalities) != {"text"}:
+            refused.append(("modalities", "only text output is supported: modalities [\"text\"]"))
+        for name in ("audio", "reasoning_effort", "verbosity", "web_search_options"):
+            if getattr(self, name) is not None:
+                refused.append((name, f"{name} is not supported"))
         if self.top_logprobs and not self.logprobs:
             refused.append(("top_logprobs", "top_logprobs requires logprobs: true"))
         if (self.max_tokens is not None and self.max_completion_tokens is not None
