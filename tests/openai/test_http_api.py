@@ -242,6 +242,19 @@ def test_prompts_over_the_gateways_limits_are_refused_in_openai_shape(http):
     assert_openai_error(http.post("/completions", json=over_bytes), 413, code="request_too_large")
 
 
+@pytest.mark.parametrize("path, body, param, cap", [
+    ("/completions", with_(COMPLETION, max_tokens=8192), "prompt", "max_tokens"),
+    ("/chat/completions", with_(CHAT, max_tokens=None, max_completion_tokens=8192), "messages",
+     "max_completion_tokens"),
+])
+def test_errors_speak_the_http_apis_names_never_the_grpc_ones(http, path, body, param, cap):
+    # The replica's refusal: prompt + max_new_tokens over the model's context, "set truncate_prompt".
+    error = assert_openai_error(http.post(path, json=body), 400, param=param, code="context_length_exceeded")
+    assert cap in error["message"], error
+    for grpc_name in ("max_new_tokens", "truncate_prompt", "prompt_token_ids", "sampling."):
+        assert grpc_name not in error["message"], error
+
+
 def test_a_trailing_slash_is_the_same_route(http):
     assert http.get("/models/").json()["data"][0]["id"] == "tiny"
     assert http.get("/models/tiny/").json()["id"] == "tiny"

@@ -68,7 +68,25 @@ _GRPC_TO_OPENAI_PARAM = (
     (re.compile(r"^sampling\.stop_strings(\[\d+\])?"), "stop"),
     (re.compile(r"^sampling\.max_new_tokens"), "max_tokens"),
     (re.compile(r"^sampling\."), ""),
+    (re.compile(r"^prompt_token_ids"), "prompt"),  # a replica's name for the prompt the gateway encoded
 )
+# Advice in gateway and replica messages that speaks gRPC: the HTTP API has no prompt
+# truncation and no sessions, so that advice goes, and gRPC names become the HTTP ones.
+_GRPC_ADVICE = (
+    (re.compile(r", lower max_new_tokens or set truncate_prompt"), " or lower max_new_tokens"),
+    (re.compile(r"; set truncate_prompt or start a new session"), ""),
+    (re.compile(r" or set truncate_prompt"), ""),
+)
+_GRPC_WORD = re.compile(r"\b(max_new_tokens|stop_strings|prompt_token_ids)\b")
+
+
+def http_words(message: str, renames: Mapping[str, str]) -> str:
+    """A gateway message with its gRPC field names written as this request's (`max_new_tokens`
+    -> `max_tokens` or `max_completion_tokens`), and advice it cannot follow over HTTP dropped."""
+    for pattern, replacement in _GRPC_ADVICE:
+        message = pattern.sub(replacement, message)
+    return _GRPC_WORD.sub(lambda m: openai_param(f"sampling.{m.group(1)}" if m.group(1) != "prompt_token_ids"
+                                                 else m.group(1), renames), message)
 
 
 def openai_param(field_path: str, renames: Mapping[str, str]) -> str:
@@ -95,6 +113,7 @@ def from_gateway(error: LlmsuiteError, renames: Mapping[str, str] = {}) -> ApiEr
         gateway_path = error.field_violations[0].field
         param = openai_param(gateway_path, renames)
         message = message.replace(gateway_path, param)
+    message = http_words(message, renames)
     if error.code == grpc.StatusCode.NOT_FOUND:
         param = "model"
     code = _OPENAI_CODES.get(error.reason, error.reason.lower() or None)
