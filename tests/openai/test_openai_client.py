@@ -85,6 +85,11 @@ def test_chat_equals_a_one_turn_gateway_chat(client, gateway_client):
     assert response.usage.completion_tokens == 10
     assert response.usage.prompt_tokens == direct.usage.prompt_tokens + direct.usage.cached_tokens
     assert response.usage.prompt_tokens_details.cached_tokens == 0  # a stateless request starts a fresh session
+    # llmsuite's timings extension, from the gateway's summary.
+    timings = response.model_extra["timings"]
+    assert set(timings) == {"queue_ms", "prefill_ms", "time_to_first_token_ms", "mean_inter_token_latency_ms",
+                            "total_ms"}
+    assert 0 < timings["time_to_first_token_ms"] <= timings["total_ms"] and timings["prefill_ms"] > 0
 
 
 def test_chat_stream_async_matches_the_unary_reply(cluster):
@@ -104,6 +109,8 @@ def test_chat_stream_async_matches_the_unary_reply(cluster):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     assert chunks[-1].object == "chat.completion.chunk" and chunks[-1].usage.completion_tokens == 16
+    finish = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finish.model_extra["timings"]["total_ms"] > 0
 
 
 def test_async_completion_and_model_list(cluster):

@@ -42,6 +42,22 @@ def finish_reason(completion: Completion) -> str:
     return _FINISH_REASONS[completion.finish_reason]
 
 
+def timings(c: Completion) -> dict[str, float]:
+    """llmsuite's extension field (llama.cpp's server has one too): where the time went, in
+    milliseconds, as the gateway measured it."""
+    t = c.timings
+    return {"queue_ms": round(t.queue_s * 1000, 3), "prefill_ms": round(t.prefill_s * 1000, 3),
+            "time_to_first_token_ms": round(t.time_to_first_token_s * 1000, 3),
+            "mean_inter_token_latency_ms": round(t.mean_inter_token_latency_s * 1000, 3),
+            "total_ms": round(t.total_s * 1000, 3)}
+
+
+def request_timings(completions: Sequence[Completion]) -> dict[str, float]:
+    """A whole response's timings: with several choices, those of the one that took longest
+    (the request was answered when it finished)."""
+    return timings(max(completions, key=lambda c: c.timings.total_s))
+
+
 def token_text(t: TokenLogprob) -> str:
     return t.token if t.token or t.token_bytes else f"token_id:{t.token_id}"
 
@@ -132,7 +148,8 @@ class ResponseBuilder:
                 choice["text"] = echo + c.text
             choices.append(choice)
         return self._envelope("chat.completion" if self.chat else "text_completion", choices,
-                              usage=total_usage(completions, prompts))
+                              usage=total_usage(completions, prompts),
+                              timings=request_timings(completions))
 
     # -- stream chunks ---------------------------------------------------------------------------
 
@@ -176,7 +193,8 @@ class ResponseBuilder:
         return self._chunk([choice])
 
     def final_chunks(self, c: Completion | Sequence[Completion], prompts: int = 1) -> list[dict[str, Any]]:
-        """A chunk with finish_reason per choice and, when asked for, the usage-only chunk."""
+        """A chunk with finish_reason (and that choice's timings) per choice and, when asked
+        for, the usage-only chunk."""
         completions = [c] if isinstance(c, Completion) else list(c)
         chunks = []
         for index, completion in enumerate(completions):
@@ -185,7 +203,7 @@ class ResponseBuilder:
                 choice["delta"] = {}
             else:
                 choice["text"] = ""
-            chunks.append(self._chunk([choice]))
+            chunks.append(self._chunk([choice], timings=timings(completion)))
         if self.include_usage:
             chunks.append(self._chunk([], usage=total_usage(completions, prompts)))
         return chunks
