@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmsuite.runtime.server import RunningServer, ServiceApp, start_server
@@ -269,3 +270,19 @@ def watch_health(address: str, want: int, service: str = "", timeout: float = 60
         finally:
             stream.cancel()
     raise TimeoutError(f"{address} {service!r} stream ended before reporting {want} (saw {seen})")
+
+
+def wait_http_ready(proc: ServiceProcess, timeout_s: float = 60.0) -> str:
+    """Its base URL once /health answers (200, or 503 for a down gateway); fails
+    as soon as the process dies."""
+    base = f"http://{proc.address}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.proc is not None
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"llmsuite-openai exited:\n{proc.log()}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base}/health", timeout=5).status_code in (200, 503):
+                return base
+        time.sleep(0.05)
+    raise TimeoutError(f"llmsuite-openai never answered /health:\n{proc.log()}")

@@ -19,12 +19,13 @@ from functools import partial
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from support import ServerThread
+from support import ServerThread, ServiceProcess, processes, wait_http_ready
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.admission import GatewayLimits
@@ -149,6 +150,26 @@ def test_a_streamed_generation_is_one_trace_with_every_span_ended(traced_suite):
 
     # Every span any of the three started has ended (and so was exported).
     assert not ledger.never_ended()
+
+
+def test_an_http_callers_traceparent_makes_the_gateway_join_its_trace(traced_suite):
+    exporter, _ledger, address = traced_suite
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    adapter = ServiceProcess(["llmsuite-openai", "--listen", "127.0.0.1:0", "--gateway", address], wait=False)
+    with processes(adapter):
+        base = wait_http_ready(adapter)
+        exporter.clear()
+        answer = httpx.post(f"{base}/v1/completions", timeout=60, json={"model": "tiny", "prompt": "Hello",
+                                                                         "max_tokens": 4},
+                            headers={"traceparent": f"00-{trace_id}-{parent_id}-01", "tracestate": "vendor=x"})
+        assert answer.status_code == 200, answer.text
+    spans = spans_of_one_request(exporter, f"/{GATEWAY}/Generate")
+    root = next(s for s in spans if s.name == f"/{GATEWAY}/Generate" and s.kind is SpanKind.SERVER)
+    assert format(root.context.trace_id, "032x") == trace_id  # the caller's trace, not a new one
+    assert root.parent is not None and format(root.parent.span_id, "016x") == parent_id
+    assert root.context.trace_state.get("vendor") == "x"
+    # The upstream calls stay inside it.
+    assert {f"/{TOKENIZER}/Encode", f"/{INFERENCE}/Generate"} <= {s.name for s in spans}
 
 
 class JsonLines(logging.Handler):

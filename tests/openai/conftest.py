@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
-from support import ServiceProcess, processes
+from support import ServiceProcess, processes, wait_http_ready
 
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
 
@@ -32,22 +31,6 @@ def openai_process(gateway_address: str, *extra: str) -> ServiceProcess:
     # Not waited on through gRPC health: it speaks HTTP (see wait_http_ready).
     return ServiceProcess(["llmsuite-openai", "--listen", "127.0.0.1:0", "--gateway", gateway_address, *extra],
                           wait=False)
-
-
-def wait_http_ready(proc: ServiceProcess, timeout_s: float = 60.0) -> str:
-    """Its base URL once /health answers (200, or 503 for a down gateway); fails
-    as soon as the process dies."""
-    base = f"http://{proc.address}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.proc is not None
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"llmsuite-openai exited:\n{proc.log()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base}/health", timeout=5).status_code in (200, 503):
-                return base
-        time.sleep(0.05)
-    raise TimeoutError(f"llmsuite-openai never answered /health:\n{proc.log()}")
 
 
 @contextlib.contextmanager

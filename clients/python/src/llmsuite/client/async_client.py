@@ -82,6 +82,14 @@ class AsyncLlmsuiteClient:
         view.settings = dataclasses.replace(self.settings, api_key=api_key)
         return view
 
+    def with_metadata(self, metadata: Sequence[tuple[str, str]]) -> AsyncLlmsuiteClient:
+        """A client that shares this one's channel and sends `metadata` with every call
+        besides its own (a proxy passing on its caller's `traceparent`, say). Close only
+        the original."""
+        view = copy.copy(self)
+        view.settings = dataclasses.replace(self.settings, metadata=tuple(metadata))
+        return view
+
     async def __aenter__(self) -> AsyncLlmsuiteClient:
         return self
 

@@ -33,6 +33,8 @@ class ConnectionSettings:
     key_file: str | Path | None = None
     wait_for_ready: bool = True
     max_attempts: int = 3
+    # Sent with every call besides the key and request id, e.g. a caller's W3C trace context.
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.compression not in _COMPRESSION:
@@ -79,7 +81,7 @@ class ConnectionSettings:
                      wait_for_ready: bool | None = None, deadline: bool = True) -> dict[str, Any]:
         """Keyword arguments for a stub call. `deadline=False` drops the
         client's default timeout (chat sessions live as long as their user)."""
-        metadata = list(auth_metadata(self.api_key))
+        metadata = [*auth_metadata(self.api_key), *self.metadata]
         if request_id:
             metadata.append((REQUEST_ID_HEADER, request_id))
         timeout = timeout_s if timeout_s is not None else (self.timeout_s if deadline else None)

@@ -79,6 +79,14 @@ class LlmsuiteClient:
         view.settings = dataclasses.replace(self.settings, api_key=api_key)
         return view
 
+    def with_metadata(self, metadata: Sequence[tuple[str, str]]) -> LlmsuiteClient:
+        """A client that shares this one's channel and sends `metadata` with every call
+        besides its own (a proxy passing on its caller's `traceparent`, say). Close only
+        the original."""
+        view = copy.copy(self)
+        view.settings = dataclasses.replace(self.settings, metadata=tuple(metadata))
+        return view
+
     def __enter__(self) -> LlmsuiteClient:
         return self
 

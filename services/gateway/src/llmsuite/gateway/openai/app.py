@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -100,6 +101,28 @@ def api_key(request: Request) -> str | None:
     return token
 
 
+# W3C trace context (https://www.w3.org/TR/trace-context/): version-traceid-parentid-flags.
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def trace_context(request: Request) -> list[tuple[str, str]]:
+    """The caller's W3C trace context, to go to the gateway as gRPC metadata so that the
+    gateway's spans join the caller's trace; a malformed traceparent is dropped (the trace then
+    starts at the gateway), as the W3C rules ask."""
+    parent = request.headers.get("traceparent", "").strip()
+    if not _TRACEPARENT.match(parent) or parent.startswith("ff"):
+        return []
+    state = request.headers.get("tracestate", "").strip()
+    if state and len(state) <= 512 and _is_header_value(state):
+        return [("traceparent", parent), ("tracestate", state)]
+    return [("traceparent", parent)]
+
+
+def _is_header_value(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
 def request_id(request: Request) -> str:
     """The caller's x-request-id when it is usable as gRPC metadata, else a new one."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
@@ -163,7 +186,9 @@ class OpenAiApi:
 
     def client_for(self, request: Request) -> AsyncLlmsuiteClient:
         assert self._client is not None, "used outside the app's lifespan"
-        return self._client.with_api_key(api_key(request))
+        client = self._client.with_api_key(api_key(request))
+        trace = trace_context(request)
+        return client.with_metadata(trace) if trace else client
 
     async def _body(self, request: Request, schema: type[M]) -> M:
         declared = request.headers.get("content-length", "")
