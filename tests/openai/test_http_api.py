@@ -255,6 +255,36 @@ def test_errors_speak_the_http_apis_names_never_the_grpc_ones(http, path, body, 
         assert grpc_name not in error["message"], error
 
 
+def test_tokenize_and_detokenize_in_vllms_shapes(http, cluster):
+    root = str(http.base_url).rsplit("/v1", 1)[0]
+    prompt = "Hello tokenizer, round trip"
+    tokenized = http.post(f"{root}/tokenize", json={"model": "tiny", "prompt": prompt, "add_special_tokens": False,
+                                                     "return_token_strs": True})
+    assert tokenized.status_code == 200, tokenized.text
+    body = tokenized.json()
+    with LlmsuiteClient(cluster.gateway.address, api_key=cluster.api_key, timeout_s=60) as client:
+        (direct,) = client.tokenize(prompt, model="tiny", add_special_tokens=False)
+    assert body["tokens"] == list(direct.token_ids) and body["count"] == len(direct.token_ids)
+    assert body["max_model_len"] == 8192 and len(body["token_strs"]) == body["count"]
+    assert all(piece in prompt for piece in body["token_strs"])
+    assert http.post(f"{root}/tokenize", json={"model": "tiny", "prompt": prompt}).json()["token_strs"] is None
+    detokenized = http.post(f"{root}/detokenize", json={"model": "tiny", "tokens": body["tokens"]})
+    assert detokenized.status_code == 200 and detokenized.json() == {"prompt": prompt}
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [
+    ("/detokenize", {"model": "tiny", "tokens": [5, 10**6]}, 400, "tokens[1]", "token_id_out_of_range"),
+    ("/detokenize", {"model": "tiny", "tokens": [5, -1]}, 400, "tokens[1]", "invalid_value"),
+    ("/detokenize", {"model": "nope", "tokens": [5]}, 404, "model", "model_not_found"),
+    ("/tokenize", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "prompt": ""}, 400, "messages",
+     "unsupported_parameter"),
+    ("/tokenize", {"model": "tiny"}, 400, "prompt", "missing_required_parameter"),
+])
+def test_tokenize_and_detokenize_refusals_name_the_http_field(http, path, body, status, param, code):
+    root = str(http.base_url).rsplit("/v1", 1)[0]
+    assert_openai_error(http.post(f"{root}{path}", json=body), status, param=param, code=code)
+
+
 def test_a_trailing_slash_is_the_same_route(http):
     assert http.get("/models/").json()["data"][0]["id"] == "tiny"
     assert http.get("/models/tiny/").json()["id"] == "tiny"

@@ -199,6 +199,16 @@ class LlmsuiteClient:
                                                                                    timeout_s=timeout_s))
         return [conv.encoding(e) for e in response.encodings]
 
+    def detokenize(self, token_ids: Sequence[int], *, model: str = "tiny", keep_special_tokens: bool = False,
+                   request_id: str | None = None, timeout_s: float | None = None) -> str:
+        """The text `token_ids` make with the model's tokenizer (special tokens dropped unless kept)."""
+        request = gateway_pb2.DetokenizeRequest(model=model, token_ids=token_ids,
+                                                keep_special_tokens=keep_special_tokens)
+        with rpc_errors():
+            response: gateway_pb2.DetokenizeResponse = self._gateway.Detokenize(
+                request, **self.settings.call_options(request_id=request_id, timeout_s=timeout_s))
+        return response.text
+
     def count_tokens(self, texts: str | Iterable[str], *, model: str = "tiny", add_special_tokens: bool | None = None,
                      request_id: str | None = None, timeout_s: float | None = None) -> TokenCounts:
         request = gateway_pb2.CountTokensRequest(model=model, texts=conv.text_list(texts))

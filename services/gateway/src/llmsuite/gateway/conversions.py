@@ -39,6 +39,11 @@ def count_tokens_request(model: str, texts: Sequence[str], *,
     return request
 
 
+def decode_request(model: str, token_ids: Sequence[int], *, keep_special_tokens: bool) -> tokenizer_pb2.DecodeRequest:
+    return tokenizer_pb2.DecodeRequest(model=model, sequences=[tokenizer_pb2.TokenIds(token_ids=token_ids)],
+                                       skip_special_tokens=not keep_special_tokens)
+
+
 def chat_template_request(model: str, messages: Sequence[common_pb2.ChatMessage],
                           tools: Sequence[common_pb2.Tool] = (), start: pb.ChatStart | None = None
                           ) -> tokenizer_pb2.ApplyChatTemplateRequest:

@@ -189,3 +189,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                              time_limit_s=context.time_remaining())
         self.catalogue.check_pairing(model, counted.content_hash)
         return pb.CountTokensResponse(counts=counted.counts, total=counted.total)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.DetokenizeResponse:
+        model = self.catalogue.lookup(request.model)
+        decoded = await self.up.decode(conv.decode_request(request.model, request.token_ids,
+                                                           keep_special_tokens=request.keep_special_tokens),
+                                       time_limit_s=context.time_remaining())
+        self.catalogue.check_pairing(model, decoded.content_hash)
+        return pb.DetokenizeResponse(text=decoded.texts[0])

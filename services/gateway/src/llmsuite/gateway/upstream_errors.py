@@ -57,7 +57,8 @@ log = logging.getLogger("llmsuite.gateway.upstreams")
 FIELD_RENAMES = (("start.sampling.", "sampling."), ("turn.sampling.", "sampling."), ("sampling.", "sampling."),
                  ("prompt_token_ids", "prompt"), ("texts[0]", "prompt"), ("start.model", "model"),
                  ("template_variables", "start.chat_template_kwargs"),
-                 ("continue_final_message", "start.continue_final_message"))
+                 ("continue_final_message", "start.continue_final_message"),
+                 ("sequences[0].token_ids", "token_ids"), ("sequences", "token_ids"))  # Decode, for Detokenize
 # Codes that describe the request, not the upstream's health.
 _CALLERS_OWN: dict[grpc.StatusCode, type[LlmsuiteError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,

@@ -275,6 +275,11 @@ class Upstreams:
         return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.Encode, request,
                                 time_limit_s=time_limit_s)
 
+    async def decode(self, request: tokenizer_pb2.DecodeRequest, *, time_limit_s: float | None
+                     ) -> tokenizer_pb2.DecodeResponse:
+        return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.Decode, request,
+                                time_limit_s=time_limit_s)
+
     async def count_tokens(self, request: tokenizer_pb2.CountTokensRequest, *, time_limit_s: float | None
                            ) -> tokenizer_pb2.CountTokensResponse:
         return await self._call(self.tokenizer, "tokenizer", self.tokenizer.stub.CountTokens, request,

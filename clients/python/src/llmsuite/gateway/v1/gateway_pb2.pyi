@@ -216,6 +216,22 @@ class TokenizeResponse(_message.Message):
     encodings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Encoding]
     def __init__(self, encodings: _Optional[_Iterable[_Union[_common_pb2.Encoding, _Mapping]]] = ...) -> None: ...
 
+class DetokenizeRequest(_message.Message):
+    __slots__ = ("model", "token_ids", "keep_special_tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    keep_special_tokens: bool
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., keep_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class DetokenizeResponse(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
 class CountTokensRequest(_message.Message):
     __slots__ = ("model", "texts", "add_special_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]

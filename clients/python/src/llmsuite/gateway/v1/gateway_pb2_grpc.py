@@ -64,6 +64,11 @@ class GatewayServiceStub:
                 request_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/llmsuite.gateway.v1.GatewayService/Detokenize',
+                request_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/llmsuite.gateway.v1.GatewayService/Embed',
                 request_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
@@ -119,6 +124,13 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detokenize(self, request, context):
+        """Token ids back to text with the model's tokenizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Embed(self, request, context):
         """One vector per input text (or list of token ids), from an embedding
         model (ModelSummary.kind MODEL_KIND_EMBEDDING). Token usage counts
@@ -160,6 +172,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensRequest.FromString,
                     response_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.DetokenizeRequest.FromString,
+                    response_serializer=llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.DetokenizeResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -329,6 +346,33 @@ class GatewayService:
             '/llmsuite.gateway.v1.GatewayService/CountTokens',
             llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensRequest.SerializeToString,
             llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmsuite.gateway.v1.GatewayService/Detokenize',
+            llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+            llmsuite_dot_gateway_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

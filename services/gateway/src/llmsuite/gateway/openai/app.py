@@ -56,6 +56,7 @@ from llmsuite.gateway.openai.schemas import (
     chat_rendering,
     generation_options,
 )
+from llmsuite.gateway.openai.tokenization import detokenize, tokenize
 from llmsuite.runtime.errors import InvalidArgument
 
 log = logging.getLogger("llmsuite.openai")
@@ -462,8 +463,8 @@ class TrailingSlashTolerant:
         await self.app(scope, receive, send)
 
 
-_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions",
-           "/v1/embeddings")
+_ROUTES = ("/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/v1/models/{model}",
+           "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 
 
 def build_app(settings: ApiSettings) -> Starlette:
@@ -476,6 +477,8 @@ def build_app(settings: ApiSettings) -> Starlette:
         Route("/v1/completions", _with_request_id(api.completions), methods=["POST"]),
         Route("/v1/chat/completions", _with_request_id(api.chat_completions), methods=["POST"]),
         Route("/v1/embeddings", _with_request_id(functools.partial(embeddings, api)), methods=["POST"]),
+        Route("/tokenize", _with_request_id(functools.partial(tokenize, api)), methods=["POST"]),
+        Route("/detokenize", _with_request_id(functools.partial(detokenize, api)), methods=["POST"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=api.lifespan,
