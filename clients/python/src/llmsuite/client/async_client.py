@@ -61,11 +61,12 @@ class AsyncLlmsuiteClient:
         key_file: str | Path | None = None,
         wait_for_ready: bool = True,
         max_attempts: int = 3,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.settings = ConnectionSettings(
             address=address, api_key=api_key, timeout_s=timeout_s, compression=compression, tls=tls,
             ca_file=ca_file, cert_file=cert_file, key_file=key_file, wait_for_ready=wait_for_ready,
-            max_attempts=max_attempts,
+            max_attempts=max_attempts, metadata=tuple(metadata),
         )
         self._channel = self.settings.aio_channel()
         self._gateway = gateway_pb2_grpc.GatewayServiceStub(self._channel)

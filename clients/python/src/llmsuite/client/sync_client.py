@@ -39,7 +39,8 @@ class LlmsuiteClient:
     to `max_attempts` before any response arrived). `timeout_s` is the
     default deadline of each call (None: no deadline); every method takes its
     own `timeout_s` too. With `wait_for_ready` a call waits for the server to
-    come up (within its deadline) instead of failing at once. Failed calls
+    come up (within its deadline) instead of failing at once. `metadata` is
+    sent with every call (see also `with_metadata`). Failed calls
     raise `llmsuite.client.LlmsuiteError` subclasses. Use it as a context
     manager, or call `close()`. Safe to share between threads; the streams and
     chat sessions it returns are not.
@@ -58,11 +59,12 @@ class LlmsuiteClient:
         key_file: str | Path | None = None,
         wait_for_ready: bool = True,
         max_attempts: int = 3,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.settings = ConnectionSettings(
             address=address, api_key=api_key, timeout_s=timeout_s, compression=compression, tls=tls,
             ca_file=ca_file, cert_file=cert_file, key_file=key_file, wait_for_ready=wait_for_ready,
-            max_attempts=max_attempts,
+            max_attempts=max_attempts, metadata=tuple(metadata),
         )
         self._channel = self.settings.sync_channel()
         self._gateway = gateway_pb2_grpc.GatewayServiceStub(self._channel)
