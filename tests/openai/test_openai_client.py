@@ -73,6 +73,40 @@ def test_streamed_completion_joins_to_the_unary_text_and_reports_usage(client):
     assert len({c.id for c in chunks}) == 1
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, chat):
+    # guidellm's stream_options (vLLM's continuous_usage_stats).
+    options = dict(model=MODEL, max_tokens=12, **GREEDY)
+    streamed = dict(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    if chat:
+        messages = [{"role": "user", "content": "Count the usage as you go."}]
+        whole = client.chat.completions.create(messages=messages, **options)
+        chunks = list(client.chat.completions.create(messages=messages, **options, **streamed))
+    else:
+        whole = client.completions.create(prompt="A stream", **options)
+        chunks = list(client.completions.create(prompt="A stream", **options, **streamed))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 12 == counts[-2]  # the finish chunk has them all
+    assert {c.usage.prompt_tokens for c in chunks} == {whole.usage.prompt_tokens}
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    final = chunks[-1].usage
+    assert chunks[-1].choices == [] and (final.prompt_tokens, final.completion_tokens) == (
+        whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+
+def test_continuous_usage_counts_a_shared_prompt_once_over_n_choices(client):
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="Two at once", max_tokens=6, n=2, seed=3, temperature=1.0, stream=True,
+        extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    whole = chunks[-1].usage
+    assert whole.completion_tokens == 12 and chunks[-1].choices == []
+    assert {c.usage.prompt_tokens for c in chunks} == {whole.prompt_tokens}
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-2] == 12
+
+
 def test_chat_equals_a_one_turn_gateway_chat(client, gateway_client):
     response = client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_completion_tokens=10,
                                               **GREEDY)

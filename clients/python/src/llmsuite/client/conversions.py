@@ -225,7 +225,8 @@ class StreamAccumulator:
     def delta(self, delta: gateway_pb2.TextDelta, request_id: str) -> TextChunk:
         self.request_id = request_id or self.request_id
         chunk = TextChunk(text=delta.text, token_ids=tuple(delta.token_ids), logprobs=logprobs(delta.logprobs),
-                          tool_calls=tool_calls(delta.tool_calls))
+                          tool_calls=tool_calls(delta.tool_calls), prompt_tokens=delta.prompt_tokens,
+                          completion_tokens=delta.completion_tokens)
         self._text.append(chunk.text)
         self._token_ids.extend(chunk.token_ids)
         self._logprobs.extend(chunk.logprobs)

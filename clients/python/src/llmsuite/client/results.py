@@ -97,12 +97,17 @@ class TextChunk:
     """One streamed piece of text (whole characters only). `token_ids` and
     `logprobs` are filled when requested and may run ahead of the text.
     `tool_calls`: calls recognised in a chat reply with tools, each whole and
-    sent once (text that may be part of a call is held back until it is known)."""
+    sent once (text that may be part of a call is held back until it is known).
+    `prompt_tokens` and `completion_tokens` are the usage so far: the prompt's
+    length (for a chat reply, the whole rendered conversation; cached tokens
+    included) and the tokens generated until this chunk."""
 
     text: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[PositionLogprobs, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ class ChatSession:
             detok = model.tokenizer.detokenizer(context_ids, skip_special_tokens=not self._start.keep_special_tokens,
                                                 keep_ids=tools.keep_ids() if tools is not None else ())
             async for item in relay_turn(self._stream, detok, stops, started_at=started_at,
-                                         prompt_tokens=len(sent), deadline=deadline,
+                                         prompt_tokens=len(sent), prompt_length=len(full_ids), deadline=deadline,
                                          token_piece=model.tokenizer.token_piece,
                                          include_stop_string=sampling.include_stop_str_in_output):
                 if isinstance(item, Delta):
@@ -179,7 +179,9 @@ class ChatSession:
                             reply.append(text)
                             calls.extend(made)
                             yield pb.ChatResponse(request_id=self._request_id, sequence_number=self._sequence,
-                                                  turn=turn, delta=pb.TextDelta(text=text, tool_calls=made))
+                                                  turn=turn, delta=pb.TextDelta(
+                                                      text=text, tool_calls=made, prompt_tokens=len(full_ids),
+                                                      completion_tokens=len(item.generated_ids)))
                             self._sequence += 1
                         summary.finish_reason = tools.finish_reason(summary.finish_reason)
                     self._history_ids = context_ids + item.generated_ids

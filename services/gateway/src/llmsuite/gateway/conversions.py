@@ -102,7 +102,8 @@ def gateway_final(finish_reason: common_pb2.FinishReason, *, prompt_tokens: int,
 
 def text_delta(delta: Delta, *, token_ids: bool) -> pb.TextDelta:
     """`token_ids`: the caller asked for them (return_token_ids)."""
-    return pb.TextDelta(text=delta.text, token_ids=delta.token_ids if token_ids else (), logprobs=delta.logprobs)
+    return pb.TextDelta(text=delta.text, token_ids=delta.token_ids if token_ids else (), logprobs=delta.logprobs,
+                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens)
 
 
 def generation_summary(outcome: TurnOutcome) -> pb.GenerationSummary:

@@ -125,12 +125,16 @@ def describe_logprobs(positions: list[common_pb2.PositionLogprobs], token_piece:
 
 async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, stop_strings: tuple[str, ...], *,
                      started_at: float, prompt_tokens: int, deadline: Deadline, token_piece: TokenPiece | None = None,
-                     include_stop_string: bool = False) -> AsyncIterator[Delta | TurnOutcome]:
+                     include_stop_string: bool = False, prompt_length: int | None = None
+                     ) -> AsyncIterator[Delta | TurnOutcome]:
     """Relays one upstream turn (until its final message) as text deltas, then
     one TurnOutcome. On a stop string it sends Cancel upstream and waits for
     the turn's final message so usage and timings stay exact; the text ends
     before it, or with it when `include_stop_string`. With `token_piece`,
-    logprobs carry each token's text and bytes."""
+    logprobs carry each token's text and bytes. `prompt_tokens` are the ids sent to
+    the replica; `prompt_length` the whole prompt's (more when a chat session kept
+    the rest), which every delta reports with the tokens generated so far."""
+    length = prompt_tokens if prompt_length is None else prompt_length
     matcher = StopStringMatcher(stop_strings, include_matched=include_stop_string) if stop_strings else None
     generated: list[int] = []
     first_text_at: float | None = None
@@ -183,7 +187,7 @@ async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, sto
                     await stream.stop_generating("stop string")
             if text and first_text_at is None:
                 first_text_at = time.monotonic()
-            yield Delta(text, ids, logprobs)
+            yield Delta(text, ids, logprobs, length, len(generated))
     finally:
         feed.close()
     if time_limited:
@@ -199,7 +203,7 @@ async def relay_turn(stream: InferenceStream, detok: IncrementalDetokenizer, sto
             matched = scan.matched if scan.stopped else None
         if tail:
             first_text_at = first_text_at or time.monotonic()
-            yield Delta(tail, [], [])
+            yield Delta(tail, [], [], length, len(generated))
     yield TurnOutcome(final, time.monotonic() - started_at,
                       None if first_text_at is None else first_text_at - started_at, generated, matched,
                       time_limited)

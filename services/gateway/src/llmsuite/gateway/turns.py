@@ -17,6 +17,8 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[common_pb2.PositionLogprobs]
+    prompt_tokens: int = 0  # the whole prompt's length (cached tokens included)
+    completion_tokens: int = 0  # generated until this delta
 
 
 @dataclass

@@ -259,7 +259,8 @@ class OpenAiApi:
         prompts = [prompt for prompt in req.prompt for _ in range(n)]
         echo = [prompt if isinstance(prompt, str) else "" for prompt in prompts] if req.echo else []
         builder = responses.ResponseBuilder(chat=False, request_id=rid, created=int(time.time()), model=req.model,
-                                            logprobs=logprobs, include_usage=req.include_usage, echo=echo)
+                                            logprobs=logprobs, include_usage=req.include_usage,
+                                            continuous_usage=req.continuous_usage, choices_per_prompt=n, echo=echo)
         renames = request.state.renames = {"top_logprobs": "logprobs", "keep_special_tokens": "skip_special_tokens"}
         options = dict(model=req.model, request_id=rid, timeout_s=self.settings.request_timeout_s, **sampling)
         if n > 1:
@@ -289,7 +290,8 @@ class OpenAiApi:
         rendering = chat_rendering(req, keep_special_tokens=sampling.pop("keep_special_tokens"))
         sampling["constraint"] = _constraint(req.response_format)
         builder = responses.ResponseBuilder(chat=True, request_id=rid, created=int(time.time()), model=req.model,
-                                            logprobs=bool(req.logprobs), include_usage=req.include_usage)
+                                            logprobs=bool(req.logprobs), include_usage=req.include_usage,
+                                            continuous_usage=req.continuous_usage, choices_per_prompt=req.n or 1)
         renames = request.state.renames = {"prompt": "messages", "max_tokens": req.max_tokens_param,
                                            **_RESPONSE_FORMAT_RENAMES, **tools.renames(len(req.tools or ()))}
         # A stateless request carries the whole conversation: the history opens the
@@ -349,6 +351,8 @@ class OpenAiApi:
         async def events() -> AsyncIterator[str]:
             ended = False  # the last event went out: what follows is not a disconnect
             try:
+                if first is not None:
+                    builder.observe_usage(first[1], first[0])
                 for opening in builder.first_chunks(len(choices)):
                     yield _json(opening)
                 item = first

@@ -106,13 +106,18 @@ class ResponseBuilder:
     text each completion choice starts with (its prompt, when `echo` was asked)."""
 
     def __init__(self, *, chat: bool, request_id: str, created: int, model: str, logprobs: bool,
-                 include_usage: bool = False, echo: Sequence[str] = ()) -> None:
+                 include_usage: bool = False, continuous_usage: bool = False, choices_per_prompt: int = 1,
+                 echo: Sequence[str] = ()) -> None:
         self.chat = chat
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         self.created = created
         self.model = model
         self.logprobs = logprobs
         self.include_usage = include_usage
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far, not null.
+        self.continuous_usage = include_usage and continuous_usage
+        self.choices_per_prompt = max(1, choices_per_prompt)
+        self._usage_so_far: dict[int, tuple[int, int]] = {}  # per choice: (prompt tokens, completion tokens)
         self.echo = tuple(echo)
         self._streamed_chars: dict[int, int] = {}  # per choice: text already sent (logprobs' text_offset)
         self._tool_calls: dict[int, tools.StreamedToolCalls] = {}  # per choice
@@ -155,7 +160,7 @@ class ResponseBuilder:
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         if self.include_usage:
-            extra.setdefault("usage", None)
+            extra.setdefault("usage", self._running_usage() if self.continuous_usage else None)
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", choices, **extra)
 
     def first_chunks(self, choices: int = 1) -> list[dict[str, Any]]:
@@ -179,6 +184,7 @@ class ResponseBuilder:
 
     def text_chunk(self, chunk: TextChunk, index: int = 0) -> dict[str, Any] | None:
         """A delta; None when there is nothing to show (held-back text, no logprobs asked)."""
+        self.observe_usage(chunk, index)
         if not chunk.text and not chunk.tool_calls and not (self.logprobs and chunk.logprobs):
             return None
         sent = self._streamed_chars.get(index, 0)
@@ -192,6 +198,21 @@ class ResponseBuilder:
             self._streamed_chars[index] = sent + sum(len(token_text(p.chosen)) for p in chunk.logprobs)
         return self._chunk([choice])
 
+    def observe_usage(self, chunk: TextChunk, index: int = 0) -> None:
+        """Takes the usage so far a delta reports (for continuous usage); the stream calls it for
+        its first delta before the opening chunks, so those carry the prompt's length too."""
+        self._usage_so_far[index] = (chunk.prompt_tokens, chunk.completion_tokens)
+
+    def _running_usage(self) -> dict[str, Any]:
+        """Usage so far over every choice, each prompt counted once (as `total_usage` does)."""
+        prompts: dict[int, int] = {}
+        generated = 0
+        for index, (prompt, completion) in self._usage_so_far.items():
+            prompts.setdefault(index // self.choices_per_prompt, prompt)
+            generated += completion
+        prompt = sum(prompts.values())
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
     def final_chunks(self, c: Completion | Sequence[Completion], prompts: int = 1) -> list[dict[str, Any]]:
         """A chunk with finish_reason (and that choice's timings) per choice and, when asked
         for, the usage-only chunk."""
@@ -203,6 +224,8 @@ class ResponseBuilder:
                 choice["delta"] = {}
             else:
                 choice["text"] = ""
+            u = completion.usage  # exact now: the finish chunk's running usage counts it
+            self._usage_so_far[index] = (u.prompt_tokens + u.cached_tokens, u.completion_tokens)
             chunks.append(self._chunk([choice], timings=timings(completion)))
         if self.include_usage:
             chunks.append(self._chunk([], usage=total_usage(completions, prompts)))

@@ -47,6 +47,8 @@ class StreamOptions(_Strict):
     IGNORED_FIELDS: ClassVar[tuple[str, ...]] = ("include_obfuscation",)
 
     include_usage: bool | None = None
+    # vLLM's: with include_usage, every chunk carries the usage so far (guidellm sends it).
+    continuous_usage_stats: bool | None = None
     include_obfuscation: Any = None  # random padding against side channels: nothing to hide on this API
 
 
@@ -138,6 +140,10 @@ class _Sampling(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_Sampling):
