@@ -17,10 +17,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
-from metrics_scrape import scrape
-from support import REPO, ServerThread
+from metrics_scrape import Scrape, scrape
+from support import REPO, ServerThread, ServiceProcess, processes, wait_http_ready
 
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.admission import GatewayLimits
@@ -161,7 +162,8 @@ def family(sample_name: str) -> str:
 
 @pytest.fixture(scope="module")
 def exported(tiny_model_dir: Path) -> set[str]:
-    """Metric family names a live cluster (all three services, one generation) exports."""
+    """Metric family names a live cluster (all three services and the HTTP API, one generation
+    through each front door) exports."""
     settings = ServerSettings(listen="127.0.0.1:0", grace_period_s=1.0, log_format="text",
                               metrics_listen="127.0.0.1:0")
     tokenizer = TokenizerApp({"tiny": tiny_model_dir}, TokenizerLimits())
@@ -173,7 +175,18 @@ def exported(tiny_model_dir: Path) -> set[str]:
         with ServerThread(app, settings) as gw, gw.channel() as ch:
             gateway_pb2_grpc.GatewayServiceStub(ch).Generate(pb.GenerateRequest(
                 model="tiny", prompt="Hello", sampling=common_pb2.SamplingParams(max_new_tokens=4)), timeout=60)
+            # The HTTP API serves its metrics on its own port, beside the API.
+            with processes(ServiceProcess(["llmsuite-openai", "--listen", "127.0.0.1:0", "--gateway", gw.address],
+                                          wait=False)) as (http,):
+                base = wait_http_ready(http)
+                answered = httpx.post(f"{base}/v1/completions", timeout=60, json={
+                    "model": "tiny", "prompt": "Hello", "max_tokens": 2, "user": "counted-as-ignored"})
+                assert answered.status_code == 200, answered.text
+                with httpx.Client(timeout=30) as client:
+                    adapter = client.get(f"{base}/metrics")
+                assert adapter.status_code == 200
             scrapes = [scrape(s.running.metrics_port) for s in (tok, inf, gw)]
+    scrapes.append(Scrape(adapter.text))
     return {name for result in scrapes for name in result.families}
 
 
