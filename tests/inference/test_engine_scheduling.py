@@ -118,6 +118,17 @@ def test_concurrent_streams_all_progress(load_engine: Any, tiny_llama_dir: Path,
     """Round-robin: with 4 concurrent requests, each has its first token before any finishes."""
     engine = load_engine({"tiny": tiny_llama_dir}, max_running=4)
     helpers.slow_forward(monkeypatch, 0.005)
+    # The first forward waits until all four requests are in the engine: on a busy machine the
+    # event loop could otherwise submit the last ones only after the first had finished.
+    everyone_submitted = threading.Event()
+    for name in ("run", "run_in_place"):
+        original = getattr(OnnxDecoder, name)
+
+        def gated(self: OnnxDecoder, *args: Any, _original: Any = original) -> Any:
+            everyone_submitted.wait(timeout=60)
+            return _original(self, *args)
+
+        monkeypatch.setattr(OnnxDecoder, name, gated)
     events: list[tuple[int, str]] = []
 
     async def one(index: int) -> None:
@@ -128,7 +139,10 @@ def test_concurrent_streams_all_progress(load_engine: Any, tiny_llama_dir: Path,
         session.close()
 
     async def scenario() -> None:
-        await asyncio.gather(*(one(i) for i in range(4)))
+        runs = [asyncio.ensure_future(one(i)) for i in range(4)]
+        await helpers.wait_until(lambda: engine.stats("tiny").total_requests == 4, within_s=60)
+        everyone_submitted.set()
+        await asyncio.gather(*runs)
 
     asyncio.run(scenario())
     first_done = next(i for i, (_, kind) in enumerate(events) if kind == "done")
