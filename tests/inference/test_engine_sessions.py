@@ -93,14 +93,15 @@ def test_single_requests_leave_their_kv_for_later_requests(engine: Any, cold: An
 
 def test_unused_cache_expires_then_recomputes_transparently(load_engine: Any, tiny_llama_dir: Path, cold: Any,
                                                             helpers: Any) -> None:
-    engine = load_engine({"tiny": tiny_llama_dir}, session_idle_timeout_s=0.2)
+    # Long enough that a busy machine still sees the entry right after the turn, short enough to wait for.
+    engine = load_engine({"tiny": tiny_llama_dir}, session_idle_timeout_s=3.0)
 
     async def scenario() -> None:
         session = engine.open_session("tiny", multi_turn=True)
         first, _ = await helpers.run_turn(session, TURN_1, greedy(5))
         assert engine.stats("tiny").cached_tokens == session.cached_tokens > 0
 
-        await helpers.wait_until(lambda: engine.stats("tiny").cached_tokens == 0, within_s=3.0)
+        await helpers.wait_until(lambda: engine.stats("tiny").cached_tokens == 0, within_s=60.0)
         stats = engine.stats("tiny")
         assert stats.prefix_cache_evictions == 1 and stats.kv_bytes == 0 and stats.sessions == 1
         assert session.cached_tokens == 0
