@@ -113,9 +113,15 @@ class GatewayApp:
 
     async def stop(self) -> None:
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            # Cancel until it has ended: on Python 3.11 asyncio.wait_for returns the inner
+            # result instead of raising when a cancellation and that result arrive together (an
+            # upstream's channel changing state as shutdown begins wakes the loop), so one
+            # cancel can be lost and the refresh loop would run on for ever.
+            while not self._refresher.done():
+                self._refresher.cancel()
+                await asyncio.wait({self._refresher}, timeout=1.0)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                self._refresher.result()
         if self.upstreams is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.upstreams.close(), 5)
