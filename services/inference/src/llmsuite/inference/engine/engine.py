@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from llmsuite.inference.engine.constraints import ConstraintCompiler
+from llmsuite.inference.engine.delivery import mailbox_for
 from llmsuite.inference.engine.device import gpu_free_bytes, intra_op_threads
 from llmsuite.inference.engine.embedding import EmbeddingQueue, EmbeddingResult, load_embedding_model
 from llmsuite.inference.engine.errors import ModelLoadError
@@ -127,8 +128,10 @@ class GenerationSession:
         results: asyncio.Queue[GeneratedToken | TurnResult | TurnFailed] = asyncio.Queue()
         self._results = results
 
+        mailbox = mailbox_for(loop)  # one wake-up of the loop per step, for all its rows' tokens
+
         def deliver(item: GeneratedToken | TurnResult | TurnFailed) -> None:
-            loop.call_soon_threadsafe(results.put_nowait, item)
+            mailbox.post(results, item)
 
         # Compiled here, off the scheduler thread, before the turn takes a place in the queue.
         grammar = await self._constraints.start_row(params.constraint) if params.constraint is not None else None

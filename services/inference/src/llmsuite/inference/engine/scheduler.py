@@ -3,7 +3,8 @@ applies the results.
 
 The asyncio side only submits, cancels and reads results; every model forward runs on the
 scheduler's own worker thread, so the event loop is never blocked by model work. Results
-go back through a per-turn `deliver` callback (the engine wraps `loop.call_soon_threadsafe`).
+go back through a per-turn `deliver` callback (the engine posts to its event loop's mailbox,
+delivery.py; a batch of sampled tokens wakes each loop once).
 
 The work is split as vLLM's scheduler and onnxruntime-genai's Engine split it:
   * the planner (planner.py) decides what a step does: which rows end before any forward,
@@ -52,6 +53,7 @@ from itertools import count
 from typing import Any
 
 from llmsuite.inference.engine.constraints import RowGrammar
+from llmsuite.inference.engine.delivery import batched_wakeups
 from llmsuite.inference.engine.executor import KvExecutor, KvReleaseFailed, PrefillWork, StoredKv
 from llmsuite.inference.engine.faults import caller_error, engine_failed
 from llmsuite.inference.engine.kv_budget import KvBudget, RowsKv
@@ -469,8 +471,9 @@ class Scheduler:
         """Samples each fully prefilled row's first token; the rows that go on start decoding."""
         pool = self._sampling_pool if len(rows) > 1 else None
         sampled = choose_batch([turn.sampler for turn in rows], logits, pool)
-        self._retire([e for e in (self._emit(t, token) for t, token in zip(rows, sampled, strict=True))
-                      if e is not None])
+        with batched_wakeups():  # the rows' tokens reach each event loop in one wake-up (delivery.py)
+            self._retire([e for e in (self._emit(t, token) for t, token in zip(rows, sampled, strict=True))
+                          if e is not None])
         going_on = [turn for turn in rows if turn in self._prefilling]  # not ended, not failed
         if not going_on:
             return
@@ -500,8 +503,9 @@ class Scheduler:
             decoded += len(outcome.rows)
             forwards += 1
             sampled = choose_batch([turn.sampler for turn in outcome.rows], outcome.logits, self._sampling_pool)
-            self._retire([e for e in (self._emit(t, token) for t, token in zip(outcome.rows, sampled, strict=True))
-                          if e is not None])
+            with batched_wakeups():
+                self._retire([e for e in (self._emit(t, token)
+                                          for t, token in zip(outcome.rows, sampled, strict=True)) if e is not None])
         return decoded, forwards
 
     def _retire(self, endings: Sequence[Ending]) -> None:
