@@ -14,21 +14,27 @@ ONNX Runtime GenAI's fused layout `--layout gqa`, and that layout quantized to i
    ignored), sampling the inference process's memory and KV counters meanwhile. With
    --profile, py-spy records the inference and gateway processes meanwhile (to find what
    bounds a missed target).
-4. On the --http-layout: the HTTP hop (issue 17), c=--http-concurrency through the gateway
+4. On the fused fp32 layout (gqa): --paired-rounds rounds of the gateway at c=--batch, each
+   followed by every yardstick of issue 16 on that level's prompts (in-process fused and
+   Optimum batches, onnxruntime-genai's Engine serving the same requests --batch at a time,
+   and its Generator), so each ratio is taken within a round (this machine's speed drifts by
+   more than the targets' margins over minutes); the targets use the median over rounds.
+5. On the --http-layout: the HTTP hop (issue 17), c=--http-concurrency through the gateway
    over gRPC and then the same prompts through `llmsuite-openai` (bench/http_bench.py),
    alternated --http-rounds times on the same cluster.
-5. On the first layout only: issue 17's constrained level (c=16 with every request under
+6. On the first layout only: issue 17's constrained level (c=16 with every request under
    bench/structured_output.schema.json against plain c=16, alternated), with --chat issue
    11's multi-turn workload, and the embeddings level (issue 18): the cluster also serves the
    encoder bench preset, `llmsuite bench --workload embed` at --embed-concurrency, and after
    the cluster stops bench/embed_reference.py embeds the same texts straight on onnxruntime.
-6. Stops the cluster, then runs the references on a quiet machine, straight on onnxruntime
+7. Stops the cluster, then runs the references on a quiet machine, straight on onnxruntime
    with the same session settings and the very prompt tokens the gateway sent
    (bench/reference.py): one sequence at a time, and one batch (left-padded; in the fused
    layout also with the KV buffer shared in place, as onnxruntime-genai runs it).
-After every layout: onnxruntime-genai's own Generator (static batch of --batch) on the fused
-fp32 files with the c=--batch prompts, in its own virtual environment
-(bench/ortgenai_reference.py; `make bench` installs it, --no-ortgenai skips it).
+After the fused fp32 layout's references: onnxruntime-genai's own Generator (static batch of
+--batch) on its files with the c=--batch prompts, in its own virtual environment
+(bench/ortgenai_reference.py; `make bench` installs it, --no-ortgenai skips it and the paired
+rounds' onnxruntime-genai sides).
 Then it prints issue 7's ratios per layout and issue 16's and 17's across them, and writes
 them, with the machine, the command and the run's duration, to docs/performance.md (unless
 --no-write). Raw results go to --results-dir.
@@ -488,24 +494,80 @@ def run_http_hop(cluster: Cluster, args: argparse.Namespace, out_dir: Path) -> d
     }
 
 
-def run_ortgenai(args: argparse.Namespace, model_dir: Path, batch_rows: list[list[int]], out_dir: Path
-                 ) -> dict[str, Any] | None:
-    """onnxruntime-genai's Generator on the same files and prompts, in its own environment."""
+def run_ortgenai(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], out_dir: Path, *,
+                 mode: str = "generator", runs: int | None = None, name: str = "ortgenai") -> dict[str, Any] | None:
+    """onnxruntime-genai on the same files and prompts, in its own environment: its Generator
+    over `prompts` as one static batch, or (mode "engine") its Engine serving them --batch at a time."""
     if not args.ortgenai_python.is_file():
         print(f"onnxruntime-genai: no {args.ortgenai_python} (make bench installs it); skipped", file=sys.stderr)
         return None
-    prompts = out_dir / "ortgenai-prompts.json"
-    prompts.write_text(json.dumps(batch_rows))
+    prompts_path = out_dir / f"{name}-prompts.json"
+    prompts_path.write_text(json.dumps(prompts))
     argv = [str(args.ortgenai_python), str(BENCH / "ortgenai_reference.py"), "--model-dir", str(model_dir),
-            "--prompts", str(prompts), "--new-tokens", str(args.output_tokens), "--batch", str(len(batch_rows)),
-            "--runs", str(args.reference_runs), "--threads", str(args.threads)]
+            "--prompts", str(prompts_path), "--new-tokens", str(args.output_tokens), "--batch", str(len(prompts)),
+            "--runs", str(args.reference_runs if runs is None else runs), "--threads", str(args.threads),
+            "--mode", mode, "--engine-concurrency", str(args.batch)]
     print("$ " + shlex.join(argv), file=sys.stderr, flush=True)
     done = subprocess.run(argv, stdout=subprocess.PIPE, check=False)
     if done.returncode != 0:
         raise SystemExit(f"bench/ortgenai_reference.py failed with exit code {done.returncode}")
     result: dict[str, Any] = json.loads(done.stdout)
-    (out_dir / "ortgenai.json").write_bytes(done.stdout)
+    (out_dir / f"{name}.json").write_bytes(done.stdout)
     return result
+
+
+PAIRED_SIDES = {  # issue 16's yardsticks for the fused layout's gateway at c=--batch
+    "fused_batch": "fused in-process batch (KV buffer shared in place)",
+    "optimum_batch": "Optimum in-process batch (left-padded)",
+    "ortgenai_engine": "onnxruntime-genai Engine (closed loop, static batching)",
+    "ortgenai_generator": "onnxruntime-genai Generator (static batch)",
+}
+
+
+def run_paired_rounds(cluster: Cluster, args: argparse.Namespace, model_dir: Path, out_dir: Path
+                      ) -> dict[str, Any]:
+    """Issue 16's c=--batch ratios, each side measured right after the gateway, --paired-rounds times.
+
+    This machine's speed drifts by 10-20% over minutes (other tenants of the host), more than the
+    margins of the targets, so a ratio of two figures taken minutes apart says little. Here each
+    round runs the gateway level (its cluster then idles, which costs nothing) and every
+    yardstick in turn, each ratio is taken within its round, and the median over rounds is
+    reported with the spread."""
+    optimum_dir = args.models_dir / LAYOUTS["optimum"].folder
+    ensure_built(LAYOUTS["optimum"], optimum_dir)
+    loops = {"fused_batch": ReferenceSession.load(model_dir, intra_op_threads=args.threads, device=args.device),
+             "optimum_batch": ReferenceSession.load(optimum_dir, intra_op_threads=args.threads, device=args.device)}
+    rounds: list[dict[str, Any]] = []
+    prompts: list[list[int]] = []
+    for index in range(args.paired_rounds):
+        print(f"[paired] round {index + 1} of {args.paired_rounds}", file=sys.stderr, flush=True)
+        saved = out_dir / f"paired-{index}-prompts.jsonl"
+        level, _ = llmsuite_bench(cluster, [
+            "-c", str(args.batch), "-n", str(args.paired_requests), "--prompt-tokens", str(args.prompt_tokens),
+            "--output-tokens", str(args.output_tokens), "--warmup", "0", "--seed", str(args.seed + 1000 + index),
+            "--save-prompts", str(saved)], out_dir / f"paired-{index}-gateway.json")
+        prompts = [json.loads(line)["token_ids"] for line in saved.read_text().splitlines()]
+        batch = prompts[:args.batch]
+        figures: dict[str, float | None] = {"gateway": level["levels"][0]["output_tokens_per_s"]}
+        for key, loop in loops.items():
+            if index == 0:
+                greedy(loop, batch, 2)  # warm-up outside the timings
+            run = greedy(loop, batch, args.output_tokens)
+            figures[key] = run.output_tokens / run.total_s
+        if args.ortgenai:
+            engine = run_ortgenai(args, model_dir, prompts, out_dir, mode="engine", runs=1,
+                                  name=f"paired-{index}-ortgenai-engine")
+            generator = run_ortgenai(args, model_dir, batch, out_dir, runs=1, name=f"paired-{index}-ortgenai")
+            figures["ortgenai_engine"] = engine["output_tokens_per_s"] if engine else None
+            figures["ortgenai_generator"] = generator["output_tokens_per_s"] if generator else None
+        rounds.append({k: None if v is None else round(v, 2) for k, v in figures.items()})
+    ratios = {}
+    for side in PAIRED_SIDES:
+        per_round = [r["gateway"] / r[side] for r in rounds if r.get(side)]
+        ratios[side] = ({"median": round(statistics.median(per_round), 3), "min": round(min(per_round), 3),
+                         "max": round(max(per_round), 3)} if per_round else None)
+    return {"rounds": rounds, "ratios": ratios, "sides": PAIRED_SIDES, "concurrency": args.batch,
+            "requests": args.paired_requests}
 
 
 def token_agreement(outputs: dict[tuple[int, ...], list[int]], rows: list[list[int]], runs: list[GreedyRun]
@@ -585,7 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--http-rounds", type=int, default=2, help="gRPC-then-HTTP rounds, summed on each side")
     ortgenai = parser.add_argument_group("onnxruntime-genai (issue 16)")
     ortgenai.add_argument("--no-ortgenai", dest="ortgenai", action="store_false",
-                          help="skip onnxruntime-genai's Generator on the fused fp32 files")
+                          help="skip onnxruntime-genai (its Generator and its Engine) on the fused fp32 files")
+    ortgenai.add_argument("--paired-rounds", type=int, default=3,
+                          help="rounds of the fused layout's gateway at c=--batch against each yardstick in turn "
+                               "(in-process fused and Optimum batches, onnxruntime-genai's Engine and Generator), "
+                               "for issue 16's ratios; 0 skips them")
+    ortgenai.add_argument("--paired-requests", type=int, default=48,
+                          help="requests of each paired round's gateway level (the Engine serves the same prompts)")
     ortgenai.add_argument("--ortgenai-python", type=Path, default=ORTGENAI_PYTHON,
                           help="the interpreter of the environment holding onnxruntime-genai (make bench makes it "
                                "from bench/requirements/ortgenai.txt)")
@@ -664,6 +732,8 @@ def run_layout(layout: Layout, args: argparse.Namespace, *, primary: bool) -> di
         with MemoryWatch(pid, cluster.address("inference")) as memory, profiling(services, out_dir):
             gateway, bench_argv = run_gateway_bench(cluster, args, out_dir)
         steps = engine_steps(cluster)
+        if layout.name == "gqa" and args.paired_rounds > 0:
+            extra["paired"] = run_paired_rounds(cluster, args, model_dir, out_dir)
         if layout.name == http_layout(args):
             extra["http_hop"] = run_http_hop(cluster, args, out_dir)
         if primary:
