@@ -561,13 +561,18 @@ def run_paired_rounds(cluster: Cluster, args: argparse.Namespace, model_dir: Pat
             figures["ortgenai_engine"] = engine["output_tokens_per_s"] if engine else None
             figures["ortgenai_generator"] = generator["output_tokens_per_s"] if generator else None
         rounds.append({k: None if v is None else round(v, 2) for k, v in figures.items()})
-    ratios = {}
+    return {"rounds": rounds, "ratios": summarise_rounds(rounds), "sides": PAIRED_SIDES, "concurrency": args.batch,
+            "requests": args.paired_requests}
+
+
+def summarise_rounds(rounds: list[dict[str, float | None]]) -> dict[str, dict[str, float] | None]:
+    """Per yardstick: the median, least and greatest of gateway / it over the rounds that ran it."""
+    ratios: dict[str, dict[str, float] | None] = {}
     for side in PAIRED_SIDES:
-        per_round = [r["gateway"] / r[side] for r in rounds if r.get(side)]
+        per_round = [gateway / theirs for r in rounds if (theirs := r.get(side)) and (gateway := r["gateway"])]
         ratios[side] = ({"median": round(statistics.median(per_round), 3), "min": round(min(per_round), 3),
                          "max": round(max(per_round), 3)} if per_round else None)
-    return {"rounds": rounds, "ratios": ratios, "sides": PAIRED_SIDES, "concurrency": args.batch,
-            "requests": args.paired_requests}
+    return ratios
 
 
 def token_agreement(outputs: dict[tuple[int, ...], list[int]], rows: list[list[int]], runs: list[GreedyRun]

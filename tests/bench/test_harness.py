@@ -133,3 +133,35 @@ def test_bench_http_hands_each_tool_the_local_tokenizer(tmp_path, ecosystem):
     aiperf = ecosystem.aiperf_argv(tmp_path, "http://127.0.0.1:1", tmp_path / "model", tmp_path, "gqa")
     assert aiperf[aiperf.index("--tokenizer") + 1] == str(tmp_path / "model")
     assert aiperf[aiperf.index("--model") + 1] == "gqa"
+
+
+def test_paired_rounds_give_the_fused_ratios_as_medians_within_rounds(performance_doc, bench_run):
+    """With paired rounds the fused layout's ratios are each round's own, medianed: a round where
+    the machine ran slow for both sides (round 2) gives the same ratio as a fast one."""
+    results = copy.deepcopy(RESULTS)
+    rounds = [{"gateway": 400.0, "fused_batch": 400.0, "optimum_batch": 320.0, "ortgenai_engine": 200.0,
+               "ortgenai_generator": 440.0},
+              {"gateway": 200.0, "fused_batch": 200.0, "optimum_batch": 160.0, "ortgenai_engine": 100.0,
+               "ortgenai_generator": 220.0},
+              {"gateway": 360.0, "fused_batch": 450.0, "optimum_batch": 300.0, "ortgenai_engine": 240.0,
+               "ortgenai_generator": None}]
+    results["layouts"]["gqa"]["paired"] = {"rounds": rounds, "ratios": bench_run.summarise_rounds(rounds),
+                                           "concurrency": 16, "requests": 48, "sides": bench_run.PAIRED_SIDES}
+    ratios = {r["name"]: r for r in performance_doc.cross_layout_ratios(results, batch=16)}
+    versus_fused = ratios["fused fp32: gateway c=16 / fused in-process batch of 16 (KV shared in place), "
+                          "median of 3 paired rounds"]
+    assert versus_fused["value"] == 1.0 and versus_fused["met"] is True  # not 540 / 600 across the run
+    versus_optimum = ratios["fused fp32: gateway c=16 / Optimum in-process batch of 16, median of 3 paired rounds"]
+    assert versus_optimum["value"] == 1.25 and versus_optimum["met"] is False
+    engine = ratios["fused fp32: gateway c=16 / onnxruntime-genai Engine, same requests 16 at a time, "
+                    "median of 3 paired rounds"]
+    assert engine["value"] == 2.0 and engine["met"] is True
+    assert not any("static batch" in name for name in ratios)  # the Generator is context, not the target
+
+
+def test_paired_rounds_summarise_each_side_by_its_median_and_range(bench_run):
+    rounds = [{"gateway": 400.0, "fused_batch": 500.0}, {"gateway": 300.0, "fused_batch": 300.0},
+              {"gateway": 330.0, "fused_batch": 400.0}]
+    summary = bench_run.summarise_rounds(rounds)
+    assert summary["fused_batch"] == {"median": 0.825, "min": 0.8, "max": 1.0}
+    assert summary["ortgenai_engine"] is None  # not run (--no-ortgenai)
