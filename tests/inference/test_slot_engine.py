@@ -163,3 +163,50 @@ def test_a_budget_without_room_for_one_slot_fails_at_load(load_engine: Any, gqa_
         load_engine({"gqa": gqa_dir}, kv_cache_bytes=100 * BYTES_PER_TOKEN)
     engine = load_engine({"gqa": gqa_dir}, kv_cache_bytes=100 * BYTES_PER_TOKEN, max_model_len=100)
     assert engine.stats("gqa").kv_bytes == 100 * BYTES_PER_TOKEN
+
+
+class ForwardCounts:
+    """Counts the decoder's padded forwards and its in-place (slot buffer) forwards."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.padded = self.in_place = 0
+        counts = self
+        forward, run_in_place = OnnxDecoder.forward, OnnxDecoder.run_in_place
+
+        def counted_forward(self: OnnxDecoder, *args: Any) -> Any:
+            counts.padded += 1
+            return forward(self, *args)
+
+        def counted_in_place(self: OnnxDecoder, *args: Any) -> Any:
+            counts.in_place += 1
+            return run_in_place(self, *args)
+
+        monkeypatch.setattr(OnnxDecoder, "forward", counted_forward)
+        monkeypatch.setattr(OnnxDecoder, "run_in_place", counted_in_place)
+
+
+@pytest.mark.parametrize(("slot_kv", "warmup"), [(True, True), (False, True), (True, False)],
+                         ids=["slots", "padded", "no-warmup"])
+def test_warm_up_runs_the_path_the_model_is_served_by(load_engine: Any, helpers: Any, gqa_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, slot_kv: bool,
+                                                      warmup: bool) -> None:
+    counts = ForwardCounts(monkeypatch)
+    engine = load_engine({"gqa": gqa_dir}, slot_kv=slot_kv, warmup=warmup, kv_cache_bytes=3 * 64 * BYTES_PER_TOKEN,
+                         max_model_len=64, max_running=8)
+    info, idle = engine.model_info("gqa"), engine.stats("gqa")
+    if not warmup:  # no warm-up forwards at all
+        assert (counts.padded, counts.in_place) == (0, 0)
+    elif slot_kv:  # a prefill into a slot and a decode step, all through the buffer
+        assert counts.padded == 0 and counts.in_place >= 6
+    else:
+        assert counts.padded >= 6 and counts.in_place == 0
+    if slot_kv:  # warm-up leaves every slot free and empty
+        assert (info.kv_slots, info.kv_slot_tokens, idle.free_kv_slots) == (3, 64, 3)
+    else:
+        assert (info.kv_slots, info.kv_slot_tokens, idle.free_kv_slots) == (0, 0, 0)
+    assert (idle.cached_tokens, idle.running, idle.prefix_cache_entries) == (0, 0, 0)
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    prompt = _prompts(info.vocab_size, [11])[0]
+    tokens, _ = asyncio.run(helpers.generate_once(engine, "gqa", prompt, params))
+    assert tokens == reference_greedy(gqa_dir / "model.onnx", prompt, 6)

@@ -20,8 +20,10 @@ from layout_support import SHARED_GENAI_EXPORTS, reference_greedy
 from llmsuite.builder.variants import build_variant
 from llmsuite.inference.engine import EngineSettings, ModelLoadError
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
+from llmsuite.inference.engine.prefill_estimate import PrefillEstimate
 from llmsuite.inference.engine.slot_forwards import SlotForwards
 from llmsuite.inference.engine.slot_kv import SlotKvBuffer, SlotPlan
+from llmsuite.inference.engine.warmup import SlotWarmup
 
 SETTINGS = EngineSettings(device="cpu", intra_op_threads=1, warmup=False)
 
@@ -245,3 +247,24 @@ def test_slots_on_cuda_give_a_plain_cuda_loops_tokens(fused_models: dict[str, Pa
                 row.append(token)
         for prompt, row in zip(prompts, tokens, strict=True):
             assert row == reference_greedy(decoder.layout.model_file, prompt, 8, "CUDAExecutionProvider"), name
+
+
+def test_warm_up_and_the_prefill_estimate_leave_the_buffer_as_they_found_it(fused_models: dict[str, Path]) -> None:
+    """A slot model warms up through SlotForwards in its own buffer: afterwards every slot is
+    free with length 0, and rows served from the buffer give a plain loop's tokens."""
+    decoder = OnnxDecoder.load(fused_models["gqa"], SETTINGS)
+    buffer = SlotKvBuffer(decoder, slots=3, max_length=48)
+    estimate = PrefillEstimate.measure(SlotWarmup(decoder, buffer))
+    assert estimate.per_token_s >= 0 and estimate.fixed_s >= 0
+    assert buffer.free_slots == 3 and buffer.lengths == [0, 0, 0] and not buffer.owned
+
+    forwards = SlotForwards(decoder, buffer)
+    prompts = _prompts(decoder.signature.vocab_size, [9, 4])
+    slots = buffer.take_run(2)
+    assert slots == [0, 1]  # the lowest free run, as before any warm-up
+    tokens = [[t] for t in _greedy(forwards.prefill(list(zip(slots, prompts, strict=True))))]
+    for _ in range(5):
+        step = _greedy(forwards.decode([(slot, row[-1]) for slot, row in zip(slots, tokens, strict=True)]))
+        for row, token in zip(tokens, step, strict=True):
+            row.append(token)
+    assert tokens == [reference_greedy(fused_models["gqa"] / "model.onnx", p, 6) for p in prompts]

@@ -124,7 +124,9 @@ def build_parser() -> EnvArgumentParser:
                    help="seconds before cached KV nobody used is dropped from the prefix cache (a later request "
                         "or session turn then recomputes it)")
     e.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=defaults.warmup,
-                   help="run a warm-up generation at load (health turns SERVING after it)")
+                   help="at load, run warm-up forwards through the path each model is served by (a slot "
+                        "model's buffer: a prefill into a slot and a decode step, the slot freed after) and time "
+                        "prefills for deadline refusals; health turns SERVING after it. --no-warmup runs none")
     e.add_argument("--max-step-failures", type=int, default=defaults.max_step_failures,
                    help="a failed step (a forward raising, an allocation failing) ends only the requests it was "
                         "computing; the engine then checks its model still runs with up to this many one-token "

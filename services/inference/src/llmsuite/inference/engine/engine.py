@@ -34,7 +34,7 @@ from llmsuite.inference.engine.padded_executor import PaddedExecutor
 from llmsuite.inference.engine.prefill_estimate import PrefillEstimate
 from llmsuite.inference.engine.scheduler import Scheduler, StepObserver
 from llmsuite.inference.engine.slot_executor import SlotExecutor
-from llmsuite.inference.engine.slot_kv import serves_in_slots, slot_buffer_for
+from llmsuite.inference.engine.slot_kv import SlotKvBuffer, serves_in_slots, slot_buffer_for
 from llmsuite.inference.engine.turn import SessionState, Turn, TurnFailed
 from llmsuite.inference.engine.types import (
     EngineSettings,
@@ -44,6 +44,7 @@ from llmsuite.inference.engine.types import (
     SamplingParams,
     TurnResult,
 )
+from llmsuite.inference.engine.warmup import served_forwards
 from llmsuite.runtime.errors import InvalidArgument, NotFound
 from llmsuite.runtime.tokenizer_hash import tokenizer_content_hash
 
@@ -55,9 +56,10 @@ class _LoadedModel:
     info: ModelInfo
     scheduler: Scheduler
     constraints: ConstraintCompiler
+    slots: SlotExecutor[Turn] | None = None  # the slot layout's executor, None on the padded path
 
 
-def _model_info(name: str, decoder: OnnxDecoder) -> ModelInfo:
+def _model_info(name: str, decoder: OnnxDecoder, buffer: SlotKvBuffer | None) -> ModelInfo:
     sig, config = decoder.signature, decoder.config
     return ModelInfo(
         name=name,
@@ -80,6 +82,8 @@ def _model_info(name: str, decoder: OnnxDecoder) -> ModelInfo:
         precision=decoder.layout.precision,
         quantization=decoder.layout.quantization,
         attention=decoder.layout.attention,
+        kv_slots=buffer.slots if buffer is not None else 0,
+        kv_slot_tokens=buffer.max_length if buffer is not None else 0,
     )
 
 
@@ -248,7 +252,11 @@ class InferenceEngine:
                     continue
                 try:
                     decoder = OnnxDecoder.load(Path(directory), settings, detected=detected)
-                    estimate = PrefillEstimate.measure(decoder) if settings.warmup else PrefillEstimate()
+                    in_slots = serves_in_slots(decoder, settings)
+                    estimate = PrefillEstimate()
+                    if settings.warmup and not in_slots:
+                        # The padded path warms up before the limits are read, so its arenas are mapped then.
+                        estimate = PrefillEstimate.measure(served_forwards(decoder, None))
                     kv_ops = KvOps(decoder.placement, decoder.placement.providers(), decoder.signature.num_layers,
                                    decoder.signature.kv_dtype, intra_op_threads(settings))
                     limits = MemoryLimits.detect()  # after loading: RLIMIT_AS headroom depends on what is mapped
@@ -256,6 +264,13 @@ class InferenceEngine:
                         guard = _memory_guard(settings, limits)
                     budget = settings.kv_cache_bytes or _automatic_budget(name, decoder, settings, limits, weights,
                                                                           decoders)
+                    buffer = (slot_buffer_for(decoder, settings, budget, intra_op_threads(settings)) if in_slots
+                              else None)
+                    if settings.warmup and buffer is not None:
+                        # The slot path can only warm up in the buffer the budget sizes, so after the limits
+                        # are read: what its first runs add to the arena is the working reserve's to cover
+                        # (memory.WORKING_MEMORY_RESERVE_BYTES). Every slot is free again afterwards.
+                        estimate = PrefillEstimate.measure(served_forwards(decoder, buffer))
                 except ModelLoadError as exc:
                     raise ModelLoadError(f"model {name!r}: {exc}") from exc
                 if prepare_decoder is not None:
@@ -263,13 +278,10 @@ class InferenceEngine:
                 on_failed = (None if on_model_failed is None
                              else lambda cause, model=name: on_model_failed(model, cause))
                 executor: KvExecutor[Turn]
+                slots: SlotExecutor[Turn] | None = None
                 model_settings = settings
-                if serves_in_slots(decoder, settings):
-                    try:
-                        buffer = slot_buffer_for(decoder, settings, budget, intra_op_threads(settings))
-                    except ModelLoadError as exc:
-                        raise ModelLoadError(f"model {name!r}: {exc}") from exc
-                    executor = SlotExecutor(decoder, buffer)
+                if buffer is not None:
+                    executor = slots = SlotExecutor(decoder, buffer)
                     # A row needs a free slot: no more rows run than there are slots.
                     model_settings = replace(settings, max_running=buffer.slots)
                     logger.info("model %s: KV in %d slots of %d tokens (%.1f MiB preallocated on %s)", name,
@@ -284,7 +296,7 @@ class InferenceEngine:
                 constraints = ConstraintCompiler(decoder.directory, decoder.signature.vocab_size,
                                                  decoder.config.eos_token_ids,
                                                  mask_threads=intra_op_threads(settings))
-                loaded[name] = _LoadedModel(_model_info(name, decoder), scheduler, constraints)
+                loaded[name] = _LoadedModel(_model_info(name, decoder, buffer), scheduler, constraints, slots)
                 layout = decoder.layout
                 logger.info(
                     "loaded model %s from %s (%s layout, %s attention, %s weights, quantization %s) on %s "
@@ -341,7 +353,11 @@ class InferenceEngine:
     def stats(self, name: str) -> EngineStats:
         if name in self._embedders:
             return self._embedders[name].stats()
-        return self._model(name).scheduler.stats()
+        model = self._model(name)
+        stats = model.scheduler.stats()
+        if model.slots is None:
+            return stats
+        return replace(stats, free_kv_slots=model.slots.free_slots())
 
     async def embed(self, model: str, inputs: Sequence[Sequence[int]], *, dimensions: int = 0,
                     truncate: bool = False, deadline: float | None = None) -> EmbeddingResult:

@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
-from llmsuite.inference.engine.onnx_model import OnnxDecoder
 from llmsuite.runtime.errors import DeadlineExceeded
+
+
+class WarmupForwards(Protocol):
+    """Forwards of one model as it is served (warmup.py), each starting from no KV and
+    leaving none held."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens one sequence may hold."""
+        ...
+
+    def prefill(self, ids: Sequence[int]) -> None:
+        """One fresh prompt."""
+        ...
+
+    def prefill_and_decode(self, ids: Sequence[int]) -> None:
+        """One fresh prompt, then one decode step after it."""
+        ...
 
 
 class PrefillEstimate:
@@ -40,10 +62,11 @@ class PrefillEstimate:
             )
 
     @classmethod
-    def measure(cls, decoder: OnnxDecoder) -> PrefillEstimate:
-        """Warms the session up (first runs allocate and tune) and times a short and a long prefill."""
-        vocab = decoder.signature.vocab_size
-        long_tokens = max(2, min(64, decoder.context_length - 1))
+    def measure(cls, forwards: WarmupForwards) -> PrefillEstimate:
+        """Warms the session up through `forwards`, the path the model is served by (first runs
+        allocate and tune), and times a short and a long prefill on it."""
+        vocab = forwards.vocab_size
+        long_tokens = max(2, min(64, forwards.context_length - 1))
         short_tokens = max(1, min(8, long_tokens // 2))
 
         def best_time(tokens: int) -> float:
@@ -51,12 +74,11 @@ class PrefillEstimate:
             times = []
             for _ in range(2):
                 start = time.perf_counter()
-                decoder.forward(ids, decoder.empty_cache())
+                forwards.prefill(ids)
                 times.append(time.perf_counter() - start)
             return min(times)
 
-        warm = decoder.forward([0] * short_tokens, decoder.empty_cache())
-        decoder.forward([0], warm.cache)  # the decode shape gets its first run too
+        forwards.prefill_and_decode([0] * short_tokens)  # the decode shape gets its first run too
         short_s, long_s = best_time(short_tokens), best_time(long_tokens)
         per_token = max(0.0, (long_s - short_s) / (long_tokens - short_tokens))
         return cls(fixed_s=max(0.0, short_s - per_token * short_tokens), per_token_s=per_token)

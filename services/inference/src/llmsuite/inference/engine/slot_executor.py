@@ -125,3 +125,8 @@ class SlotExecutor(Generic[RowKey]):
     def held_tokens(self) -> int:
         with self._lock:
             return sum(self._buffer.lengths[slot] for slot in self._slots.values())
+
+    def free_slots(self) -> int:
+        """Slots no row holds (thread-safe, as `held_tokens`)."""
+        with self._lock:
+            return self._buffer.free_slots

@@ -40,7 +40,8 @@ class EngineSettings:
     after session_idle_timeout_s unused. max_sessions caps open multi-turn sessions.
     prefill_chunk_tokens bounds the prompt tokens fed per scheduler step, so running
     streams keep receiving tokens while a long prompt is processed. warmup runs forwards
-    at load and measures prefill speed for deadline checks.
+    at load through the path each model is served by (engine/warmup.py) and measures
+    prefill speed for deadline checks.
 
     max_model_len caps the context a generation model serves (0 = the model's own): prompt
     plus output never pass it, and it is the length a KV slot reserves. slot_kv serves
@@ -255,6 +256,8 @@ class ModelInfo:
     precision: str = "fp32"  # of the weights: fp32, fp16, bf16, int8, int4
     quantization: str = "none"
     attention: str = "unfused"  # the fused attention operator, if any
+    kv_slots: int = 0  # slots of the preallocated KV buffer (slot_kv.py); 0 on the padded path
+    kv_slot_tokens: int = 0  # tokens one slot holds (max_model_len or the context); 0 without slots
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,7 @@ class EngineStats:
     prefix_cache_query_tokens: int  # prompt tokens of admitted turns (hit rate = hit / query)
     steps: int  # scheduler steps that ran at least one forward
     decode_rows: int  # rows in the most recent decode forward
+    free_kv_slots: int = 0  # slots of the KV buffer no row holds; 0 on the padded path (no slots)
 
 
 @dataclass(frozen=True)
