@@ -23,6 +23,7 @@ from layout_support import SHARED_GENAI_EXPORTS, reference_greedy, transformers_
 from support import ServiceProcess, processes, watch_health
 
 from llmsuite.builder.variants import build_variant
+from llmsuite.client.cli import main as cli_main
 from llmsuite.common.v1 import common_pb2
 from llmsuite.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from llmsuite.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -102,6 +103,25 @@ def test_each_model_reports_its_layout(cluster: dict[str, ServiceProcess], infer
         hashes = {t.name: t.content_hash for t in tokenizer_pb2_grpc.TokenizerServiceStub(channel).ListModels(
             tokenizer_pb2.ListModelsRequest()).models}
     assert hashes["q4"] == hashes["optimum"] == info.tokenizer_content_hash
+
+
+def test_slots_reach_gateway_callers_and_the_cli(cluster: dict[str, ServiceProcess], inference: Any,
+                                                model_paths: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    infos = {name: inference.GetModelInfo(inference_pb2.GetModelInfoRequest(model=name)).info for name in model_paths}
+    slots = {name: (info.kv_cache_slots, info.kv_cache_slot_tokens) for name, info in infos.items()}
+    # --max-running 16 slots of the builder's 512-token context; the Optimum layout has none.
+    assert (slots["gqa"], slots["gqa-int4"], slots["optimum"], slots["q4"]) == ((16, 512), (16, 512), (0, 0), (0, 0))
+    with grpc.insecure_channel(cluster["gateway"].address) as channel:
+        listed = gateway_pb2_grpc.GatewayServiceStub(channel).ListModels(gateway_pb2.ListModelsRequest()).models
+    assert {m.name: (m.kv_cache_slots, m.kv_cache_slot_tokens) for m in listed} == slots
+
+    monkeypatch.delenv("LLMSUITE_API_KEY", raising=False)
+    assert cli_main(["--address", cluster["gateway"].address, "models"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    column = header.split().index("SLOTS")
+    shown = {row.split()[0]: row.split()[column] for row in rows}
+    assert (shown["gqa"], shown["gqa-int4"], shown["optimum"], shown["q4"]) == ("16x512", "16x512", "-", "-")
 
 
 def test_fused_layout_gives_the_optimum_tokens_alone_and_batched_over_grpc(inference: Any) -> None:

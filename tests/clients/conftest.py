@@ -271,7 +271,8 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
                             quantization="none"),
             pb.ModelSummary(name="tiny-gpt2", architecture="gpt2", context_length=256, has_chat_template=False,
                             execution_provider="CPUExecutionProvider", layout="onnxruntime-genai",
-                            precision="int4", quantization="MatMulNBits int4, block 32"),
+                            precision="int4", quantization="MatMulNBits int4, block 32", kv_cache_slots=16,
+                            kv_cache_slot_tokens=256),
         ])
 
     def _encode(self, request: Any) -> list[common_pb2.Encoding]:

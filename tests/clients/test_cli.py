@@ -122,14 +122,17 @@ def test_tokenize_and_models(cli, gateway):
     code, out, _ = cli("models")
     lines = out.splitlines()
     assert code == 0 and lines[0].split() == ["NAME", "KIND", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER",
-                                              "LAYOUT", "PRECISION", "QUANTIZATION"]
+                                              "LAYOUT", "PRECISION", "SLOTS", "QUANTIZATION"]
     assert lines[1].split() == ["tiny", "generation", "llama", "512", "yes", "CPUExecutionProvider", "optimum",
-                                "fp32", "none"]
+                                "fp32", "-", "none"]
+    assert lines[2].split() == ["tiny-gpt2", "generation", "gpt2", "256", "no", "CPUExecutionProvider",
+                                "onnxruntime-genai", "int4", "16x256", "MatMulNBits", "int4,", "block", "32"]
     code, out, _ = cli("models", "--json")
     models = json.loads(out)
     assert [m["name"] for m in models] == ["tiny", "tiny-gpt2"]
     assert [(m["layout"], m["precision"], m["quantization"]) for m in models] == [
         ("optimum", "fp32", "none"), ("onnxruntime-genai", "int4", "MatMulNBits int4, block 32")]
+    assert [(m["kv_cache_slots"], m["kv_cache_slot_tokens"]) for m in models] == [(0, 0), (16, 256)]
 
 
 @pytest.fixture

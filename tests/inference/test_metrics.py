@@ -200,6 +200,8 @@ class _Info:
     precision: str = "int4"
     quantization: str = "MatMulNBits int4, block 32"
     attention: str = "GroupQueryAttention"
+    kv_slots: int = 16
+    kv_slot_tokens: int = 512
 
 
 def _stats(**changes: Any) -> EngineStats:
@@ -208,7 +210,7 @@ def _stats(**changes: Any) -> EngineStats:
         model="m", running=3, queued=2, sessions=1, cached_tokens=100, kv_bytes=6400, kv_budget_bytes=64000,
         kv_reserved_bytes=16000, prefix_cache_entries=4, total_requests=9, completed=4, cancelled=1,
         time_limited=1, rejected_overloaded=0, prefix_cache_evictions=2, prefix_cache_hit_tokens=30,
-        prefix_cache_query_tokens=120, steps=50, decode_rows=3)
+        prefix_cache_query_tokens=120, steps=50, decode_rows=3, free_kv_slots=13)
     return EngineStats(**{**fields, **changes})
 
 
@@ -231,6 +233,9 @@ def test_queue_gauges_and_kv_budget_come_from_engine_stats():
     assert value("llmsuite_inference_prefix_cache_evictions_total", {"model": "m"}) == 2
     assert value("llmsuite_inference_prefix_cache_hit_tokens_total", {"model": "m"}) == 30
     assert value("llmsuite_inference_prefix_cache_query_tokens_total", {"model": "m"}) == 120
+    assert value("llmsuite_inference_kv_cache_slots", {"model": "m"}) == 16
+    assert value("llmsuite_inference_kv_cache_slot_tokens", {"model": "m"}) == 512
+    assert value("llmsuite_inference_kv_cache_free_slots", {"model": "m"}) == 13
 
 
 def test_nothing_is_reported_for_models_before_they_load():

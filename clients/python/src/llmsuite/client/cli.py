@@ -280,11 +280,16 @@ def _models(client: LlmsuiteClient, args: argparse.Namespace) -> int:
         print(json.dumps([{"name": m.name, "kind": m.kind, "architecture": m.architecture,
                            "context_length": m.context_length, "has_chat_template": m.has_chat_template,
                            "execution_provider": m.execution_provider, "layout": m.layout, "precision": m.precision,
-                           "quantization": m.quantization} for m in models]))
+                           "quantization": m.quantization, "kv_cache_slots": m.kv_cache_slots,
+                           "kv_cache_slot_tokens": m.kv_cache_slot_tokens} for m in models]))
         return 0
-    rows = [("NAME", "KIND", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER", "LAYOUT", "PRECISION", "QUANTIZATION")]
+    # SLOTS is "COUNTxTOKENS" of the KV slot buffer, "-" for a model served without one (padded KV path).
+    rows = [("NAME", "KIND", "ARCHITECTURE", "CONTEXT", "CHAT", "PROVIDER", "LAYOUT", "PRECISION", "SLOTS",
+             "QUANTIZATION")]
     rows += [(m.name, m.kind, m.architecture, str(m.context_length), "yes" if m.has_chat_template else "no",
-              m.execution_provider, m.layout, m.precision, m.quantization) for m in models]
+              m.execution_provider, m.layout, m.precision,
+              f"{m.kv_cache_slots}x{m.kv_cache_slot_tokens}" if m.kv_cache_slots else "-", m.quantization)
+             for m in models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -255,7 +255,8 @@ def model_info(m: gateway_pb2.ModelSummary) -> ModelInfo:
                      has_chat_template=m.has_chat_template, execution_provider=m.execution_provider,
                      layout=m.layout, precision=m.precision, quantization=m.quantization,
                      kind="embedding" if m.kind == common_pb2.MODEL_KIND_EMBEDDING else "generation",
-                     embedding_dimensions=m.embedding_dimensions, raw=m)
+                     embedding_dimensions=m.embedding_dimensions, kv_cache_slots=m.kv_cache_slots,
+                     kv_cache_slot_tokens=m.kv_cache_slot_tokens, raw=m)
 
 
 EmbedInputs = str | Iterable[str] | Iterable[Sequence[int]] | Sequence[int]

@@ -164,6 +164,8 @@ class ModelInfo:
     quantization: str = ""  # "none" for float weights
     kind: str = "generation"  # or "embedding": which of generate/chat or embed it serves
     embedding_dimensions: int = 0  # embedding models: the vector length
+    kv_cache_slots: int = 0  # KV slots of the replica's slot buffer; 0 when it has none (padded KV path)
+    kv_cache_slot_tokens: int = 0  # tokens each slot holds; 0 without slots
     raw: Message | None = field(default=None, repr=False, compare=False)
 
 

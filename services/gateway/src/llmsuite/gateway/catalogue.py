@@ -63,6 +63,8 @@ class ServedModel:
     quantization: str = ""
     kind: str = GENERATION
     embedding_dimensions: int = 0  # embedding models: the vector length
+    kv_slots: int = 0  # the first matching replica's KV slots (0: it serves the model without slots)
+    kv_slot_tokens: int = 0  # tokens one of those slots holds
 
 
 def require_kind(model: ServedModel, kind: str) -> None:
@@ -251,7 +253,8 @@ class Catalogue:
                                        tuple(r for r, _ in matching), info.layout, info.precision,
                                        info.quantization,
                                        kind=EMBEDDING if info.kind == common_pb2.MODEL_KIND_EMBEDDING else GENERATION,
-                                       embedding_dimensions=info.embedding_dimensions)
+                                       embedding_dimensions=info.embedding_dimensions,
+                                       kv_slots=info.kv_cache_slots, kv_slot_tokens=info.kv_cache_slot_tokens)
         return served, unservable
 
     async def _local_tokenizer(self, model: str, content_hash: str) -> LocalTokenizer | None:

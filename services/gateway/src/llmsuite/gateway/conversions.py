@@ -127,4 +127,5 @@ def model_summary(model: ServedModel) -> pb.ModelSummary:
         has_chat_template=model.has_chat_template, execution_provider=model.execution_provider,
         layout=model.layout, precision=model.precision, quantization=model.quantization,
         kind=common_pb2.MODEL_KIND_EMBEDDING if model.kind == EMBEDDING else common_pb2.MODEL_KIND_GENERATION,
-        embedding_dimensions=model.embedding_dimensions)
+        embedding_dimensions=model.embedding_dimensions, kv_cache_slots=model.kv_slots,
+        kv_cache_slot_tokens=model.kv_slot_tokens)

@@ -99,7 +99,8 @@ def model_info_to_proto(info: ModelInfo, stats: EngineStats) -> inference_pb2.Mo
         num_key_value_heads=info.num_kv_heads, head_dim=info.head_dim, kv_cache_dtype=info.kv_dtype,
         uses_position_ids=info.uses_position_ids, eos_token_ids=info.eos_token_ids,
         tokenizer_content_hash=info.tokenizer_hash, layout=info.layout, precision=info.precision,
-        quantization=info.quantization, attention=info.attention,
+        quantization=info.quantization, attention=info.attention, kv_cache_slots=info.kv_slots,
+        kv_cache_slot_tokens=info.kv_slot_tokens,
         stats=inference_pb2.ModelStats(
             running=stats.running, queued=stats.queued, sessions=stats.sessions,
             cached_tokens=stats.cached_tokens, kv_cache_bytes=stats.kv_bytes,
@@ -109,7 +110,8 @@ def model_info_to_proto(info: ModelInfo, stats: EngineStats) -> inference_pb2.Mo
             prefix_cache_evictions_total=stats.prefix_cache_evictions, decode_batch_rows=stats.decode_rows,
             steps_total=stats.steps, prefix_cache_entries=stats.prefix_cache_entries,
             prefix_cache_hit_tokens_total=stats.prefix_cache_hit_tokens,
-            prefix_cache_query_tokens_total=stats.prefix_cache_query_tokens),
+            prefix_cache_query_tokens_total=stats.prefix_cache_query_tokens,
+            kv_cache_free_slots=stats.free_kv_slots),
     )
     if info.bos_token_id is not None:
         msg.bos_token_id = info.bos_token_id

@@ -205,6 +205,22 @@ class EngineStatsCollector(Collector):
         yield gauge("llmsuite_inference_kv_cache_reserved_bytes",
                     "KV bytes reserved now: what admitted requests may grow to, plus the prefix cache.",
                     lambda s: s.kv_reserved_bytes)
+        # Slot-buffer models only: a padded-layout model has no slots and no sample here.
+        slotted = [i for i in infos if i.kv_slots]
+        slots = GaugeMetricFamily("llmsuite_inference_kv_cache_slots",
+                                  "KV slots of the preallocated slot buffer: the most requests running at once.",
+                                  labels=("model",))
+        slot_tokens = GaugeMetricFamily("llmsuite_inference_kv_cache_slot_tokens",
+                                        "Tokens each KV slot holds (--max-model-len or the model's context).",
+                                        labels=("model",))
+        for i in slotted:
+            slots.add_metric((i.name,), i.kv_slots)
+            slot_tokens.add_metric((i.name,), i.kv_slot_tokens)
+        yield slots
+        yield slot_tokens
+        has_slots = {i.name for i in slotted}
+        yield gauge("llmsuite_inference_kv_cache_free_slots", "KV slots no request holds now (slot-buffer models).",
+                    lambda s: s.free_kv_slots if s.model in has_slots else None)
         yield gauge("llmsuite_inference_prefix_cache_entries", "Finished sequences whose KV the prefix cache holds.",
                     lambda s: s.prefix_cache_entries)
         yield gauge("llmsuite_inference_kv_cache_usage_ratio",

@@ -179,7 +179,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "architecture", "context_length", "has_chat_template", "execution_provider", "layout", "precision", "quantization", "kind", "embedding_dimensions")
+    __slots__ = ("name", "architecture", "context_length", "has_chat_template", "execution_provider", "layout", "precision", "quantization", "kind", "embedding_dimensions", "kv_cache_slots", "kv_cache_slot_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,8 @@ class ModelSummary(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_SLOT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     context_length: int
@@ -200,7 +202,9 @@ class ModelSummary(_message.Message):
     quantization: str
     kind: _common_pb2.ModelKind
     embedding_dimensions: int
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., execution_provider: _Optional[str] = ..., layout: _Optional[str] = ..., precision: _Optional[str] = ..., quantization: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., embedding_dimensions: _Optional[int] = ...) -> None: ...
+    kv_cache_slots: int
+    kv_cache_slot_tokens: int
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., execution_provider: _Optional[str] = ..., layout: _Optional[str] = ..., precision: _Optional[str] = ..., quantization: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., embedding_dimensions: _Optional[int] = ..., kv_cache_slots: _Optional[int] = ..., kv_cache_slot_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("model", "texts", "add_special_tokens", "return_offsets")

@@ -116,7 +116,7 @@ class GetModelInfoResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "execution_provider", "device", "context_length", "vocab_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "kv_cache_dtype", "uses_position_ids", "eos_token_ids", "bos_token_id", "tokenizer_content_hash", "stats", "kind", "embedding_dimensions", "pooling", "layout", "precision", "quantization", "attention")
+    __slots__ = ("name", "architecture", "execution_provider", "device", "context_length", "vocab_size", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "kv_cache_dtype", "uses_position_ids", "eos_token_ids", "bos_token_id", "tokenizer_content_hash", "stats", "kind", "embedding_dimensions", "pooling", "layout", "precision", "quantization", "attention", "kv_cache_slots", "kv_cache_slot_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,8 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_SLOT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     execution_provider: str
@@ -163,10 +165,12 @@ class ModelInfo(_message.Message):
     precision: str
     quantization: str
     attention: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., execution_provider: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., uses_position_ids: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_content_hash: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., embedding_dimensions: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.PoolingInfo, _Mapping]] = ..., layout: _Optional[str] = ..., precision: _Optional[str] = ..., quantization: _Optional[str] = ..., attention: _Optional[str] = ...) -> None: ...
+    kv_cache_slots: int
+    kv_cache_slot_tokens: int
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., execution_provider: _Optional[str] = ..., device: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., uses_position_ids: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_content_hash: _Optional[str] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., kind: _Optional[_Union[_common_pb2.ModelKind, str]] = ..., embedding_dimensions: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.PoolingInfo, _Mapping]] = ..., layout: _Optional[str] = ..., precision: _Optional[str] = ..., quantization: _Optional[str] = ..., attention: _Optional[str] = ..., kv_cache_slots: _Optional[int] = ..., kv_cache_slot_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("running", "queued", "sessions", "cached_tokens", "kv_cache_bytes", "requests_total", "cancelled_total", "time_limited_total", "kv_cache_budget_bytes", "kv_cache_reserved_bytes", "rejected_total", "prefix_cache_evictions_total", "decode_batch_rows", "steps_total", "prefix_cache_entries", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total")
+    __slots__ = ("running", "queued", "sessions", "cached_tokens", "kv_cache_bytes", "requests_total", "cancelled_total", "time_limited_total", "kv_cache_budget_bytes", "kv_cache_reserved_bytes", "rejected_total", "prefix_cache_evictions_total", "decode_batch_rows", "steps_total", "prefix_cache_entries", "prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "kv_cache_free_slots")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +188,7 @@ class ModelStats(_message.Message):
     PREFIX_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERY_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     sessions: int
@@ -201,7 +206,8 @@ class ModelStats(_message.Message):
     prefix_cache_entries: int
     prefix_cache_hit_tokens_total: int
     prefix_cache_query_tokens_total: int
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., requests_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., time_limited_total: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., kv_cache_reserved_bytes: _Optional[int] = ..., rejected_total: _Optional[int] = ..., prefix_cache_evictions_total: _Optional[int] = ..., decode_batch_rows: _Optional[int] = ..., steps_total: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., prefix_cache_query_tokens_total: _Optional[int] = ...) -> None: ...
+    kv_cache_free_slots: int
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., requests_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., time_limited_total: _Optional[int] = ..., kv_cache_budget_bytes: _Optional[int] = ..., kv_cache_reserved_bytes: _Optional[int] = ..., rejected_total: _Optional[int] = ..., prefix_cache_evictions_total: _Optional[int] = ..., decode_batch_rows: _Optional[int] = ..., steps_total: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., prefix_cache_query_tokens_total: _Optional[int] = ..., kv_cache_free_slots: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("request_id", "model", "inputs", "dimensions", "truncate", "expected_tokenizer_hash")
