@@ -530,7 +530,7 @@ _READING = [
     "of the cluster needs.** The in-process loop has both cores to itself; through the cluster, the gateway, "
     "the client and the inference servicer's event loop run on the same 2 cores as ONNX Runtime's 2 intra-op "
     "threads. Over one 48-request c=16 level (`/proc` CPU times, py-spy on the inference process): the "
-    "inference process used 35 CPU-seconds (its scheduler thread 94% inside onnxruntime), the gateway about "
+    "inference process used 35 CPU-seconds (its scheduler thread 93% inside onnxruntime), the gateway about "
     "2, the client about 1.2, the servicer's event loop about 2: some 12% of the machine outside the forwards, "
     "in line with the ratio. The engine's own cost between forwards is about 7% of the scheduler thread, most "
     "of it waiting for the GIL while the event loop sends that step's 16 messages (one wake-up per step since "
@@ -548,11 +548,13 @@ _READING = [
     "each as it finished halved its speed. On a GPU, where 16 rows cost little more than 4, both ratios would "
     "look different; no GPU was lent for this run.",
     "- **int4 at c=1 against the in-process loop on the same file: 0.715 (target 0.9), bound by per-token "
-    "work outside the forward.** A forward takes 3.6 ms, and each token then costs the servicer, the "
-    "gateway (relay, detokenization, stop strings) and the client about 1.2-1.4 ms of CPU on the same 2 cores. "
-    "The faster the model, the larger that share: the fp32 layouts reach 0.88-1.01 at c=1. The earlier run's "
-    "1.16 came from a load spike during its reference.",
-    "- **Intra-op spinning** (`--intra-op-spinning`, on by default): five alternated pairs of c=16 levels on "
+    "work outside the forward.** A forward takes 3.6 ms and a token through the cluster 5.1 ms. At c=1 "
+    "(py-spy) the scheduler thread spends about 2 ms a token outside onnxruntime, about half of it waiting "
+    "for the GIL while the event loop handles the token it was just woken for, and the gateway (relay, "
+    "detokenization, stop strings) takes about 0.9 ms of CPU a token on the same 2 cores. The faster the "
+    "model, the larger that share: the fp32 layouts reach 0.88-1.01 at c=1. The earlier run's 1.16 came "
+    "from a load spike during its reference.",
+    "- **Intra-op spinning** (`--intra-op-spinning`, on by default): four complete alternated pairs of c=16 levels on "
     "separate clusters gave no clear winner; spinning was ahead in the two quiet pairs (434 against 409, 408 "
     "against 368 tok/s) and behind when other work loaded the machine, as its help text says.",
     "- **Memory (met in every layout)** and **the HTTP hop (met, 1.02)**: see the targets table.",
