@@ -272,9 +272,9 @@ def watch_health(address: str, want: int, service: str = "", timeout: float = 60
     raise TimeoutError(f"{address} {service!r} stream ended before reporting {want} (saw {seen})")
 
 
-def wait_http_ready(proc: ServiceProcess, timeout_s: float = 60.0) -> str:
-    """Its base URL once /health answers (200, or 503 for a down gateway); fails
-    as soon as the process dies."""
+def wait_http_ready(proc: ServiceProcess, timeout_s: float = 60.0, *, ready: tuple[int, ...] = (200, 503)) -> str:
+    """Its base URL once /health answers with a status in `ready` (by default 200, or 503 for
+    a down gateway); fails as soon as the process dies."""
     base = f"http://{proc.address}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -282,7 +282,7 @@ def wait_http_ready(proc: ServiceProcess, timeout_s: float = 60.0) -> str:
         if proc.proc.poll() is not None:
             raise RuntimeError(f"llmsuite-openai exited:\n{proc.log()}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base}/health", timeout=5).status_code in (200, 503):
+            if httpx.get(f"{base}/health", timeout=5).status_code in ready:
                 return base
         time.sleep(0.05)
     raise TimeoutError(f"llmsuite-openai never answered /health:\n{proc.log()}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import signal
@@ -29,7 +28,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from support import BIN, SHARED_EXPORTS, ServiceProcess, free_ports, processes
+from support import BIN, SHARED_EXPORTS, ServiceProcess, free_ports, processes, wait_http_ready
 from tokenizers import Tokenizer
 
 from llmsuite.builder.encoder import build_encoder
@@ -46,20 +45,6 @@ BERT = SHARED_EXPORTS / "bert-encoder"
 TEXTS = ["hello", "The quick brown fox jumps over the lazy dog.", "naïve café 東京 — déjà vu?",
          "def add(a, b):\n    return a + b", "a much longer input that goes on " * 8, "x y"]
 COSINE = 0.99999
-
-
-def _wait_http(proc: ServiceProcess, timeout_s: float = 60.0) -> str:
-    base = f"http://{proc.address}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.proc is not None
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"llmsuite-openai exited:\n{proc.log()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return base
-        time.sleep(0.05)
-    raise TimeoutError(f"llmsuite-openai never became healthy:\n{proc.log()}")
 
 
 def gateway(tok: ServiceProcess, inf: ServiceProcess, *extra: str) -> ServiceProcess:
@@ -88,7 +73,8 @@ def cluster(models: dict[str, Path]) -> Iterator[dict[str, ServiceProcess | str]
             http = ServiceProcess(["llmsuite-openai", "--listen", "127.0.0.1:0", "--gateway", gw.address],
                                   wait=False)
             with processes(http):
-                yield {"tokenizer": tok, "inference": inf, "gateway": gw, "base_url": f"{_wait_http(http)}/v1"}
+                base = wait_http_ready(http, ready=(200,))
+                yield {"tokenizer": tok, "inference": inf, "gateway": gw, "base_url": f"{base}/v1"}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from llmsuite.inference.engine import (
     TurnResult,
 )
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
+from llmsuite.inference.engine.types import StepReport
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
 
@@ -121,6 +123,44 @@ def slow_forward(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
         monkeypatch.setattr(OnnxDecoder, name, slowed)
 
 
+def gate_forwards(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Holds every model forward (padded or in a slot buffer) until the returned event is set:
+    a test sets it once all its requests are in the engine, so a busy machine cannot let the
+    first one finish before the last is submitted."""
+    gate = threading.Event()
+    for name in ("run", "run_in_place"):
+        original = getattr(OnnxDecoder, name)
+
+        def gated(self: OnnxDecoder, *args: Any, _original: Any = original) -> Any:
+            gate.wait(timeout=60)
+            return _original(self, *args)
+
+        monkeypatch.setattr(OnnxDecoder, name, gated)
+    return gate
+
+
+class StepLog:
+    """A step observer: records what every scheduler step did (called on the worker thread)."""
+
+    def __init__(self) -> None:
+        self.reports: list[StepReport] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, report: StepReport) -> None:
+        with self._lock:
+            self.reports.append(report)
+
+    @property
+    def most_rows(self) -> int:
+        with self._lock:
+            return max((r.decode_rows for r in self.reports), default=0)
+
+    def decodes(self) -> list[tuple[int, int]]:
+        """(rows, forwards) of every step that decoded."""
+        with self._lock:
+            return [(r.decode_rows, r.decode_forwards) for r in self.reports if r.decode_forwards]
+
+
 async def wait_until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
     give_up = time.monotonic() + within_s
     while not condition():
@@ -137,6 +177,8 @@ def helpers() -> Any:
         run_turn = staticmethod(run_turn)
         generate_once = staticmethod(generate_once)
         slow_forward = staticmethod(slow_forward)
+        gate_forwards = staticmethod(gate_forwards)
+        StepLog = StepLog
         wait_until = staticmethod(wait_until)
         GREEDY = GREEDY
 

@@ -11,7 +11,6 @@ the budget, and a request that could never fit is refused up front.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,23 +49,6 @@ def mixed_workload(vocab: int) -> list[Request]:
         requests.append(Request(i, turns, max_new_tokens=60 if cancelled else 5 + (i * 5) % 14,
                                 cancel_after=3 if cancelled else None, wait_for_previous=i % 2 == 1))
     return requests
-
-
-class StepLog:
-    """A step observer: records what every scheduler step did (called on the worker thread)."""
-
-    def __init__(self) -> None:
-        self.reports: list[StepReport] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, report: StepReport) -> None:
-        with self._lock:
-            self.reports.append(report)
-
-    @property
-    def most_rows(self) -> int:
-        with self._lock:
-            return max((r.decode_rows for r in self.reports), default=0)
 
 
 async def run_request(engine: Any, model: str, request: Request, started: asyncio.Event | None = None,
@@ -131,8 +113,8 @@ def _models(tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 def test_batching_never_changes_greedy_tokens(load_engine: Any, tiny_llama_dir: Path, tiny_gpt2_dir: Path,
-                                              model: str) -> None:
-    log = StepLog()
+                                              model: str, helpers: Any) -> None:
+    log = helpers.StepLog()
     # Without the prefix cache: the batched run must compute everything itself, not reuse the alone run's KV.
     engine = load_engine(_models(tiny_llama_dir, tiny_gpt2_dir), step_observer=log, max_running=16,
                          prefix_cache=False)
@@ -154,10 +136,10 @@ def test_batching_never_changes_greedy_tokens(load_engine: Any, tiny_llama_dir: 
 
 @pytest.mark.optimum
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batching_never_changes_greedy_tokens_on_real_exports(load_engine: Any, arch: str) -> None:
+def test_batching_never_changes_greedy_tokens_on_real_exports(load_engine: Any, arch: str, helpers: Any) -> None:
     if not (SHARED_EXPORTS / arch).is_dir():
         pytest.skip(f"{SHARED_EXPORTS} is absent: the real Optimum exports ship only beside the team's checkout")
-    log = StepLog()
+    log = helpers.StepLog()
     engine = load_engine({arch: SHARED_EXPORTS / arch}, step_observer=log, max_running=16, prefix_cache=False)
     requests = mixed_workload(engine.model_info(arch).vocab_size)
     alone = asyncio.run(run_alone(engine, arch, requests))
@@ -166,13 +148,13 @@ def test_batching_never_changes_greedy_tokens_on_real_exports(load_engine: Any, 
     assert log.most_rows >= 8
 
 
-def test_admission_keeps_reserved_kv_within_the_budget(load_engine: Any, tiny_llama_dir: Path) -> None:
+def test_admission_keeps_reserved_kv_within_the_budget(load_engine: Any, tiny_llama_dir: Path, helpers: Any) -> None:
     # Tiny Llama KV is 1 KiB per token; each request can grow to 10 + 20 = 30 tokens, and a row
     # reserves its KV twice (what it holds, and the copy a step writes): 60 KiB.
     budget = 140 * 1024
     engine = load_engine({"tiny": tiny_llama_dir}, kv_cache_bytes=budget, max_running=16, prefix_cache=False)
     reserved: list[int] = []
-    log = StepLog()
+    log = helpers.StepLog()
 
     def observe(report: StepReport) -> None:
         log(report)
@@ -270,8 +252,9 @@ def test_rows_join_leave_and_are_extracted_without_changing_logits(tiny_llama_di
         assert len({join_at[n] for n in prompts}) > 1
 
 
-def test_fresh_prompts_arriving_together_share_one_prefill_forward(load_engine: Any, tiny_llama_dir: Path) -> None:
-    log = StepLog()
+def test_fresh_prompts_arriving_together_share_one_prefill_forward(load_engine: Any, tiny_llama_dir: Path,
+                                                                   helpers: Any) -> None:
+    log = helpers.StepLog()
     engine = load_engine({"tiny": tiny_llama_dir}, step_observer=log, max_running=16, prefix_cache=False,
                          prefill_chunk_tokens=256)
     requests = [Request(i, (tuple(range(30 + 7 * i, 30 + 7 * i + 10 + 3 * i)),), max_new_tokens=6)

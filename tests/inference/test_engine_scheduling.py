@@ -120,15 +120,7 @@ def test_concurrent_streams_all_progress(load_engine: Any, tiny_llama_dir: Path,
     helpers.slow_forward(monkeypatch, 0.005)
     # The first forward waits until all four requests are in the engine: on a busy machine the
     # event loop could otherwise submit the last ones only after the first had finished.
-    everyone_submitted = threading.Event()
-    for name in ("run", "run_in_place"):
-        original = getattr(OnnxDecoder, name)
-
-        def gated(self: OnnxDecoder, *args: Any, _original: Any = original) -> Any:
-            everyone_submitted.wait(timeout=60)
-            return _original(self, *args)
-
-        monkeypatch.setattr(OnnxDecoder, name, gated)
+    everyone_submitted = helpers.gate_forwards(monkeypatch)
     events: list[tuple[int, str]] = []
 
     async def one(index: int) -> None:

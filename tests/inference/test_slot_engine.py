@@ -6,7 +6,6 @@ counts. Tokens are checked against a plain onnxruntime loop; nothing here is tim
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from layout_support import reference_greedy
 from llmsuite.builder.variants import build_variant
 from llmsuite.inference.engine import ModelLoadError, SamplingParams
 from llmsuite.inference.engine.onnx_model import OnnxDecoder
-from llmsuite.inference.engine.types import StepReport
 from llmsuite.runtime.errors import InvalidArgument, ResourceExhausted
 
 # The builder's tiny preset: 2 layers x (key, value) x 2 KV heads x 32 dims x 4 bytes.
@@ -31,22 +29,6 @@ def gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-class Steps:
-    """A step observer recording every step's decode rows and forwards (worker thread)."""
-
-    def __init__(self) -> None:
-        self.reports: list[StepReport] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, report: StepReport) -> None:
-        with self._lock:
-            self.reports.append(report)
-
-    def decodes(self) -> list[tuple[int, int]]:
-        with self._lock:
-            return [(r.decode_rows, r.decode_forwards) for r in self.reports if r.decode_forwards]
-
-
 def _prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
     rng = np.random.default_rng(5)
     return [[int(t) for t in rng.integers(3, vocab, size=n)] for n in lengths]
@@ -55,20 +37,12 @@ def _prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
 @pytest.mark.parametrize("slot_kv", [True, False], ids=["slots", "padded"])
 def test_rows_of_different_lengths_decode_in_one_forward(load_engine: Any, helpers: Any, gqa_dir: Path,
                                                          monkeypatch: pytest.MonkeyPatch, slot_kv: bool) -> None:
-    steps = Steps()
+    steps = helpers.StepLog()
     engine = load_engine({"gqa": gqa_dir}, step_observer=steps, slot_kv=slot_kv, max_running=8)
     prompts = _prompts(engine.model_info("gqa").vocab_size, [3, 8, 13, 21, 5, 34])
     params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
     # The first forward waits until every request is queued, so all six decode together after it.
-    everyone_queued = threading.Event()
-    for name in ("run", "run_in_place"):
-        original = getattr(OnnxDecoder, name)
-
-        def gated(self: OnnxDecoder, *args: Any, _original: Any = original) -> Any:
-            everyone_queued.wait(timeout=60)
-            return _original(self, *args)
-
-        monkeypatch.setattr(OnnxDecoder, name, gated)
+    everyone_queued = helpers.gate_forwards(monkeypatch)
 
     async def all_at_once() -> list[list[int]]:
         runs = [asyncio.ensure_future(helpers.generate_once(engine, "gqa", prompt, params)) for prompt in prompts]

@@ -26,8 +26,8 @@ from onnx import TensorProto, helper
 from llmsuite.inference.engine.device import Placement
 from llmsuite.inference.engine.ort_memory import run_detached, share_cpu_arena
 
-_OPSET = 18
-_ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+KV_GRAPH_OPSET = 18  # of the small graphs that copy KV (here and slot_kv.py)
+KV_ELEM_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 KvTensors = tuple[Any, ...]  # 2 x layers OrtValues (or numpy arrays), key/value interleaved per layer
 
@@ -59,7 +59,7 @@ def _reshape_graph(tensors: int, elem_type: int) -> onnx.ModelProto:
             helper.make_node("Pad", [f"s_{i}", "pads"], [f"out_{i}"], mode="constant"),
         ]
     graph = helper.make_graph(nodes, "kv_reshape", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", KV_GRAPH_OPSET)], ir_version=8)
 
 
 def _join_graph(tensors: int, elem_type: int) -> onnx.ModelProto:
@@ -80,12 +80,24 @@ def _join_graph(tensors: int, elem_type: int) -> onnx.ModelProto:
             helper.make_node("Concat", [f"pa_{i}", f"pb_{i}"], [f"out_{i}"], axis=0),
         ]
     graph = helper.make_graph(nodes, "kv_join", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", KV_GRAPH_OPSET)], ir_version=8)
 
 
 def _front_pads(columns: int) -> np.ndarray:
     # ONNX Pad: all begin values, then all end values, for [rows, heads, length, dim].
     return np.array([0, 0, columns, 0, 0, 0, 0, 0], dtype=np.int64)
+
+
+def kv_copy_session_options(intra_op_threads: int) -> ort.SessionOptions:
+    """Session options of the KV-copy graphs: quiet, on the process's shared CPU arena, and not
+    spinning (memory-bound copies: more threads or busy-waiting only contend with the model's own)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = max(1, intra_op_threads)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    share_cpu_arena(options)
+    return options
 
 
 class KvOps:
@@ -95,14 +107,8 @@ class KvOps:
                  intra_op_threads: int = 1) -> None:
         self._placement = placement
         self._tensors = 2 * num_layers
-        elem_type = _ONNX_TYPES[np.dtype(kv_dtype)]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Memory-bound copies: more threads only contend with the model's own.
-        options.intra_op_num_threads = max(1, intra_op_threads)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        share_cpu_arena(options)
+        elem_type = KV_ELEM_TYPES[np.dtype(kv_dtype)]
+        options = kv_copy_session_options(intra_op_threads)
         self._reshape = ort.InferenceSession(
             _reshape_graph(self._tensors, elem_type).SerializeToString(), options, providers=list(providers))
         self._join = ort.InferenceSession(

@@ -19,7 +19,7 @@ from typing import Generic
 
 import numpy as np
 
-from llmsuite.inference.engine.batch import DecodeBatch
+from llmsuite.inference.engine.batch import BatchLayout, DecodeBatch
 from llmsuite.inference.engine.executor import (
     CachedPrefix,
     DecodeOutcome,
@@ -156,12 +156,7 @@ class PaddedExecutor(Generic[RowKey]):
             layouts = [(batch, batch.without_rows(left)) for batch, left in leaving.values()]
         except Exception as exc:
             raise KvReleaseFailed(self._drop_batches(rows, [b for b, _ in leaving.values()]), exc) from exc
-        with self._lock:
-            for batch, layout in layouts:
-                batch.apply(layout)
-            self._forget_empty()
-            for row in rows:
-                self._own.pop(row, None)
+        self._settle(layouts, rows)
         return kept
 
     def _drop_batches(self, rows: Sequence[RowKey], batches: Sequence[DecodeBatch[RowKey]]) -> list[RowKey]:
@@ -169,12 +164,7 @@ class PaddedExecutor(Generic[RowKey]):
         rows those batches held, which cannot run on without them."""
         leaving = set(map(id, rows))
         casualties = [key for batch in batches for key in batch.keys if id(key) not in leaving]
-        with self._lock:
-            for batch in batches:
-                batch.apply(batch.without_rows(list(batch.keys)))
-            self._forget_empty()
-            for row in rows:
-                self._own.pop(row, None)
+        self._settle([(batch, batch.without_rows(list(batch.keys))) for batch in batches], rows)
         return casualties
 
     def discard(self, rows: Iterable[RowKey]) -> None:
@@ -185,18 +175,24 @@ class PaddedExecutor(Generic[RowKey]):
             leaving = [key for key in batch.keys if id(key) in ids]
             if leaving:  # a fault takes whole batches; a partial one is compacted (KV work)
                 changes.append((batch, batch.without_rows(leaving)))
-        with self._lock:
-            for batch, layout in changes:
-                batch.apply(layout)
-            self._forget_empty()
-            for row in gone:
-                self._own.pop(row, None)
+        self._settle(changes, gone)
 
     def clear(self) -> None:
         with self._lock:
             self._own.clear()
             self._groups.clear()
             self._batches.clear()
+
+    def _settle(self, layouts: Sequence[tuple[DecodeBatch[RowKey], BatchLayout[RowKey]]],
+                rows: Iterable[RowKey]) -> None:
+        """Under the lock: applies each batch's new layout, forgets emptied batches and the
+        rows that left (whatever they owned)."""
+        with self._lock:
+            for batch, layout in layouts:
+                batch.apply(layout)
+            self._forget_empty()
+            for row in rows:
+                self._own.pop(row, None)
 
     def _forget_empty(self) -> None:
         self._groups = [b for b in self._groups if len(b)]

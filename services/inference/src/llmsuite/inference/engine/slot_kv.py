@@ -35,12 +35,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from llmsuite.inference.engine.errors import ModelLoadError
+from llmsuite.inference.engine.kv_ops import KV_ELEM_TYPES, KV_GRAPH_OPSET, kv_copy_session_options
 from llmsuite.inference.engine.onnx_model import KvCache, OnnxDecoder
-from llmsuite.inference.engine.ort_memory import run_detached, share_cpu_arena
+from llmsuite.inference.engine.ort_memory import run_detached
 from llmsuite.inference.engine.types import EngineSettings
-
-_OPSET = 18
-_ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def _into_slot_graph(tensors: int, kv_heads: int, elem_type: int) -> onnx.ModelP
         else:
             nodes.append(helper.make_node("Split", [f"s_{i}"], heads, axis=1, num_outputs=kv_heads))
     graph = helper.make_graph(nodes, "kv_into_slot", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", KV_GRAPH_OPSET)], ir_version=8)
 
 
 def _out_of_slot_graph(tensors: int, elem_type: int) -> onnx.ModelProto:
@@ -117,7 +115,7 @@ def _out_of_slot_graph(tensors: int, elem_type: int) -> onnx.ModelProto:
     nodes += [helper.make_node("Slice", [f"kv_{i}", "zero", "end", "axis2"], [f"out_{i}"]) for i in range(tensors)]
     outputs = [helper.make_tensor_value_info(f"out_{i}", elem_type, None) for i in range(tensors)]
     graph = helper.make_graph(nodes, "kv_out_of_slot", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", KV_GRAPH_OPSET)], ir_version=8)
 
 
 class SlotKvBuffer:
@@ -149,13 +147,8 @@ class SlotKvBuffer:
         self._free = list(range(slots))  # a heap: the lowest free slot is taken first
         self._owned: set[int] = set()
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = max(1, intra_op_threads)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        share_cpu_arena(options)
-        elem_type = _ONNX_TYPES[self.dtype]
+        options = kv_copy_session_options(intra_op_threads)
+        elem_type = KV_ELEM_TYPES[self.dtype]
         providers = placement.providers()
         self._into = ort.InferenceSession(
             _into_slot_graph(len(self.tensors), self.kv_heads, elem_type).SerializeToString(), options,
